@@ -316,12 +316,38 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// SHA-256 (lowercase hex) and size of everything `reader` yields.
-pub fn sha256_of(mut reader: impl io::Read) -> io::Result<(u64, String)> {
-    let mut sink = HashingWriter::new(io::sink());
-    io::copy(&mut reader, &mut sink)?;
-    let (_, bytes, hex) = sink.finish();
-    Ok((bytes, hex))
+/// A reader that passes bytes through and keeps their SHA-256 and count, so a shard can
+/// be checked against its manifest entry while it is being parsed.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: io::Read> HashingReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Reads `inner` to its end and returns the total byte count and lowercase hex SHA-256.
+    pub fn finish(mut self) -> io::Result<(u64, String)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((self.bytes, format!("{:x}", self.hasher.finalize())))
+    }
+}
+
+impl<R: io::Read> io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
 }
 
 enum Encoder<W: Write> {

@@ -31,5 +31,5 @@ pub mod format;
 pub mod shard;
 
 pub use error::{Error, Result};
-pub use format::{Compression, Manifest, Sample, SampleMeta, ShardInfo, ShardWriter};
+pub use format::{Compression, HashingReader, Manifest, Sample, SampleMeta, ShardInfo, ShardWriter};
 pub use shard::ShardReader;
