@@ -299,7 +299,11 @@ impl<W: Write> HashingWriter<W> {
 
     /// Returns the inner writer, the byte count and the lowercase hex SHA-256.
     pub fn finish(self) -> (W, u64, String) {
-        (self.inner, self.bytes, format!("{:x}", self.hasher.finalize()))
+        (
+            self.inner,
+            self.bytes,
+            format!("{:x}", self.hasher.finalize()),
+        )
     }
 }
 
@@ -430,12 +434,18 @@ mod tests {
 
     #[test]
     fn shard_names_and_keys() {
-        assert_eq!(shard_name("train", 7, Compression::Zstd), "train-000007.tar.zst");
+        assert_eq!(
+            shard_name("train", 7, Compression::Zstd),
+            "train-000007.tar.zst"
+        );
         assert_eq!(
             Compression::from_shard_name("val-000000.tar"),
             Some(Compression::None)
         );
-        assert_eq!(key_from_file_name("n01440764_10026.JPEG"), "n01440764_10026");
+        assert_eq!(
+            key_from_file_name("n01440764_10026.JPEG"),
+            "n01440764_10026"
+        );
         assert_eq!(key_from_file_name("a b.c.jpg"), "a_b");
         assert_eq!(key_from_file_name(".hidden"), "_");
         assert!(is_valid_key("ILSVRC2012_val_00000001"));

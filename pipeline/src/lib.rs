@@ -31,5 +31,7 @@ pub mod format;
 pub mod shard;
 
 pub use error::{Error, Result};
-pub use format::{Compression, HashingReader, Manifest, Sample, SampleMeta, ShardInfo, ShardWriter};
+pub use format::{
+    Compression, HashingReader, Manifest, Sample, SampleMeta, ShardInfo, ShardWriter,
+};
 pub use shard::ShardReader;

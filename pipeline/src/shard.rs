@@ -131,7 +131,8 @@ impl<R: Read> Samples<'_, R> {
                 other => self.pending = other,
             }
         }
-        let image = image.ok_or_else(|| self.layout(format!("sample {key} has no .{IMAGE_EXT}")))?;
+        let image =
+            image.ok_or_else(|| self.layout(format!("sample {key} has no .{IMAGE_EXT}")))?;
         let cls = cls.ok_or_else(|| self.layout(format!("sample {key} has no .{CLASS_EXT}")))?;
         let cls = std::str::from_utf8(&cls)
             .ok()
@@ -176,7 +177,11 @@ mod tests {
     }
 
     fn round_trip(compression: Compression) {
-        let samples = vec![sample("a", 0, true), sample("b-2", 17, false), sample("c_3", 999, true)];
+        let samples = vec![
+            sample("a", 0, true),
+            sample("b-2", 17, false),
+            sample("c_3", 999, true),
+        ];
         let mut writer = ShardWriter::new(Vec::new(), compression, 3).unwrap();
         for s in &samples {
             writer.write_sample(s).unwrap();
@@ -207,7 +212,9 @@ mod tests {
     fn truncated_shard_is_an_error_not_a_short_read() {
         let mut writer = ShardWriter::new(Vec::new(), Compression::Zstd, 3).unwrap();
         for i in 0..4 {
-            writer.write_sample(&sample(&format!("k{i}"), i, false)).unwrap();
+            writer
+                .write_sample(&sample(&format!("k{i}"), i, false))
+                .unwrap();
         }
         let bytes = writer.finish().unwrap();
         let cut = &bytes[..bytes.len() / 2];

@@ -67,7 +67,9 @@ pub fn check_image(bytes: &[u8], level: ImageCheck) -> Result<ImageInfo, Rejecti
             .into_dimensions()
             .map_err(|e| Rejection::Header(e.to_string()))?,
         ImageCheck::Decode => {
-            let image = reader.decode().map_err(|e| Rejection::Decode(e.to_string()))?;
+            let image = reader
+                .decode()
+                .map_err(|e| Rejection::Decode(e.to_string()))?;
             (image.width(), image.height())
         }
     };
@@ -162,8 +164,10 @@ mod tests {
     fn jpeg(w: u32, h: u32) -> Vec<u8> {
         let img = DynamicImage::new_rgb8(w, h);
         let mut out = Vec::new();
-        img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90))
-            .unwrap();
+        img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+            &mut out, 90,
+        ))
+        .unwrap();
         out
     }
 
@@ -179,8 +183,14 @@ mod tests {
     fn rejects_truncated_empty_and_non_images() {
         let full = jpeg(64, 64);
         let cut = &full[..full.len() - 40];
-        assert!(matches!(check_image(cut, ImageCheck::Header), Err(Rejection::Truncated(_))));
-        assert!(matches!(check_image(&[], ImageCheck::Header), Err(Rejection::Empty)));
+        assert!(matches!(
+            check_image(cut, ImageCheck::Header),
+            Err(Rejection::Truncated(_))
+        ));
+        assert!(matches!(
+            check_image(&[], ImageCheck::Header),
+            Err(Rejection::Empty)
+        ));
         assert!(matches!(
             check_image(b"hello, world", ImageCheck::Header),
             Err(Rejection::NotAnImage)

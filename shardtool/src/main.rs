@@ -192,7 +192,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { dir, decode, workers } => verify(&dir, decode, workers.unwrap_or_else(cores)),
+        Command::Verify {
+            dir,
+            decode,
+            workers,
+        } => verify(&dir, decode, workers.unwrap_or_else(cores)),
         Command::Synth(args) => {
             synth(&args)?;
             Ok(ExitCode::SUCCESS)
@@ -216,7 +220,10 @@ fn pack(args: &PackArgs) -> Result<Vec<SplitReport>> {
             CheckArg::Header => ImageCheck::Header,
             CheckArg::Decode => ImageCheck::Decode,
         },
-        reencode: args.max_side.map(|max_side| Reencode { max_side, quality: args.quality.unwrap_or(90) }),
+        reencode: args.max_side.map(|max_side| Reencode {
+            max_side,
+            quality: args.quality.unwrap_or(90),
+        }),
         write_json: !args.no_json,
         workers: args.workers.unwrap_or_else(cores),
         strict: args.strict,
@@ -245,7 +252,11 @@ fn print_pack_report(r: &SplitReport) {
         r.dir.display()
     );
     if m.num_rejects > 0 {
-        println!("  {} input(s) not packed, listed with the reason in {}", m.num_rejects, r.dir.join("rejects.tsv").display());
+        println!(
+            "  {} input(s) not packed, listed with the reason in {}",
+            m.num_rejects,
+            r.dir.join("rejects.tsv").display()
+        );
     }
     if r.shards_written == 0 {
         println!("  already packed with these settings: nothing to do");
@@ -267,9 +278,19 @@ fn verify(dir: &Path, decode: bool, workers: usize) -> Result<ExitCode> {
     let mut bad = 0;
     for split in find_packed_splits(dir)? {
         let r = verify_split(&split, decode, workers)?;
-        let what = if decode { "checksums, samples and decoding" } else { "checksums and samples" };
+        let what = if decode {
+            "checksums, samples and decoding"
+        } else {
+            "checksums and samples"
+        };
         if r.problems.is_empty() {
-            println!("{}: OK ({what}): {} shards, {} samples, {:.1} MB", split.display(), r.shards, r.samples, r.bytes as f64 / 1e6);
+            println!(
+                "{}: OK ({what}): {} shards, {} samples, {:.1} MB",
+                split.display(),
+                r.shards,
+                r.samples,
+                r.bytes as f64 / 1e6
+            );
         } else {
             println!("{}: {} problem(s):", split.display(), r.problems.len());
             for p in &r.problems {
@@ -278,7 +299,11 @@ fn verify(dir: &Path, decode: bool, workers: usize) -> Result<ExitCode> {
             bad += r.problems.len();
         }
     }
-    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn synth(args: &SynthArgs) -> Result<()> {
@@ -314,7 +339,10 @@ fn synth(args: &SynthArgs) -> Result<()> {
 
 fn demo(dir: &Path) -> Result<ExitCode> {
     let (input, out) = (dir.join("imagenet"), dir.join("shards"));
-    println!("== 1. an ImageNet-shaped folder from the embedded photos: {}", input.display());
+    println!(
+        "== 1. an ImageNet-shaped folder from the embedded photos: {}",
+        input.display()
+    );
     synth(&SynthArgs {
         out: input.clone(),
         classes: 10,
@@ -328,7 +356,11 @@ fn demo(dir: &Path) -> Result<ExitCode> {
         seed: 0,
         workers: None,
     })?;
-    println!("\n== 2. shardtool pack {} --out {} --val-labels ...", input.display(), out.display());
+    println!(
+        "\n== 2. shardtool pack {} --out {} --val-labels ...",
+        input.display(),
+        out.display()
+    );
     pack(&PackArgs {
         input: input.clone(),
         out: out.clone(),

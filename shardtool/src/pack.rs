@@ -88,7 +88,12 @@ pub fn pack_split(split: &SplitInput, opts: &PackOptions) -> Result<SplitReport>
     let start = Instant::now();
     let dir = opts.out.join(&split.name);
     if opts.strict && !split.rejects.is_empty() {
-        bail!("--strict: {} input(s) of {} cannot be packed:\n{}", split.rejects.len(), split.name, list(&split.rejects));
+        bail!(
+            "--strict: {} input(s) of {} cannot be packed:\n{}",
+            split.rejects.len(),
+            split.name,
+            list(&split.rejects)
+        );
     }
     let params = PackParams {
         seed: opts.seed,
@@ -114,8 +119,11 @@ pub fn pack_split(split: &SplitInput, opts: &PackOptions) -> Result<SplitReport>
         return Ok(report(manifest, 0, 0, 0));
     }
     let plan = plan_shards(split, opts.seed, opts.target_shard_bytes);
-    let names: Vec<String> = (0..plan.len()).map(|i| shard_name(&split.name, i, opts.compression)).collect();
-    let mut records: Vec<Option<ShardRecord>> = names.iter().map(|n| finished_shard(&dir, n)).collect();
+    let names: Vec<String> = (0..plan.len())
+        .map(|i| shard_name(&split.name, i, opts.compression))
+        .collect();
+    let mut records: Vec<Option<ShardRecord>> =
+        names.iter().map(|n| finished_shard(&dir, n)).collect();
     let todo: Vec<usize> = (0..plan.len()).filter(|&i| records[i].is_none()).collect();
 
     let total: u64 = todo.iter().map(|&i| plan[i].len() as u64).sum();
@@ -144,7 +152,9 @@ pub fn pack_split(split: &SplitInput, opts: &PackOptions) -> Result<SplitReport>
     )?;
     bar.finish_and_clear();
 
-    let records: Vec<ShardRecord> = records.into_iter().collect::<Option<_>>()
+    let records: Vec<ShardRecord> = records
+        .into_iter()
+        .collect::<Option<_>>()
         .context("internal error: a shard finished without a record")?;
     let manifest = write_manifest(&dir, split, params, records)?;
     Ok(report(manifest, written, images, bytes))
@@ -170,10 +180,19 @@ fn prepare_output(dir: &Path, params: &PackParams, resume: bool) -> Result<Optio
     }
     if plan_path.exists() {
         if !resume {
-            bail!("{} holds an interrupted pack: rerun with --resume to finish it, or delete the folder to start over", dir.display());
+            bail!(
+                "{} holds an interrupted pack: rerun with --resume to finish it, or delete the folder to start over",
+                dir.display()
+            );
         }
-        let saved: PackParams = serde_json::from_slice(&std::fs::read(&plan_path)?)
-            .with_context(|| format!("{} is damaged: delete {} and pack again", plan_path.display(), dir.display()))?;
+        let saved: PackParams =
+            serde_json::from_slice(&std::fs::read(&plan_path)?).with_context(|| {
+                format!(
+                    "{} is damaged: delete {} and pack again",
+                    plan_path.display(),
+                    dir.display()
+                )
+            })?;
         if saved != *params {
             bail!(
                 "the interrupted pack in {} was made with other settings or input ({} differ): rerun with the same flags, or delete the folder",
@@ -184,18 +203,34 @@ fn prepare_output(dir: &Path, params: &PackParams, resume: bool) -> Result<Optio
         return Ok(None);
     }
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        bail!("{} is not empty and holds no shardtool pack: choose an empty or new --out folder", dir.display());
+        bail!(
+            "{} is not empty and holds no shardtool pack: choose an empty or new --out folder",
+            dir.display()
+        );
     }
-    std::fs::create_dir_all(&state)
-        .with_context(|| format!("cannot create output folder {}: check the path and its permissions", dir.display()))?;
+    std::fs::create_dir_all(&state).with_context(|| {
+        format!(
+            "cannot create output folder {}: check the path and its permissions",
+            dir.display()
+        )
+    })?;
     write_atomic(&plan_path, &serde_json::to_vec_pretty(params)?)?;
     Ok(None)
 }
 
 fn differing_fields(a: &PackParams, b: &PackParams) -> String {
-    let (a, b) = (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default());
-    let keys = a.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
-    keys.into_iter().filter(|k| a.get(k) != b.get(k)).collect::<Vec<_>>().join(", ")
+    let (a, b) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
+    let keys = a
+        .as_object()
+        .map(|o| o.keys().cloned().collect::<Vec<_>>())
+        .unwrap_or_default();
+    keys.into_iter()
+        .filter(|k| a.get(k) != b.get(k))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The shuffled assignment of input files to shards: a seeded permutation of all files,
@@ -223,7 +258,8 @@ pub fn plan_shards(split: &SplitInput, seed: u64, target: u64) -> Vec<Vec<usize>
 
 /// The record of shard `name` if a previous run finished it.
 fn finished_shard(dir: &Path, name: &str) -> Option<ShardRecord> {
-    let record: ShardRecord = serde_json::from_slice(&std::fs::read(record_path(dir, name)).ok()?).ok()?;
+    let record: ShardRecord =
+        serde_json::from_slice(&std::fs::read(record_path(dir, name)).ok()?).ok()?;
     let size = std::fs::metadata(dir.join(name)).ok()?.len();
     (size == record.info.bytes).then_some(record)
 }
@@ -251,9 +287,13 @@ fn write_shard(
         }
     };
     let final_path = dir.join(name);
-    std::fs::rename(&tmp, &final_path).with_context(|| format!("renaming {} to {name}", tmp.display()))?;
+    std::fs::rename(&tmp, &final_path)
+        .with_context(|| format!("renaming {} to {name}", tmp.display()))?;
     let record = ShardRecord {
-        info: ShardInfo { name: name.to_string(), ..info },
+        info: ShardInfo {
+            name: name.to_string(),
+            ..info
+        },
         rejects,
     };
     write_atomic(&record_path(dir, name), &serde_json::to_vec(&record)?)?;
@@ -275,11 +315,15 @@ fn write_shard_file(
         } else {
             "fix the cause, then rerun with --resume"
         };
-        anyhow::Error::new(e).context(format!("writing {}: {hint}; finished shards are kept", tmp.display()))
+        anyhow::Error::new(e).context(format!(
+            "writing {}: {hint}; finished shards are kept",
+            tmp.display()
+        ))
     };
     let file = File::create(tmp).map_err(io_context)?;
     let sink = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let mut writer = ShardWriter::new(sink, opts.compression, opts.zstd_level).map_err(io_context)?;
+    let mut writer =
+        ShardWriter::new(sink, opts.compression, opts.zstd_level).map_err(io_context)?;
     let mut rejects = Vec::new();
     let mut samples = 0;
     for &i in files {
@@ -287,13 +331,15 @@ fn write_shard_file(
             return Ok(None);
         }
         let f = &split.files[i];
-        let packed = std::fs::read(&f.path).map_err(Rejection::Read).and_then(|bytes| {
-            let info = check_image(&bytes, opts.check)?;
-            match opts.reencode {
-                Some(params) => reencode(&bytes, params),
-                None => Ok((bytes, info)),
-            }
-        });
+        let packed = std::fs::read(&f.path)
+            .map_err(Rejection::Read)
+            .and_then(|bytes| {
+                let info = check_image(&bytes, opts.check)?;
+                match opts.reencode {
+                    Some(params) => reencode(&bytes, params),
+                    None => Ok((bytes, info)),
+                }
+            });
         let (image, info) = match packed {
             Ok(packed) => packed,
             Err(why) if opts.strict => bail!("--strict: {} cannot be packed: {why}", f.rel),
@@ -314,21 +360,42 @@ fn write_shard_file(
             // A struct of strings and integers always serialises.
             serde_json::to_vec(&meta).expect("sample metadata serialises")
         });
-        let sample = Sample { key: f.key.clone(), image, cls: f.class, json };
+        let sample = Sample {
+            key: f.key.clone(),
+            image,
+            cls: f.class,
+            json,
+        };
         writer.write_sample(&sample).map_err(io_context)?;
         samples += 1;
         progress.add(f.size);
     }
     let (buffered, bytes, sha256) = writer.finish().map_err(io_context)?.finish();
-    let file = buffered.into_inner().map_err(|e| io_context(e.into_error()))?;
+    let file = buffered
+        .into_inner()
+        .map_err(|e| io_context(e.into_error()))?;
     file.sync_all().map_err(io_context)?;
-    let info = ShardInfo { name: String::new(), samples, bytes, sha256 };
+    let info = ShardInfo {
+        name: String::new(),
+        samples,
+        bytes,
+        sha256,
+    };
     Ok(Some((info, rejects)))
 }
 
 /// Writes `rejects.tsv`, then the manifest (last), then removes the pack state.
-fn write_manifest(dir: &Path, split: &SplitInput, pack: PackParams, records: Vec<ShardRecord>) -> Result<Manifest> {
-    let mut rejects: Vec<(String, String)> = split.rejects.iter().map(|r| (r.path.clone(), r.reason.clone())).collect();
+fn write_manifest(
+    dir: &Path,
+    split: &SplitInput,
+    pack: PackParams,
+    records: Vec<ShardRecord>,
+) -> Result<Manifest> {
+    let mut rejects: Vec<(String, String)> = split
+        .rejects
+        .iter()
+        .map(|r| (r.path.clone(), r.reason.clone()))
+        .collect();
     let mut shards = Vec::with_capacity(records.len());
     for record in records {
         rejects.extend(record.rejects);
@@ -352,7 +419,8 @@ fn write_manifest(dir: &Path, split: &SplitInput, pack: PackParams, records: Vec
         pack,
     };
     write_atomic(&dir.join(MANIFEST_FILE), &manifest.to_json())?;
-    std::fs::remove_dir_all(dir.join(STATE_DIR)).with_context(|| format!("removing {}", dir.join(STATE_DIR).display()))?;
+    std::fs::remove_dir_all(dir.join(STATE_DIR))
+        .with_context(|| format!("removing {}", dir.join(STATE_DIR).display()))?;
     Ok(manifest)
 }
 
@@ -387,7 +455,11 @@ fn progress_bar(enabled: bool, total: u64, split: &str) -> ProgressBar {
 }
 
 fn list(rejects: &[Reject]) -> String {
-    let mut text: Vec<String> = rejects.iter().take(20).map(|r| format!("  {}: {}", r.path, r.reason)).collect();
+    let mut text: Vec<String> = rejects
+        .iter()
+        .take(20)
+        .map(|r| format!("  {}: {}", r.path, r.reason))
+        .collect();
     if rejects.len() > 20 {
         text.push(format!("  ... and {} more", rejects.len() - 20));
     }

@@ -73,10 +73,16 @@ impl SplitInput {
 /// images directly instead of class folders.
 pub fn find_splits(input: &Path, val_labels: Option<&Path>) -> Result<Vec<SplitInput>> {
     let meta = std::fs::metadata(input).with_context(|| {
-        format!("cannot read input folder {}: check the path and its permissions", input.display())
+        format!(
+            "cannot read input folder {}: check the path and its permissions",
+            input.display()
+        )
     })?;
     if !meta.is_dir() {
-        bail!("{} is not a folder: pass the ImageNet folder (holding train/ and val/) or one split folder", input.display());
+        bail!(
+            "{} is not a folder: pass the ImageNet folder (holding train/ and val/) or one split folder",
+            input.display()
+        );
     }
     let (train, val) = (input.join("train"), input.join("val"));
     let mut splits = Vec::new();
@@ -105,7 +111,10 @@ pub fn find_splits(input: &Path, val_labels: Option<&Path>) -> Result<Vec<SplitI
         }
     }
     if splits.iter().all(|s| s.files.is_empty()) {
-        bail!("no files found under {}: expected train/<class>/<image> (and val/)", input.display());
+        bail!(
+            "no files found under {}: expected train/<class>/<image> (and val/)",
+            input.display()
+        );
     }
     Ok(splits)
 }
@@ -157,24 +166,44 @@ fn scan_class_folders(
         Some(c) => {
             let known: HashSet<&String> = c.iter().collect();
             if let Some(extra) = folder_names.iter().find(|n| !known.contains(n)) {
-                bail!("{}/{extra} is a class that train/ does not have; class indices come from train/, so every val class must exist there", dir.display());
+                bail!(
+                    "{}/{extra} is a class that train/ does not have; class indices come from train/, so every val class must exist there",
+                    dir.display()
+                );
             }
             c.to_vec()
         }
         None => folder_names.clone(),
     };
-    let index: HashMap<&str, u32> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as u32)).collect();
+    let index: HashMap<&str, u32> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i as u32))
+        .collect();
     let mut files = Vec::new();
     for (folder, class_name) in folders.iter().zip(&folder_names) {
         let class = index[class_name.as_str()];
         let before = files.len() + rejects.len();
-        walk_files(root, folder, &mut |path, rel, size| {
-            files.push(InputFile { path, rel, size, class, key: String::new() });
-        }, &mut rejects)?;
+        walk_files(
+            root,
+            folder,
+            &mut |path, rel, size| {
+                files.push(InputFile {
+                    path,
+                    rel,
+                    size,
+                    class,
+                    key: String::new(),
+                });
+            },
+            &mut rejects,
+        )?;
         if files.len() + rejects.len() == before {
             rejects.push(Reject {
                 path: rel_path(root, folder),
-                reason: format!("empty class folder (class {class} keeps its index, with no samples)"),
+                reason: format!(
+                    "empty class folder (class {class} keeps its index, with no samples)"
+                ),
             });
         }
     }
@@ -183,7 +212,12 @@ fn scan_class_folders(
 
 /// Flat val folder plus `ImageId,PredictionString` labels (the first token of the
 /// prediction string is the wnid).
-fn scan_flat_val(root: &Path, val: &Path, labels: &Path, train_classes: Option<&[String]>) -> Result<SplitInput> {
+fn scan_flat_val(
+    root: &Path,
+    val: &Path,
+    labels: &Path,
+    train_classes: Option<&[String]>,
+) -> Result<SplitInput> {
     let text = std::fs::read_to_string(labels)
         .with_context(|| format!("cannot read --val-labels {}", labels.display()))?;
     let mut label_of: BTreeMap<String, String> = BTreeMap::new();
@@ -193,34 +227,72 @@ fn scan_flat_val(root: &Path, val: &Path, labels: &Path, train_classes: Option<&
             continue;
         }
         let (id, pred) = line.split_once(',').with_context(|| {
-            format!("{}:{}: expected `ImageId,PredictionString`", labels.display(), n + 1)
+            format!(
+                "{}:{}: expected `ImageId,PredictionString`",
+                labels.display(),
+                n + 1
+            )
         })?;
         let wnid = pred.split_whitespace().next().with_context(|| {
-            format!("{}:{}: no class in the prediction string", labels.display(), n + 1)
+            format!(
+                "{}:{}: no class in the prediction string",
+                labels.display(),
+                n + 1
+            )
         })?;
         label_of.insert(id.trim().to_string(), wnid.to_string());
     }
     let classes: Vec<String> = match train_classes {
         Some(c) => c.to_vec(),
-        None => label_of.values().cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+        None => label_of
+            .values()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
     };
-    let index: HashMap<&str, u32> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as u32)).collect();
+    let index: HashMap<&str, u32> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i as u32))
+        .collect();
     let mut rejects = Vec::new();
     let mut listed = Vec::new();
-    walk_files(root, val, &mut |path, rel, size| listed.push((path, rel, size)), &mut rejects)?;
+    walk_files(
+        root,
+        val,
+        &mut |path, rel, size| listed.push((path, rel, size)),
+        &mut rejects,
+    )?;
     let mut seen = HashSet::new();
     let mut files = Vec::new();
     for (path, rel, size) in listed {
-        let id = file_name(&path).split('.').next().unwrap_or_default().to_string();
+        let id = file_name(&path)
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         match label_of.get(&id) {
             Some(wnid) => {
                 let Some(&class) = index.get(wnid.as_str()) else {
-                    bail!("{}: class {wnid} of {id} is not a train class", labels.display());
+                    bail!(
+                        "{}: class {wnid} of {id} is not a train class",
+                        labels.display()
+                    );
                 };
                 seen.insert(id);
-                files.push(InputFile { path, rel, size, class, key: String::new() });
+                files.push(InputFile {
+                    path,
+                    rel,
+                    size,
+                    class,
+                    key: String::new(),
+                });
             }
-            None => rejects.push(Reject { path: rel, reason: format!("no label in {}", labels.display()) }),
+            None => rejects.push(Reject {
+                path: rel,
+                reason: format!("no label in {}", labels.display()),
+            }),
         }
     }
     for id in label_of.keys().filter(|id| !seen.contains(*id)) {
@@ -240,12 +312,22 @@ fn walk_files(
     found: &mut dyn FnMut(PathBuf, String, u64),
     rejects: &mut Vec<Reject>,
 ) -> Result<()> {
-    for entry in walkdir::WalkDir::new(dir).follow_links(true).sort_by_file_name().min_depth(1) {
+    for entry in walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+        .min_depth(1)
+    {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                let path = e.path().map(|p| rel_path(root, p)).unwrap_or_else(|| rel_path(root, dir));
-                rejects.push(Reject { path, reason: format!("cannot read: {e}") });
+                let path = e
+                    .path()
+                    .map(|p| rel_path(root, p))
+                    .unwrap_or_else(|| rel_path(root, dir));
+                rejects.push(Reject {
+                    path,
+                    reason: format!("cannot read: {e}"),
+                });
                 continue;
             }
         };
@@ -254,9 +336,15 @@ fn walk_files(
         }
         let rel = rel_path(root, entry.path());
         match entry.metadata() {
-            Ok(m) if m.len() == 0 => rejects.push(Reject { path: rel, reason: "empty file (0 bytes)".into() }),
+            Ok(m) if m.len() == 0 => rejects.push(Reject {
+                path: rel,
+                reason: "empty file (0 bytes)".into(),
+            }),
             Ok(m) => found(entry.into_path(), rel, m.len()),
-            Err(e) => rejects.push(Reject { path: rel, reason: format!("cannot read: {e}") }),
+            Err(e) => rejects.push(Reject {
+                path: rel,
+                reason: format!("cannot read: {e}"),
+            }),
         }
     }
     Ok(())
@@ -264,7 +352,12 @@ fn walk_files(
 
 /// Sorts files by path and gives each a unique key: its file name before the first dot,
 /// with `-1`, `-2`, ... appended to later files whose key is already taken.
-fn finish_split(name: &str, classes: Vec<String>, mut files: Vec<InputFile>, mut rejects: Vec<Reject>) -> SplitInput {
+fn finish_split(
+    name: &str,
+    classes: Vec<String>,
+    mut files: Vec<InputFile>,
+    mut rejects: Vec<Reject>,
+) -> SplitInput {
     files.sort_by(|a, b| a.rel.cmp(&b.rel));
     rejects.sort_by(|a, b| a.path.cmp(&b.path));
     let mut taken = HashSet::new();
@@ -278,12 +371,21 @@ fn finish_split(name: &str, classes: Vec<String>, mut files: Vec<InputFile>, mut
         }
         f.key = key;
     }
-    SplitInput { name: name.to_string(), classes, files, rejects }
+    SplitInput {
+        name: name.to_string(),
+        classes,
+        files,
+        rejects,
+    }
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let read = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read folder {}: check its permissions", dir.display()))?;
+    let read = std::fs::read_dir(dir).with_context(|| {
+        format!(
+            "cannot read folder {}: check its permissions",
+            dir.display()
+        )
+    })?;
     let mut paths = Vec::new();
     for entry in read {
         let entry = entry.with_context(|| format!("cannot list folder {}", dir.display()))?;
@@ -294,10 +396,15 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn rel_path(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);
-    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }

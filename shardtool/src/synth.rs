@@ -114,8 +114,14 @@ pub fn write_imagenet_like(root: &Path, spec: &SynthSpec, workers: usize) -> Res
         workers,
         |i, _| -> Result<u64> {
             let (rel, c) = &jobs[i];
-            let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let img = random_view(&photos[(c + rng.random_range(0..2)) % photos.len()], spec.short_side, &mut rng)?;
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                spec.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            let img = random_view(
+                &photos[(c + rng.random_range(0..2)) % photos.len()],
+                spec.short_side,
+                &mut rng,
+            )?;
             let bytes = encode_jpeg(&DynamicImage::ImageRgb8(img), rng.random_range(75..=95))?;
             write(root, rel, &bytes)?;
             Ok(bytes.len() as u64)
@@ -130,13 +136,20 @@ pub fn write_imagenet_like(root: &Path, spec: &SynthSpec, workers: usize) -> Res
     if spec.quirks {
         let img = random_view(&photos[0], (200, 300), &mut rng)?;
         let dir = format!("train/{}", wnid(0));
-        let grey = encode_jpeg(&DynamicImage::ImageLuma8(image::imageops::grayscale(&img)), 90)?;
+        let grey = encode_jpeg(
+            &DynamicImage::ImageLuma8(image::imageops::grayscale(&img)),
+            90,
+        )?;
         let png = {
             let mut out = std::io::Cursor::new(Vec::new());
             img.write_to(&mut out, image::ImageFormat::Png)?;
             out.into_inner()
         };
-        for (name, bytes) in [("grey", grey), ("cmyk", encode_cmyk_jpeg(&img)?), ("png", png)] {
+        for (name, bytes) in [
+            ("grey", grey),
+            ("cmyk", encode_cmyk_jpeg(&img)?),
+            ("png", png),
+        ] {
             let rel = format!("{dir}/{}_quirk_{name}.JPEG", wnid(0));
             write(root, &rel, &bytes)?;
             report.bytes += bytes.len() as u64;
@@ -151,7 +164,10 @@ pub fn write_imagenet_like(root: &Path, spec: &SynthSpec, workers: usize) -> Res
         let bad: [(String, &[u8]); 3] = [
             (format!("{dir}/bad_truncated.JPEG"), &jpeg[..jpeg.len() / 2]),
             (format!("{dir}/bad_empty.JPEG"), b""),
-            (format!("{dir}/bad_not_an_image.JPEG"), b"this is a text file, not an image\n"),
+            (
+                format!("{dir}/bad_not_an_image.JPEG"),
+                b"this is a text file, not an image\n",
+            ),
         ];
         for (rel, bytes) in bad {
             write(root, &rel, bytes)?;
@@ -178,7 +194,10 @@ fn random_view(photo: &RgbImage, short_side: (u32, u32), rng: &mut impl Rng) -> 
     let crop = image::imageops::crop_imm(photo, x, y, w, h).to_image();
     let short = rng.random_range(short_side.0..=short_side.1) as f64;
     let scale = short / w.min(h) as f64;
-    let (ow, oh) = ((w as f64 * scale).round() as u32, (h as f64 * scale).round() as u32);
+    let (ow, oh) = (
+        (w as f64 * scale).round() as u32,
+        (h as f64 * scale).round() as u32,
+    );
     let src = DynamicImage::ImageRgb8(crop);
     let mut dst = DynamicImage::new_rgb8(ow.max(1), oh.max(1));
     fr::Resizer::new()
@@ -196,7 +215,9 @@ fn random_view(photo: &RgbImage, short_side: (u32, u32), rng: &mut impl Rng) -> 
 
 fn encode_jpeg(img: &DynamicImage, quality: u8) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality))?;
+    img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+        &mut out, quality,
+    ))?;
     Ok(out)
 }
 
@@ -207,13 +228,24 @@ fn encode_cmyk_jpeg(img: &RgbImage) -> Result<Vec<u8>> {
         .flat_map(|p| {
             let [r, g, b] = p.0;
             let k = 255 - r.max(g).max(b);
-            let ink = |v: u8| if k == 255 { 0 } else { ((255 - v - k) as u32 * 255 / (255 - k) as u32) as u8 };
+            let ink = |v: u8| {
+                if k == 255 {
+                    0
+                } else {
+                    ((255 - v - k) as u32 * 255 / (255 - k) as u32) as u8
+                }
+            };
             [ink(r), ink(g), ink(b), k]
         })
         .collect();
     let mut out = Vec::new();
     let encoder = jpeg_encoder::Encoder::new(&mut out, 90);
-    encoder.encode(&cmyk, img.width() as u16, img.height() as u16, jpeg_encoder::ColorType::Cmyk)?;
+    encoder.encode(
+        &cmyk,
+        img.width() as u16,
+        img.height() as u16,
+        jpeg_encoder::ColorType::Cmyk,
+    )?;
     Ok(out)
 }
 

@@ -91,11 +91,17 @@ mod tests {
 
     #[test]
     fn runs_every_job_once() {
-        let mut seen = vec![0; 50];
-        run_jobs(50, 4, |i, _| Ok::<_, ()>(i * 2), |_| {}, |i, v| {
-            assert_eq!(v, i * 2);
-            seen[i] += 1;
-        })
+        let mut seen = [0; 50];
+        run_jobs(
+            50,
+            4,
+            |i, _| Ok::<_, ()>(i * 2),
+            |_| {},
+            |i, v| {
+                assert_eq!(v, i * 2);
+                seen[i] += 1;
+            },
+        )
         .unwrap();
         assert!(seen.iter().all(|&n| n == 1));
     }
@@ -103,14 +109,20 @@ mod tests {
     #[test]
     fn first_error_stops_the_rest() {
         let mut finished = 0;
-        let err = run_jobs(1000, 2, |i, p| {
-            if i == 3 {
-                Err(format!("job {i} failed"))
-            } else {
-                std::thread::sleep(Duration::from_millis(1));
-                Ok(p.aborted())
-            }
-        }, |_| {}, |_, _| finished += 1)
+        let err = run_jobs(
+            1000,
+            2,
+            |i, p| {
+                if i == 3 {
+                    Err(format!("job {i} failed"))
+                } else {
+                    std::thread::sleep(Duration::from_millis(1));
+                    Ok(p.aborted())
+                }
+            },
+            |_| {},
+            |_, _| finished += 1,
+        )
         .unwrap_err();
         assert_eq!(err, "job 3 failed");
         assert!(finished < 999);

@@ -44,7 +44,10 @@ fn round_trip_gives_back_every_accepted_image_with_its_label() {
         for (rel, bytes) in tree(&input.join(split)) {
             let rel = format!("{split}/{}", rel.display());
             if bad.contains(&rel) {
-                assert!(!by_path.contains_key(&rel), "{rel} is bad and must not be packed");
+                assert!(
+                    !by_path.contains_key(&rel),
+                    "{rel} is bad and must not be packed"
+                );
                 continue;
             }
             valid += 1;
@@ -56,7 +59,10 @@ fn round_trip_gives_back_every_accepted_image_with_its_label() {
         assert_eq!(valid, samples.len());
     }
     let expected = synth.images.0 + synth.images.1;
-    let (train, val) = (read_split(&out.join("train")).1, read_split(&out.join("val")).1);
+    let (train, val) = (
+        read_split(&out.join("train")).1,
+        read_split(&out.join("val")).1,
+    );
     assert_eq!(train.len() + val.len(), expected);
 
     // Greyscale, CMYK and a PNG named .JPEG are valid images and pack; the type comes
@@ -69,15 +75,35 @@ fn round_trip_gives_back_every_accepted_image_with_its_label() {
     assert_eq!(synth.quirks.len(), 3);
     for quirk in &synth.quirks {
         let expected = if quirk.contains("png") { "png" } else { "jpeg" };
-        assert_eq!(formats.get(quirk).map(String::as_str), Some(expected), "{quirk}");
+        assert_eq!(
+            formats.get(quirk).map(String::as_str),
+            Some(expected),
+            "{quirk}"
+        );
     }
 
     // The rejects file lists exactly the planted bad inputs, each with a reason.
     let rejects = std::fs::read_to_string(out.join("train").join(REJECTS_FILE)).unwrap();
-    let listed: Vec<&str> = rejects.lines().skip(1).map(|l| l.split('\t').next().unwrap()).collect();
-    assert_eq!(listed, synth.bad.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(rejects.lines().skip(1).all(|l| l.split('\t').nth(1).is_some_and(|r| !r.is_empty())));
-    assert!(rejects.contains("truncated JPEG") && rejects.contains("empty file") && rejects.contains("not an image"));
+    let listed: Vec<&str> = rejects
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        synth.bad.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(
+        rejects
+            .lines()
+            .skip(1)
+            .all(|l| l.split('\t').nth(1).is_some_and(|r| !r.is_empty()))
+    );
+    assert!(
+        rejects.contains("truncated JPEG")
+            && rejects.contains("empty file")
+            && rejects.contains("not an image")
+    );
     assert!(rejects.contains("empty class folder"));
     let manifest = read_split(&out.join("train")).0;
     assert_eq!(manifest.num_rejects as usize, synth.bad.len());
@@ -98,22 +124,39 @@ fn same_input_and_seed_give_byte_identical_packs() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("imagenet");
     make_dataset(&input, &small_spec());
-    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
     pack_all(&input, &options(&a)).unwrap();
     let mut one_worker = options(&b);
     one_worker.workers = 1;
     pack_all(&input, &one_worker).unwrap();
     let tree_a = tree(&a);
-    assert!(tree_a.len() >= 5, "expected several shards: {:?}", tree_a.keys());
+    assert!(
+        tree_a.len() >= 5,
+        "expected several shards: {:?}",
+        tree_a.keys()
+    );
     assert_eq!(tree_a, tree(&b), "packs differ between runs");
 
     let mut other_seed = options(&c);
     other_seed.seed = 1;
     pack_all(&input, &other_seed).unwrap();
-    let order = |dir: &std::path::Path| -> Vec<String> { read_split(&dir.join("train")).1.into_iter().map(|s| s.key).collect() };
+    let order = |dir: &std::path::Path| -> Vec<String> {
+        read_split(&dir.join("train"))
+            .1
+            .into_iter()
+            .map(|s| s.key)
+            .collect()
+    };
     let (order_a, order_c) = (order(&a), order(&c));
     assert_ne!(order_a, order_c, "the seed must change the shuffle");
-    assert_eq!(order_a.iter().collect::<HashSet<_>>(), order_c.iter().collect::<HashSet<_>>());
+    assert_eq!(
+        order_a.iter().collect::<HashSet<_>>(),
+        order_c.iter().collect::<HashSet<_>>()
+    );
 }
 
 #[test]
@@ -123,7 +166,7 @@ fn interrupted_pack_resumes_without_redoing_finished_shards() {
     let mut spec = small_spec();
     spec.val_per_class = 0;
     spec.bad_files = false;
-    make_dataset(&input.parent().unwrap().to_path_buf(), &spec);
+    make_dataset(input.parent().unwrap(), &spec);
     // A truncated JPEG is only found while packing: with --strict it interrupts the pack.
     let cls0 = input.join(wnid(0));
     let good = std::fs::read(cls0.join(format!("{}_1.JPEG", wnid(0)))).unwrap();
@@ -137,7 +180,10 @@ fn interrupted_pack_resumes_without_redoing_finished_shards() {
     let seed = (0..100)
         .find(|&seed| {
             let plan = plan_shards(split, seed, 1);
-            let bad = plan.iter().position(|s| split.files[s[0]].rel.contains("zz_truncated")).unwrap();
+            let bad = plan
+                .iter()
+                .position(|s| split.files[s[0]].rel.contains("zz_truncated"))
+                .unwrap();
             (3..plan.len() - 3).contains(&bad)
         })
         .unwrap();
@@ -147,10 +193,18 @@ fn interrupted_pack_resumes_without_redoing_finished_shards() {
     let err = pack_split(split, &opts).unwrap_err();
     assert!(format!("{err:#}").contains("zz_truncated"), "{err:#}");
     let dir = opts.out.join("train");
-    assert!(!dir.join(MANIFEST_FILE).exists(), "an interrupted pack must not have a manifest");
+    assert!(
+        !dir.join(MANIFEST_FILE).exists(),
+        "an interrupted pack must not have a manifest"
+    );
     let leftovers = std::fs::read_dir(&dir).unwrap().flatten();
-    let names: Vec<String> = leftovers.map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    assert!(!names.iter().any(|n| n.ends_with(".partial")), "partial shard left: {names:?}");
+    let names: Vec<String> = leftovers
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".partial")),
+        "partial shard left: {names:?}"
+    );
     let finished: Vec<&String> = names.iter().filter(|n| n.ends_with(".tar.zst")).collect();
     assert!(finished.len() >= 3, "{names:?}");
 
@@ -163,11 +217,18 @@ fn interrupted_pack_resumes_without_redoing_finished_shards() {
     let redo = finished[0].clone();
     std::fs::remove_file(dir.join(STATE_DIR).join(format!("{redo}.json"))).unwrap();
     let inode = |name: &str| std::fs::metadata(dir.join(name)).unwrap().ino();
-    let kept: Vec<(String, u64)> = finished.iter().filter(|n| ***n != redo).map(|n| (n.to_string(), inode(n))).collect();
+    let kept: Vec<(String, u64)> = finished
+        .iter()
+        .filter(|n| ***n != redo)
+        .map(|n| (n.to_string(), inode(n)))
+        .collect();
 
     opts.resume = true;
     let report = pack_split(split, &opts).unwrap();
-    assert_eq!(report.shards_written, report.manifest.shards.len() - kept.len());
+    assert_eq!(
+        report.shards_written,
+        report.manifest.shards.len() - kept.len()
+    );
     for (name, ino) in &kept {
         assert_eq!(inode(name), *ino, "{name} was rewritten on resume");
     }
@@ -196,8 +257,15 @@ fn repacking_the_same_input_is_a_no_op_and_a_different_pack_is_refused() {
     let mut other = options(&out);
     other.seed = 9;
     let err = format!("{:#}", pack_all(&input, &other).unwrap_err());
-    assert!(err.contains("different pack") && err.contains("seed"), "{err}");
-    assert_eq!(before, tree(&out), "a refused pack must not touch the output");
+    assert!(
+        err.contains("different pack") && err.contains("seed"),
+        "{err}"
+    );
+    assert_eq!(
+        before,
+        tree(&out),
+        "a refused pack must not touch the output"
+    );
 }
 
 #[test]
@@ -211,7 +279,11 @@ fn flat_val_with_label_file_gets_train_class_indices() {
     let labels = input.join("LOC_val_solution.csv");
     // One listed image is missing, one image has no label: both are reported.
     std::fs::remove_file(input.join("val/ILSVRC2012_val_00000001.JPEG")).unwrap();
-    std::fs::copy(input.join("val/ILSVRC2012_val_00000002.JPEG"), input.join("val/unlabelled.JPEG")).unwrap();
+    std::fs::copy(
+        input.join("val/ILSVRC2012_val_00000002.JPEG"),
+        input.join("val/unlabelled.JPEG"),
+    )
+    .unwrap();
 
     let splits = find_splits(&input, None);
     assert!(format!("{:#}", splits.unwrap_err()).contains("--val-labels"));
@@ -230,11 +302,22 @@ fn flat_val_with_label_file_gets_train_class_indices() {
         .collect();
     assert_eq!(samples.len(), truth.len() - 1);
     for s in &samples {
-        assert_eq!(manifest.classes[s.cls as usize], truth[s.key.as_str()], "{}", s.key);
+        assert_eq!(
+            manifest.classes[s.cls as usize],
+            truth[s.key.as_str()],
+            "{}",
+            s.key
+        );
     }
     let rejects = std::fs::read_to_string(opts.out.join("val").join(REJECTS_FILE)).unwrap();
-    assert!(rejects.contains("val/unlabelled.JPEG\tno label"), "{rejects}");
-    assert!(rejects.contains("val/ILSVRC2012_val_00000001\tlisted in"), "{rejects}");
+    assert!(
+        rejects.contains("val/unlabelled.JPEG\tno label"),
+        "{rejects}"
+    );
+    assert!(
+        rejects.contains("val/ILSVRC2012_val_00000001\tlisted in"),
+        "{rejects}"
+    );
 }
 
 #[test]
@@ -246,7 +329,10 @@ fn reencode_bounds_the_longer_side() {
     spec.val_per_class = 0;
     make_dataset(&input, &spec);
     let mut opts = options(&tmp.path().join("out"));
-    opts.reencode = Some(pipeline::format::Reencode { max_side: 64, quality: 80 });
+    opts.reencode = Some(pipeline::format::Reencode {
+        max_side: 64,
+        quality: 80,
+    });
     pack_all(&input, &opts).unwrap();
     let (manifest, samples) = read_split(&opts.out.join("train"));
     assert_eq!(manifest.pack.reencode.unwrap().max_side, 64);
@@ -254,6 +340,9 @@ fn reencode_bounds_the_longer_side() {
         let meta: SampleMeta = serde_json::from_slice(s.json.as_ref().unwrap()).unwrap();
         let img = image::load_from_memory(&s.image).unwrap();
         assert_eq!((img.width(), img.height()), (meta.width, meta.height));
-        assert!(meta.width.max(meta.height) <= 64 && meta.format == "jpeg", "{meta:?}");
+        assert!(
+            meta.width.max(meta.height) <= 64 && meta.format == "jpeg",
+            "{meta:?}"
+        );
     }
 }

@@ -47,7 +47,10 @@ pub fn options(out: &Path) -> PackOptions {
 }
 
 pub fn pack_all(input: &Path, opts: &PackOptions) -> anyhow::Result<Vec<SplitReport>> {
-    find_splits(input, None)?.iter().map(|s| pack_split(s, opts)).collect()
+    find_splits(input, None)?
+        .iter()
+        .map(|s| pack_split(s, opts))
+        .collect()
 }
 
 /// Every sample of the split in `dir`, in manifest order.
@@ -69,6 +72,11 @@ pub fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         .into_iter()
         .map(Result::unwrap)
         .filter(|e| e.file_type().is_file())
-        .map(|e| (e.path().strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(e.path()).unwrap()))
+        .map(|e| {
+            (
+                e.path().strip_prefix(dir).unwrap().to_path_buf(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
         .collect()
 }
