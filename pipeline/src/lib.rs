@@ -3,7 +3,7 @@
 //! Today this crate holds the **shard format** that `shardtool` writes and the loader
 //! reads, defined once:
 //!
-//! - [`format`]: shard names, the sample layout (`<key>.jpg`, `<key>.cls`, `<key>.json`),
+//! - [`format`](mod@format): shard names, the sample layout (`<key>.jpg`, `<key>.cls`, `<key>.json`),
 //!   the [`Manifest`] and the [`ShardWriter`].
 //! - [`shard`]: the streaming [`ShardReader`], which turns a shard's byte stream back
 //!   into [`Sample`]s without seeking.

@@ -250,3 +250,21 @@ fn full_disk_fails_cleanly_and_resume_finishes() {
         spec.classes * spec.train_per_class + 3
     )));
 }
+
+/// The README's main job: `shardtool demo` generates, packs, verifies and inspects, and
+/// can be run again in the same folder.
+#[test]
+fn demo_runs_end_to_end_and_reruns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    for _ in 0..2 {
+        let out = shardtool(&["demo", p(&dir)]);
+        let msg = text(&out);
+        assert!(out.status.success(), "{msg}");
+        assert!(msg.contains("train: OK"), "{msg}");
+        assert!(
+            msg.contains("203 samples") && msg.contains("4 input(s) not packed"),
+            "{msg}"
+        );
+    }
+}
