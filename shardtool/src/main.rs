@@ -270,12 +270,12 @@ fn print_pack_report(r: &SplitReport) {
     } else {
         let secs = r.elapsed.as_secs_f64().max(1e-9);
         println!(
-            "  this run: {} shard(s), {} images, {:.1} MB read in {:.2} s ({:.0} images/s, {:.1} MB/s)",
+            "  this run: {} shard(s), {} files, {:.1} MB read in {:.2} s ({:.0} files/s, {:.1} MB/s)",
             r.shards_written,
-            r.images_written,
+            r.files_read,
             r.bytes_read as f64 / 1e6,
             secs,
-            r.images_written as f64 / secs,
+            r.files_read as f64 / secs,
             r.bytes_read as f64 / 1e6 / secs
         );
     }

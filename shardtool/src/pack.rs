@@ -67,8 +67,8 @@ pub struct SplitReport {
     pub manifest: Manifest,
     /// Shards written by this run (the rest were already done).
     pub shards_written: usize,
-    /// Images packed by this run.
-    pub images_written: u64,
+    /// Input files read by this run (packed or rejected).
+    pub files_read: u64,
     /// Input bytes read by this run.
     pub bytes_read: u64,
     /// Wall time of this run.
@@ -106,12 +106,12 @@ pub fn pack_split(split: &SplitInput, opts: &PackOptions) -> Result<SplitReport>
         input_fingerprint: split.fingerprint(),
         tool: format!("shardtool {}", env!("CARGO_PKG_VERSION")),
     };
-    let report = |manifest, shards_written, images_written, bytes_read| SplitReport {
+    let report = |manifest, shards_written, files_read, bytes_read| SplitReport {
         split: split.name.clone(),
         dir: dir.clone(),
         manifest,
         shards_written,
-        images_written,
+        files_read,
         bytes_read,
         elapsed: start.elapsed(),
     };

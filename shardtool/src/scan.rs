@@ -84,6 +84,10 @@ pub fn find_splits(input: &Path, val_labels: Option<&Path>) -> Result<Vec<SplitI
             input.display()
         );
     }
+    // Relative paths in rejects.tsv and the sample metadata start below this root.
+    let input = &input
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", input.display()))?;
     let (train, val) = (input.join("train"), input.join("val"));
     let mut splits = Vec::new();
     if train.is_dir() || val.is_dir() {
