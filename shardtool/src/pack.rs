@@ -141,7 +141,11 @@ pub fn pack_split(split: &SplitInput, opts: &PackOptions) -> Result<SplitReport>
             bytes = p.bytes.load(std::sync::atomic::Ordering::Relaxed);
             bar.set_position(images);
             let secs = bar.elapsed().as_secs_f64().max(1e-3);
-            bar.set_message(format!("{:.0} MB/s", bytes as f64 / 1e6 / secs));
+            bar.set_message(format!(
+                "{:.0} images/s  {:.0} MB/s",
+                images as f64 / secs,
+                bytes as f64 / 1e6 / secs
+            ));
         },
         |j, record| {
             if let Some(record) = record {
@@ -447,7 +451,7 @@ fn progress_bar(enabled: bool, total: u64, split: &str) -> ProgressBar {
     let bar = ProgressBar::new(total).with_prefix(split.to_string());
     // The template is a literal known to parse.
     let style = ProgressStyle::with_template(
-        "{prefix:>5} [{elapsed_precise}] {wide_bar} {pos}/{len} images  {per_sec}  {msg}  ETA {eta}",
+        "{prefix:>5} [{elapsed_precise}] {wide_bar} {pos}/{len} images  {msg}  ETA {eta}",
     )
     .expect("progress template parses");
     bar.set_style(style);
