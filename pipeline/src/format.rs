@@ -149,11 +149,10 @@ pub enum ImageCheck {
     Decode,
 }
 
-/// The settings a split was packed with; two packs with equal parameters and equal input
-/// are byte-identical.
+/// The settings that decide a pack's bytes, chosen by the user (`shardtool pack` flags).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PackParams {
+pub struct PackSettings {
     /// Seed of the pack-time shuffle.
     pub seed: u64,
     /// Shards are closed once they hold about this many bytes of input.
@@ -168,6 +167,14 @@ pub struct PackParams {
     pub reencode: Option<Reencode>,
     /// Whether each sample has a `<key>.json` member.
     pub write_json: bool,
+}
+
+/// How a split was packed; two packs with equal parameters are byte-identical.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackParams {
+    /// The user's settings (stored flat, next to the fields below).
+    #[serde(flatten)]
+    pub settings: PackSettings,
     /// SHA-256 over the sorted list of input paths, sizes and labels.
     pub input_fingerprint: String,
     /// The tool and version that wrote the pack.
@@ -468,13 +475,15 @@ mod tests {
                 sha256: "00".into(),
             }],
             pack: PackParams {
-                seed: 0,
-                target_shard_bytes: 1,
-                compression: Compression::Zstd,
-                zstd_level: 3,
-                check: ImageCheck::Header,
-                reencode: None,
-                write_json: true,
+                settings: PackSettings {
+                    seed: 0,
+                    target_shard_bytes: 1,
+                    compression: Compression::Zstd,
+                    zstd_level: 3,
+                    check: ImageCheck::Header,
+                    reencode: None,
+                    write_json: true,
+                },
                 input_fingerprint: String::new(),
                 tool: "test".into(),
             },

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand, ValueEnum};
-use pipeline::format::{Compression, ImageCheck, Reencode};
+use pipeline::format::{Compression, ImageCheck, PackSettings, Reencode};
 use shardtool::pack::{PackOptions, SplitReport, pack_split};
 use shardtool::scan::find_splits;
 use shardtool::synth::{SynthSpec, write_imagenet_like};
@@ -216,22 +216,24 @@ fn pack(args: &PackArgs) -> Result<Vec<SplitReport>> {
     let splits = find_splits(&args.input, args.val_labels.as_deref())?;
     let opts = PackOptions {
         out: args.out.clone(),
-        seed: args.seed,
-        target_shard_bytes: args.shard_size.as_u64().max(1),
-        compression: match args.compression {
-            CompressionArg::Zstd => Compression::Zstd,
-            CompressionArg::None => Compression::None,
+        settings: PackSettings {
+            seed: args.seed,
+            target_shard_bytes: args.shard_size.as_u64().max(1),
+            compression: match args.compression {
+                CompressionArg::Zstd => Compression::Zstd,
+                CompressionArg::None => Compression::None,
+            },
+            zstd_level: args.zstd_level,
+            check: match args.check {
+                CheckArg::Header => ImageCheck::Header,
+                CheckArg::Decode => ImageCheck::Decode,
+            },
+            reencode: args.max_side.map(|max_side| Reencode {
+                max_side,
+                quality: args.quality.unwrap_or(90),
+            }),
+            write_json: !args.no_json,
         },
-        zstd_level: args.zstd_level,
-        check: match args.check {
-            CheckArg::Header => ImageCheck::Header,
-            CheckArg::Decode => ImageCheck::Decode,
-        },
-        reencode: args.max_side.map(|max_side| Reencode {
-            max_side,
-            quality: args.quality.unwrap_or(90),
-        }),
-        write_json: !args.no_json,
         workers: args.workers.unwrap_or_else(cores),
         strict: args.strict,
         resume: args.resume,

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use pipeline::format::{
-    Compression, FORMAT_NAME, FORMAT_VERSION, HashingWriter, ImageCheck, MANIFEST_FILE, Manifest,
-    PackParams, REJECTS_FILE, Reencode, Sample, SampleMeta, ShardInfo, ShardWriter, shard_name,
+    FORMAT_NAME, FORMAT_VERSION, HashingWriter, MANIFEST_FILE, Manifest, PackParams, PackSettings,
+    REJECTS_FILE, Sample, SampleMeta, ShardInfo, ShardWriter, shard_name,
 };
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -32,20 +32,8 @@ pub const STATE_DIR: &str = ".shardtool";
 pub struct PackOptions {
     /// Output folder; each split goes to `<out>/<split>/`.
     pub out: PathBuf,
-    /// Seed of the shuffle across shards.
-    pub seed: u64,
-    /// Close a shard once it holds about this many bytes of input.
-    pub target_shard_bytes: u64,
-    /// Shard compression.
-    pub compression: Compression,
-    /// zstd level.
-    pub zstd_level: i32,
-    /// How each image is checked.
-    pub check: ImageCheck,
-    /// Optional re-encoding.
-    pub reencode: Option<Reencode>,
-    /// Whether to write `<key>.json` members.
-    pub write_json: bool,
+    /// The settings that decide the shards' bytes (recorded in the manifest).
+    pub settings: PackSettings,
     /// Worker threads.
     pub workers: usize,
     /// Fail on the first reject instead of listing it.
@@ -96,13 +84,7 @@ pub fn pack_split(split: &SplitInput, opts: &PackOptions) -> Result<SplitReport>
         );
     }
     let params = PackParams {
-        seed: opts.seed,
-        target_shard_bytes: opts.target_shard_bytes,
-        compression: opts.compression,
-        zstd_level: opts.zstd_level,
-        check: opts.check,
-        reencode: opts.reencode,
-        write_json: opts.write_json,
+        settings: opts.settings.clone(),
         input_fingerprint: split.fingerprint(),
         tool: format!("shardtool {}", env!("CARGO_PKG_VERSION")),
     };
@@ -118,9 +100,10 @@ pub fn pack_split(split: &SplitInput, opts: &PackOptions) -> Result<SplitReport>
     if let Some(manifest) = prepare_output(&dir, &params, opts.resume)? {
         return Ok(report(manifest, 0, 0, 0));
     }
-    let plan = plan_shards(split, opts.seed, opts.target_shard_bytes);
+    let settings = &opts.settings;
+    let plan = plan_shards(split, settings.seed, settings.target_shard_bytes);
     let names: Vec<String> = (0..plan.len())
-        .map(|i| shard_name(&split.name, i, opts.compression))
+        .map(|i| shard_name(&split.name, i, settings.compression))
         .collect();
     let mut records: Vec<Option<ShardRecord>> =
         names.iter().map(|n| finished_shard(&dir, n)).collect();
@@ -324,10 +307,11 @@ fn write_shard_file(
             tmp.display()
         ))
     };
+    let settings = &opts.settings;
     let file = File::create(tmp).map_err(io_context)?;
     let sink = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
     let mut writer =
-        ShardWriter::new(sink, opts.compression, opts.zstd_level).map_err(io_context)?;
+        ShardWriter::new(sink, settings.compression, settings.zstd_level).map_err(io_context)?;
     let mut rejects = Vec::new();
     let mut samples = 0;
     for &i in files {
@@ -338,8 +322,8 @@ fn write_shard_file(
         let packed = std::fs::read(&f.path)
             .map_err(Rejection::Read)
             .and_then(|bytes| {
-                let info = check_image(&bytes, opts.check)?;
-                match opts.reencode {
+                let info = check_image(&bytes, settings.check)?;
+                match settings.reencode {
                     Some(params) => reencode(&bytes, params),
                     None => Ok((bytes, info)),
                 }
@@ -353,7 +337,7 @@ fn write_shard_file(
                 continue;
             }
         };
-        let json = opts.write_json.then(|| {
+        let json = settings.write_json.then(|| {
             let meta = SampleMeta {
                 wnid: split.classes[f.class as usize].clone(),
                 path: f.rel.clone(),

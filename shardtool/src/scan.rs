@@ -179,11 +179,7 @@ fn scan_class_folders(
         }
         None => folder_names.clone(),
     };
-    let index: HashMap<&str, u32> = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), i as u32))
-        .collect();
+    let index = class_index(&classes);
     let mut files = Vec::new();
     for (folder, class_name) in folders.iter().zip(&folder_names) {
         let class = index[class_name.as_str()];
@@ -255,11 +251,7 @@ fn scan_flat_val(
             .into_iter()
             .collect(),
     };
-    let index: HashMap<&str, u32> = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), i as u32))
-        .collect();
+    let index = class_index(&classes);
     let mut rejects = Vec::new();
     let mut listed = Vec::new();
     walk_files(
@@ -381,6 +373,15 @@ fn finish_split(
         files,
         rejects,
     }
+}
+
+/// Class name -> index (its position in the list).
+fn class_index(classes: &[String]) -> HashMap<&str, u32> {
+    classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i as u32))
+        .collect()
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {

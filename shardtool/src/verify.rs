@@ -200,7 +200,7 @@ pub fn inspect_split(dir: &Path, show: usize) -> Result<String> {
             m.classes[n - 3..].join(", ")
         ),
     };
-    let p = &m.pack;
+    let (p, tool) = (&m.pack.settings, &m.pack.tool);
     writeln!(
         out,
         "split      {} ({}, format v{})",
@@ -227,7 +227,7 @@ pub fn inspect_split(dir: &Path, show: usize) -> Result<String> {
     writeln!(
         out,
         "packed by  {}: seed {}, {:?} level {}, target {:.0} MB/shard, check {:?}, re-encode {}",
-        p.tool,
+        tool,
         p.seed,
         p.compression,
         p.zstd_level,

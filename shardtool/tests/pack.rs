@@ -142,7 +142,7 @@ fn same_input_and_seed_give_byte_identical_packs() {
     assert_eq!(tree_a, tree(&b), "packs differ between runs");
 
     let mut other_seed = options(&c);
-    other_seed.seed = 1;
+    other_seed.settings.seed = 1;
     pack_all(&input, &other_seed).unwrap();
     let order = |dir: &std::path::Path| -> Vec<String> {
         read_split(&dir.join("train"))
@@ -175,7 +175,7 @@ fn interrupted_pack_resumes_without_redoing_finished_shards() {
     let split = &find_splits(&input, None).unwrap()[0];
     assert_eq!(split.name, "train");
     let mut opts = options(&tmp.path().join("out"));
-    opts.target_shard_bytes = 1; // one image per shard
+    opts.settings.target_shard_bytes = 1; // one image per shard
     opts.workers = 1;
     let seed = (0..100)
         .find(|&seed| {
@@ -187,7 +187,7 @@ fn interrupted_pack_resumes_without_redoing_finished_shards() {
             (3..plan.len() - 3).contains(&bad)
         })
         .unwrap();
-    opts.seed = seed;
+    opts.settings.seed = seed;
 
     opts.strict = true;
     let err = pack_split(split, &opts).unwrap_err();
@@ -236,8 +236,8 @@ fn interrupted_pack_resumes_without_redoing_finished_shards() {
 
     // The resumed pack equals an uninterrupted one.
     let mut fresh = options(&tmp.path().join("fresh"));
-    fresh.target_shard_bytes = 1;
-    fresh.seed = seed;
+    fresh.settings.target_shard_bytes = 1;
+    fresh.settings.seed = seed;
     pack_split(split, &fresh).unwrap();
     assert_eq!(tree(&dir), tree(&fresh.out.join("train")));
 }
@@ -255,7 +255,7 @@ fn repacking_the_same_input_is_a_no_op_and_a_different_pack_is_refused() {
     assert_eq!(before, tree(&out));
 
     let mut other = options(&out);
-    other.seed = 9;
+    other.settings.seed = 9;
     let err = format!("{:#}", pack_all(&input, &other).unwrap_err());
     assert!(
         err.contains("different pack") && err.contains("seed"),
@@ -329,13 +329,13 @@ fn reencode_bounds_the_longer_side() {
     spec.val_per_class = 0;
     make_dataset(&input, &spec);
     let mut opts = options(&tmp.path().join("out"));
-    opts.reencode = Some(pipeline::format::Reencode {
+    opts.settings.reencode = Some(pipeline::format::Reencode {
         max_side: 64,
         quality: 80,
     });
     pack_all(&input, &opts).unwrap();
     let (manifest, samples) = read_split(&opts.out.join("train"));
-    assert_eq!(manifest.pack.reencode.unwrap().max_side, 64);
+    assert_eq!(manifest.pack.settings.reencode.unwrap().max_side, 64);
     for s in &samples {
         let meta: SampleMeta = serde_json::from_slice(s.json.as_ref().unwrap()).unwrap();
         let img = image::load_from_memory(&s.image).unwrap();

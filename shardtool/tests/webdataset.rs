@@ -90,7 +90,7 @@ fn python_webdataset_reads_the_same_keys_labels_and_bytes() {
     make_dataset(&input, &small_spec());
     for compression in [Compression::None, Compression::Zstd] {
         let mut opts = options(&tmp.path().join(format!("{compression:?}")));
-        opts.compression = compression;
+        opts.settings.compression = compression;
         pack_all(&input, &opts).unwrap();
         let dir = opts.out.join("train");
         let (manifest, samples) = read_split(&dir);

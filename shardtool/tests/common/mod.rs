@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use pipeline::format::{Compression, ImageCheck, MANIFEST_FILE, Manifest};
+use pipeline::format::{Compression, ImageCheck, MANIFEST_FILE, Manifest, PackSettings};
 use pipeline::{Sample, ShardReader};
 use shardtool::pack::{PackOptions, SplitReport, pack_split};
 use shardtool::scan::find_splits;
@@ -32,13 +32,15 @@ pub fn make_dataset(root: &Path, spec: &SynthSpec) -> SynthReport {
 pub fn options(out: &Path) -> PackOptions {
     PackOptions {
         out: out.to_path_buf(),
-        seed: 0,
-        target_shard_bytes: 60_000,
-        compression: Compression::Zstd,
-        zstd_level: 3,
-        check: ImageCheck::Header,
-        reencode: None,
-        write_json: true,
+        settings: PackSettings {
+            seed: 0,
+            target_shard_bytes: 60_000,
+            compression: Compression::Zstd,
+            zstd_level: 3,
+            check: ImageCheck::Header,
+            reencode: None,
+            write_json: true,
+        },
         workers: 2,
         strict: false,
         resume: false,
