@@ -32,6 +32,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A configuration value is out of range or inconsistent.
+    #[error("configuration: {message}")]
+    Config {
+        /// What is wrong, and what to do about it.
+        message: String,
+    },
+    /// The object store (or local folder) could not be reached or read.
+    #[error("{location}: {message}")]
+    Source {
+        /// The URL or path being read.
+        location: String,
+        /// What went wrong, and what to do about it.
+        message: String,
+    },
     /// A shard is a valid tar stream but breaks the sample layout.
     #[error("shard {shard}: {message}")]
     Layout {

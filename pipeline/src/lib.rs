@@ -26,12 +26,24 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod batch;
+pub mod config;
+pub mod decode;
 pub mod error;
 pub mod format;
+pub mod loader;
+pub mod order;
 pub mod shard;
+pub mod source;
+pub mod transform;
 
+pub use batch::{Allocator, Batch, HostBuffer};
+pub use config::{LoaderConfig, TransformConfig};
 pub use error::{Error, Result};
 pub use format::{
     Compression, HashingReader, Manifest, Sample, SampleMeta, ShardInfo, ShardWriter,
 };
+pub use loader::{Epoch, Loader, LoaderState, MetricsSnapshot};
+pub use order::{EpochPlan, Topology};
 pub use shard::ShardReader;
+pub use source::{ShardSource, StoreOptions};

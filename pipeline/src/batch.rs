@@ -1,0 +1,192 @@
+//! Batches: pooled uint8 NCHW images with labels, masks and keys.
+//!
+//! Image buffers come from a [`BatchPool`] and go back to it when a [`Batch`] is dropped,
+//! so the steady state allocates nothing per batch. The pool's [`Allocator`] is a hook:
+//! the CUDA trainer hands it page-locked (pinned) host memory so batches copy to the GPU
+//! asynchronously.
+
+use std::ops::DerefMut;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::loader::LoaderState;
+use crate::transform::mask::expand_units;
+
+/// A host buffer a batch's images live in (plain `Vec<u8>`, or pinned memory).
+pub trait HostBuffer: Send + DerefMut<Target = [u8]> {}
+
+impl HostBuffer for Vec<u8> {}
+
+/// Makes host buffers of a given length in bytes.
+pub type Allocator = Arc<dyn Fn(usize) -> Box<dyn HostBuffer> + Send + Sync>;
+
+/// The default allocator: zeroed `Vec<u8>`.
+pub fn vec_allocator() -> Allocator {
+    Arc::new(|len| Box::new(vec![0u8; len]))
+}
+
+/// A fixed set of image buffers that batches borrow and return.
+pub struct BatchPool {
+    take: Receiver<Box<dyn HostBuffer>>,
+    give: Sender<Box<dyn HostBuffer>>,
+}
+
+impl BatchPool {
+    /// `count` buffers of `len` bytes each from `allocator`.
+    pub fn new(count: usize, len: usize, allocator: &Allocator) -> BatchPool {
+        let (give, take) = crossbeam_channel::bounded(count);
+        for _ in 0..count {
+            // The channel holds exactly `count`.
+            give.send(allocator(len)).expect("pool channel has room");
+        }
+        BatchPool { take, give }
+    }
+
+    /// Waits for a free buffer.
+    pub fn get(&self) -> Box<dyn HostBuffer> {
+        // The pool owns a sender, so the channel never disconnects while it lives.
+        self.take.recv().expect("pool keeps its own sender")
+    }
+
+    fn returner(&self) -> Sender<Box<dyn HostBuffer>> {
+        self.give.clone()
+    }
+}
+
+/// One batch, in delivery order.
+pub struct Batch {
+    /// The epoch it belongs to.
+    pub epoch: u64,
+    /// Its index within the epoch, from 0.
+    pub index: usize,
+    /// Output side in pixels.
+    pub size: u32,
+    /// Class indices, one per sample.
+    pub labels: Vec<u32>,
+    /// Sample keys, one per sample.
+    pub keys: Vec<String>,
+    /// Mask units per side (0 when the set does not mask).
+    pub mask_grid: usize,
+    /// Row-major unit masks, `mask_grid * mask_grid` bytes per sample, 1 = masked.
+    pub masks: Vec<u8>,
+    /// The loader state to store in a checkpoint taken after this batch: resuming from it
+    /// yields exactly the batches that come after this one.
+    pub state_after: LoaderState,
+    images: Option<Box<dyn HostBuffer>>,
+    home: Sender<Box<dyn HostBuffer>>,
+}
+
+impl Batch {
+    pub(crate) fn new(
+        pool: &BatchPool,
+        epoch: u64,
+        index: usize,
+        size: u32,
+        mask_grid: usize,
+        capacity: usize,
+    ) -> Batch {
+        Batch {
+            epoch,
+            index,
+            size,
+            labels: Vec::with_capacity(capacity),
+            keys: Vec::with_capacity(capacity),
+            mask_grid,
+            masks: Vec::with_capacity(capacity * mask_grid * mask_grid),
+            state_after: LoaderState::default(),
+            images: Some(pool.get()),
+            home: pool.returner(),
+        }
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the batch has no samples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Bytes per image: 3 x size x size.
+    pub fn image_bytes(&self) -> usize {
+        3 * self.size as usize * self.size as usize
+    }
+
+    /// The images as uint8 NCHW (`len() * 3 * size * size` bytes).
+    pub fn images(&self) -> &[u8] {
+        let n = self.len() * self.image_bytes();
+        // `images` is only None during drop.
+        &self.images.as_ref().expect("images present")[..n]
+    }
+
+    pub(crate) fn push(&mut self, chw: &[u8], label: u32, key: String, mask: Option<&[u8]>) {
+        let (start, n) = (self.len() * self.image_bytes(), self.image_bytes());
+        // `images` is only None during drop.
+        let images = self.images.as_mut().expect("images present");
+        images[start..start + n].copy_from_slice(chw);
+        self.labels.push(label);
+        self.keys.push(key);
+        if let Some(mask) = mask {
+            self.masks.extend_from_slice(mask);
+        }
+    }
+
+    /// The masks upsampled to `tokens` x `tokens` per sample (14 for ViT/16 at 224).
+    pub fn token_masks(&self, tokens: usize) -> Vec<u8> {
+        let per = self.mask_grid * self.mask_grid;
+        if per == 0 {
+            return vec![0; self.len() * tokens * tokens];
+        }
+        self.masks
+            .chunks_exact(per)
+            .flat_map(|m| expand_units(m, self.mask_grid, tokens))
+            .collect()
+    }
+
+    /// The images as f32 NCHW, scaled to [0, 1] and normalised per channel (the CPU
+    /// trainer's input; the CUDA trainer normalises on the GPU).
+    pub fn to_f32_normalized(&self, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+        let plane = self.size as usize * self.size as usize;
+        self.images()
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let c = (i / plane) % 3;
+                (f32::from(v) / 255.0 - mean[c]) / std[c]
+            })
+            .collect()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(images) = self.images.take() {
+            // The pool may be gone (loader dropped first); then the buffer is freed.
+            let _ = self.home.try_send(images);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_return_to_the_pool() {
+        let pool = BatchPool::new(1, 3 * 2 * 2, &vec_allocator());
+        let mut b = Batch::new(&pool, 0, 0, 2, 1, 1);
+        b.push(&[1; 12], 7, "k".into(), Some(&[1]));
+        assert_eq!(
+            (b.len(), b.images(), b.token_masks(2)),
+            (1, &[1u8; 12][..], vec![1, 1, 1, 1])
+        );
+        let norm = b.to_f32_normalized([0.0; 3], [1.0; 3]);
+        assert!((norm[0] - 1.0 / 255.0).abs() < 1e-6);
+        drop(b);
+        let again = Batch::new(&pool, 0, 1, 2, 1, 1); // would block forever if not returned
+        assert!(again.is_empty());
+    }
+}

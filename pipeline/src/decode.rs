@@ -1,0 +1,235 @@
+//! Image bytes to an RGB8 view of the crop, resized to the output size.
+//!
+//! The crop is known before decoding, so a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the
+//! DCT domain (`jpeg-decoder`'s reduced IDCT) whenever the crop still has at least the
+//! output's resolution at that scale; PNG, CMYK and other rare inputs go through the
+//! `image` crate at full size. The crop and the resize are one pass of
+//! `fast_image_resize` (bilinear with antialiasing, like torchvision's default).
+
+use std::io::Cursor;
+
+use fast_image_resize as fr;
+
+use crate::transform::CropParams;
+
+/// Why an image could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The bytes are not an image this crate decodes, or are corrupt.
+    #[error("undecodable image: {0}")]
+    Corrupt(String),
+}
+
+/// Reads the image's width and height from its header.
+pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+    if is_jpeg(bytes) {
+        let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+        decoder.read_info().map_err(corrupt)?;
+        // read_info succeeded, so info is present.
+        let info = decoder.info().expect("info after read_info");
+        return Ok((u32::from(info.width), u32::from(info.height)));
+    }
+    image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(corrupt)?
+        .into_dimensions()
+        .map_err(corrupt)
+}
+
+fn is_jpeg(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+}
+
+fn corrupt(e: impl std::fmt::Display) -> DecodeError {
+    DecodeError::Corrupt(e.to_string())
+}
+
+/// A decoder and resizer with reusable buffers; one per worker thread.
+pub struct CropDecoder {
+    resizer: fr::Resizer,
+    /// Full or DCT-scaled RGB8 pixels of the last decoded image.
+    rgb: Vec<u8>,
+}
+
+impl Default for CropDecoder {
+    fn default() -> Self {
+        CropDecoder {
+            resizer: fr::Resizer::new(),
+            rgb: Vec::new(),
+        }
+    }
+}
+
+/// What [`CropDecoder::decode_crop`] did, for statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeInfo {
+    /// The DCT scale denominator used (1 = full size, 2, 4 or 8).
+    pub scale: u32,
+}
+
+impl CropDecoder {
+    /// Decodes `bytes` (source image `dims`), cuts `crop` out and resizes it to
+    /// `size` x `size`, writing interleaved RGB8 into `out` (`size * size * 3` bytes).
+    pub fn decode_crop(
+        &mut self,
+        bytes: &[u8],
+        dims: (u32, u32),
+        crop: &CropParams,
+        size: u32,
+        out: &mut [u8],
+    ) -> Result<DecodeInfo, DecodeError> {
+        let (w, h, scale) = self.decode_scaled(bytes, dims, crop, size)?;
+        // The crop in decoded pixels: scaled by the actual decoded/original ratio.
+        let (sx, sy) = (
+            f64::from(w) / f64::from(dims.0),
+            f64::from(h) / f64::from(dims.1),
+        );
+        let src =
+            fr::images::ImageRef::new(w, h, &self.rgb, fr::PixelType::U8x3).map_err(corrupt)?;
+        let mut dst = fr::images::Image::from_slice_u8(size, size, out, fr::PixelType::U8x3)
+            .map_err(corrupt)?;
+        let options = fr::ResizeOptions::new()
+            .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
+            .crop(
+                f64::from(crop.left) * sx,
+                f64::from(crop.top) * sy,
+                f64::from(crop.width) * sx,
+                f64::from(crop.height) * sy,
+            );
+        self.resizer
+            .resize(&src, &mut dst, &options)
+            .map_err(corrupt)?;
+        Ok(DecodeInfo { scale })
+    }
+
+    /// Decodes into `self.rgb`; returns the decoded width, height and scale denominator.
+    fn decode_scaled(
+        &mut self,
+        bytes: &[u8],
+        dims: (u32, u32),
+        crop: &CropParams,
+        size: u32,
+    ) -> Result<(u32, u32, u32), DecodeError> {
+        if is_jpeg(bytes) {
+            let denom = [8u32, 4, 2, 1]
+                .into_iter()
+                .find(|d| crop.width / d >= size && crop.height / d >= size)
+                .unwrap_or(1);
+            let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+            decoder.read_info().map_err(corrupt)?;
+            let (sw, sh) = (dims.0.div_ceil(denom), dims.1.div_ceil(denom));
+            let (w, h) = decoder.scale(sw as u16, sh as u16).map_err(corrupt)?;
+            let pixels = decoder.decode().map_err(corrupt)?;
+            // decode() succeeded, so info is present.
+            let format = decoder.info().expect("info after decode").pixel_format;
+            let (w, h) = (u32::from(w), u32::from(h));
+            match format {
+                jpeg_decoder::PixelFormat::RGB24 => self.rgb = pixels,
+                jpeg_decoder::PixelFormat::L8 => {
+                    self.rgb.clear();
+                    self.rgb.extend(pixels.iter().flat_map(|&v| [v, v, v]));
+                }
+                // CMYK and 16-bit greyscale are rare: the image crate converts them.
+                _ => return self.decode_full(bytes).map(|(w, h)| (w, h, 1)),
+            }
+            let denom = dims.0.div_ceil(w.max(1));
+            return Ok((w, h, denom));
+        }
+        self.decode_full(bytes).map(|(w, h)| (w, h, 1))
+    }
+
+    fn decode_full(&mut self, bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+        let img = image::load_from_memory(bytes).map_err(corrupt)?.to_rgb8();
+        let dims = img.dimensions();
+        self.rgb = img.into_raw();
+        Ok(dims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+        });
+        let mut out = Vec::new();
+        image::DynamicImage::ImageRgb8(img)
+            .write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+                &mut out, 95,
+            ))
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn large_crops_decode_downscaled_and_match_full_decode() {
+        let bytes = jpeg(1024, 768);
+        assert_eq!(dimensions(&bytes).unwrap(), (1024, 768));
+        let crop = CropParams {
+            top: 0,
+            left: 0,
+            height: 768,
+            width: 1024,
+        };
+        let mut d = CropDecoder::default();
+        let mut scaled = vec![0u8; 64 * 64 * 3];
+        assert_eq!(
+            d.decode_crop(&bytes, (1024, 768), &crop, 64, &mut scaled)
+                .unwrap()
+                .scale,
+            8
+        );
+        let small = CropParams {
+            top: 100,
+            left: 100,
+            height: 100,
+            width: 100,
+        };
+        assert_eq!(
+            d.decode_crop(&bytes, (1024, 768), &small, 64, &mut scaled.clone())
+                .unwrap()
+                .scale,
+            1
+        );
+        // Downscaled decoding changes pixels only slightly.
+        let mut full = vec![0u8; 64 * 64 * 3];
+        d.decode_full(&bytes).unwrap();
+        let src = fr::images::ImageRef::new(1024, 768, &d.rgb, fr::PixelType::U8x3).unwrap();
+        let mut dst =
+            fr::images::Image::from_slice_u8(64, 64, &mut full, fr::PixelType::U8x3).unwrap();
+        d.resizer
+            .resize(
+                &src,
+                &mut dst,
+                &fr::ResizeOptions::new()
+                    .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear)),
+            )
+            .unwrap();
+        let mean_diff = scaled
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / full.len() as f64;
+        assert!(mean_diff < 4.0, "mean abs difference {mean_diff}");
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        let mut d = CropDecoder::default();
+        let crop = CropParams {
+            top: 0,
+            left: 0,
+            height: 8,
+            width: 8,
+        };
+        assert!(
+            d.decode_crop(b"\xFF\xD8\xFFnot really", (8, 8), &crop, 8, &mut [0; 192])
+                .is_err()
+        );
+        assert!(dimensions(b"hello").is_err());
+    }
+}
