@@ -26,10 +26,14 @@ pub fn vec_allocator() -> Allocator {
     Arc::new(|len| Box::new(vec![0u8; len]))
 }
 
-/// A fixed set of image buffers that batches borrow and return.
+/// A set of image buffers that batches borrow and return. When a consumer holds more
+/// batches than the pool has buffers, new ones are allocated, and the extra ones are freed
+/// when they come back.
 pub struct BatchPool {
     take: Receiver<Box<dyn HostBuffer>>,
     give: Sender<Box<dyn HostBuffer>>,
+    allocator: Allocator,
+    len: usize,
 }
 
 impl BatchPool {
@@ -40,13 +44,19 @@ impl BatchPool {
             // The channel holds exactly `count`.
             give.send(allocator(len)).expect("pool channel has room");
         }
-        BatchPool { take, give }
+        BatchPool {
+            take,
+            give,
+            allocator: allocator.clone(),
+            len,
+        }
     }
 
-    /// Waits for a free buffer.
+    /// A free buffer, or a new one if all are in use.
     pub fn get(&self) -> Box<dyn HostBuffer> {
-        // The pool owns a sender, so the channel never disconnects while it lives.
-        self.take.recv().expect("pool keeps its own sender")
+        self.take
+            .try_recv()
+            .unwrap_or_else(|_| (self.allocator)(self.len))
     }
 
     fn returner(&self) -> Sender<Box<dyn HostBuffer>> {
@@ -186,7 +196,13 @@ mod tests {
         let norm = b.to_f32_normalized([0.0; 3], [1.0; 3]);
         assert!((norm[0] - 1.0 / 255.0).abs() < 1e-6);
         drop(b);
-        let again = Batch::new(&pool, 0, 1, 2, 1, 1); // would block forever if not returned
-        assert!(again.is_empty());
+        assert_eq!(pool.take.len(), 1, "the buffer came back");
+        let (a, b) = (
+            Batch::new(&pool, 0, 1, 2, 1, 1),
+            Batch::new(&pool, 0, 2, 2, 1, 1),
+        );
+        assert_eq!(pool.take.len(), 0);
+        drop((a, b));
+        assert_eq!(pool.take.len(), 1, "the extra buffer is freed, not kept");
     }
 }

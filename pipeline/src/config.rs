@@ -105,7 +105,7 @@ impl TransformConfig {
         if !(0.0..=1.0).contains(&self.flip) || !(0.0..=1.0).contains(&self.mask_ratio) {
             return bad("transform.flip and transform.mask_ratio must be within [0, 1]".into());
         }
-        if self.masking && (self.mask_unit == 0 || self.size % self.mask_unit != 0) {
+        if self.masking && (self.mask_unit == 0 || !self.size.is_multiple_of(self.mask_unit)) {
             return bad(format!(
                 "transform.size {} is not a multiple of transform.mask_unit {}",
                 self.size, self.mask_unit

@@ -80,23 +80,21 @@ impl CropDecoder {
         out: &mut [u8],
     ) -> Result<DecodeInfo, DecodeError> {
         let (w, h, scale) = self.decode_scaled(bytes, dims, crop, size)?;
-        // The crop in decoded pixels: scaled by the actual decoded/original ratio.
-        let (sx, sy) = (
-            f64::from(w) / f64::from(dims.0),
-            f64::from(h) / f64::from(dims.1),
-        );
+        // Decoded pixel i covers source pixels [i * scale, (i + 1) * scale), and the decoded
+        // size is ceil(source / scale), so the scaled crop stays inside; the clamp only
+        // guards against rounding.
+        let s = f64::from(scale);
+        let left = (f64::from(crop.left) / s).min(f64::from(w));
+        let top = (f64::from(crop.top) / s).min(f64::from(h));
+        let width = (f64::from(crop.width) / s).min(f64::from(w) - left);
+        let height = (f64::from(crop.height) / s).min(f64::from(h) - top);
         let src =
             fr::images::ImageRef::new(w, h, &self.rgb, fr::PixelType::U8x3).map_err(corrupt)?;
         let mut dst = fr::images::Image::from_slice_u8(size, size, out, fr::PixelType::U8x3)
             .map_err(corrupt)?;
         let options = fr::ResizeOptions::new()
             .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
-            .crop(
-                f64::from(crop.left) * sx,
-                f64::from(crop.top) * sy,
-                f64::from(crop.width) * sx,
-                f64::from(crop.height) * sy,
-            );
+            .crop(left, top, width, height);
         self.resizer
             .resize(&src, &mut dst, &options)
             .map_err(corrupt)?;
@@ -133,7 +131,10 @@ impl CropDecoder {
                 // CMYK and 16-bit greyscale are rare: the image crate converts them.
                 _ => return self.decode_full(bytes).map(|(w, h)| (w, h, 1)),
             }
-            let denom = dims.0.div_ceil(w.max(1));
+            if (w, h) != (sw, sh) {
+                let msg = format!("decoded {w}x{h} at 1/{denom}, expected {sw}x{sh}");
+                return Err(DecodeError::Corrupt(msg));
+            }
             return Ok((w, h, denom));
         }
         self.decode_full(bytes).map(|(w, h)| (w, h, 1))

@@ -67,7 +67,8 @@ pub struct MetricsSnapshot {
     pub failed_samples: u64,
     /// Samples the manifest promised that a damaged shard did not yield.
     pub missing_samples: u64,
-    /// Shards given up (corrupt, truncated, or unreadable after retries).
+    /// Shard reads given up (corrupt, truncated, or unreadable after retries); a shard
+    /// read again to replace lost samples counts again.
     pub failed_shards: u64,
     /// Samples delivered a second time in an epoch to replace unreadable ones.
     pub repeated_samples: u64,
@@ -635,7 +636,7 @@ impl Assembler {
                         c.metrics.missing_samples.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                if cursor % len == 0 {
+                if cursor.is_multiple_of(len) {
                     if ready_this_pass == 0 {
                         let message = format!(
                             "no sample of this rank's {} shards could be read in epoch {}",

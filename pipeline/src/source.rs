@@ -113,12 +113,12 @@ impl ShardSource {
             let store = builder.build().map_err(|e| err(e.to_string()))?;
             return Ok(ShardSource::new(Arc::new(store), prefix, location));
         }
-        if let Some((scheme, _)) = location.split_once("://") {
-            if scheme != "file" {
-                return Err(err(format!(
-                    "unsupported scheme {scheme}://: use a local folder or s3://bucket/prefix"
-                )));
-            }
+        if let Some((scheme, _)) = location.split_once("://")
+            && scheme != "file"
+        {
+            return Err(err(format!(
+                "unsupported scheme {scheme}://: use a local folder or s3://bucket/prefix"
+            )));
         }
         let path = location.strip_prefix("file://").unwrap_or(location);
         let dir = std::fs::canonicalize(path).map_err(|e| {

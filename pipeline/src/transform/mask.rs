@@ -59,7 +59,7 @@ impl MaskParams {
 /// Upsamples a row-major `grid` x `grid` unit mask to `tokens` x `tokens` by repetition.
 pub fn expand_units(units: &[u8], grid: usize, tokens: usize) -> Vec<u8> {
     assert!(
-        grid > 0 && tokens % grid == 0,
+        grid > 0 && tokens.is_multiple_of(grid),
         "token grid {tokens} is not a multiple of mask grid {grid}"
     );
     let s = tokens / grid;

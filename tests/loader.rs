@@ -1,0 +1,324 @@
+//! End to end: `shardtool` packs a generated folder, the `pipeline` loader streams it.
+//! Exact sample sets per epoch, order independent of threads, resume, damaged input.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use pipeline::format::{Compression, ImageCheck, MANIFEST_FILE, Manifest, PackSettings};
+use pipeline::{Batch, Loader, LoaderConfig, LoaderState, StoreOptions, Topology};
+use shardtool::pack::{PackOptions, pack_split};
+use shardtool::scan::find_splits;
+use shardtool::synth::{SynthSpec, write_imagenet_like};
+
+/// A packed train split of 63 small images in about 8 shards.
+fn packed(root: &Path) -> PathBuf {
+    let input = root.join("imagenet");
+    let spec = SynthSpec {
+        classes: 6,
+        train_per_class: 10,
+        val_per_class: 0,
+        flat_val: false,
+        quirks: true,
+        bad_files: false,
+        short_side: (40, 90),
+        seed: 5,
+    };
+    write_imagenet_like(&input, &spec, 2).unwrap();
+    let opts = PackOptions {
+        out: root.join("shards"),
+        settings: PackSettings {
+            seed: 0,
+            target_shard_bytes: 40_000,
+            compression: Compression::Zstd,
+            zstd_level: 1,
+            check: ImageCheck::Header,
+            reencode: None,
+            write_json: true,
+        },
+        workers: 2,
+        strict: false,
+        resume: false,
+        progress: false,
+    };
+    for split in find_splits(&input, None).unwrap() {
+        pack_split(&split, &opts).unwrap();
+    }
+    root.join("shards/train")
+}
+
+fn config(workers: usize, readers: usize) -> LoaderConfig {
+    let mut c = LoaderConfig {
+        batch_size: 4,
+        workers,
+        readers,
+        shuffle_buffer: 16,
+        seed: 11,
+        ..Default::default()
+    };
+    c.transform.size = 32;
+    c.transform.mask_unit = 8;
+    c.chunk_bytes = 4096; // many ranged reads per shard
+    c
+}
+
+fn open(dir: &Path, topo: Topology, cfg: LoaderConfig) -> Loader {
+    Loader::open(
+        dir.to_str().unwrap(),
+        &StoreOptions::default(),
+        topo,
+        cfg,
+        None,
+    )
+    .unwrap()
+}
+
+/// What a batch holds, comparable across runs.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    keys: Vec<String>,
+    labels: Vec<u32>,
+    images: Vec<u8>,
+    masks: Vec<u8>,
+}
+
+fn seen(b: &Batch) -> Seen {
+    Seen {
+        keys: b.keys.clone(),
+        labels: b.labels.clone(),
+        images: b.images().to_vec(),
+        masks: b.masks.clone(),
+    }
+}
+
+fn epoch(loader: &Loader, state: LoaderState) -> Vec<Batch> {
+    loader.epoch(state).unwrap().map(Result::unwrap).collect()
+}
+
+#[test]
+fn every_rank_gets_disjoint_samples_and_the_same_number_of_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed(tmp.path());
+    let manifest = Manifest::read(&dir.join(MANIFEST_FILE)).unwrap();
+    let all: HashSet<String> = {
+        let loader = open(&dir, Topology::default(), config(2, 2));
+        let plan = loader.plan(0).unwrap();
+        assert_eq!(plan.order.len() as u64, manifest.num_samples);
+        epoch(&loader, LoaderState::default())
+            .iter()
+            .flat_map(|b| b.keys.clone())
+            .collect()
+    };
+    assert_eq!(all.len(), 60, "63 samples, 15 full batches of 4");
+    for world_size in [2, 3] {
+        for workers in [1, 3] {
+            let mut union = HashSet::new();
+            let mut counts = Vec::new();
+            let mut unplanned = 0;
+            for rank in 0..world_size {
+                let loader = open(&dir, Topology { rank, world_size }, config(workers, 2));
+                let plan = loader.plan(0).unwrap();
+                unplanned += plan.order.len() - plan.samples;
+                let batches = epoch(&loader, LoaderState::default());
+                counts.push(batches.len());
+                assert_eq!(batches.len(), plan.batches);
+                for b in &batches {
+                    assert_eq!(b.len(), 4);
+                    for (k, &label) in b.keys.iter().zip(&b.labels) {
+                        assert!(
+                            union.insert(k.clone()),
+                            "{k} delivered twice (world {world_size})"
+                        );
+                        assert!((label as usize) < manifest.classes.len());
+                    }
+                    // Every mask has exactly ceil(16 * 0.6) = 10 of its 4x4 units set.
+                    assert!(
+                        b.masks
+                            .chunks(16)
+                            .all(|m| m.iter().map(|&v| v as usize).sum::<usize>() == 10)
+                    );
+                }
+                assert_eq!(loader.metrics().failed_samples, 0);
+            }
+            assert!(
+                counts.iter().all(|&c| c == counts[0]),
+                "batch counts differ: {counts:?}"
+            );
+            // What the ranks did not deliver is exactly the balancing surplus of the plans.
+            assert_eq!(
+                union.len() + unplanned,
+                manifest.num_samples as usize,
+                "world {world_size}"
+            );
+        }
+    }
+}
+
+#[test]
+fn batches_do_not_depend_on_thread_counts_and_epochs_differ() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed(tmp.path());
+    let run = |workers, readers, epoch_no| -> Vec<Seen> {
+        let loader = open(&dir, Topology::default(), config(workers, readers));
+        epoch(
+            &loader,
+            LoaderState {
+                epoch: epoch_no,
+                ..Default::default()
+            },
+        )
+        .iter()
+        .map(seen)
+        .collect()
+    };
+    let reference = run(1, 1, 0);
+    assert_eq!(reference.len(), 15);
+    assert_eq!(reference, run(4, 3, 0));
+    assert_eq!(reference, run(2, 1, 0));
+    let next = run(2, 2, 1);
+    assert_ne!(
+        reference.iter().map(|s| &s.keys).collect::<Vec<_>>(),
+        next.iter().map(|s| &s.keys).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn resuming_from_a_batch_state_yields_exactly_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed(tmp.path());
+    let loader = open(&dir, Topology::default(), config(2, 2));
+    let full: Vec<Batch> = epoch(
+        &loader,
+        LoaderState {
+            epoch: 3,
+            ..Default::default()
+        },
+    );
+    for cut in [0, 1, 7, 14] {
+        let state = full[cut].state_after;
+        assert_eq!((state.epoch, state.batches), (3, cut + 1));
+        let fresh = open(&dir, Topology::default(), config(3, 1));
+        let rest: Vec<Seen> = epoch(&fresh, state).iter().map(seen).collect();
+        let expected: Vec<Seen> = full[cut + 1..].iter().map(seen).collect();
+        assert_eq!(rest, expected, "resume after batch {cut}");
+    }
+}
+
+/// Rewrites shard `name` of the split in `dir` through `edit` and fixes its manifest
+/// size, so the damage is inside the shard, not a size mismatch.
+fn damage(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<u8>)) {
+    let path = dir.join(name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    edit(&mut bytes);
+    std::fs::write(&path, &bytes).unwrap();
+    let mut m = Manifest::read(&dir.join(MANIFEST_FILE)).unwrap();
+    m.shards.iter_mut().find(|s| s.name == name).unwrap().bytes = bytes.len() as u64;
+    std::fs::write(dir.join(MANIFEST_FILE), m.to_json()).unwrap();
+}
+
+#[test]
+fn a_corrupt_shard_is_skipped_and_the_epoch_still_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed(tmp.path());
+    let manifest = Manifest::read(&dir.join(MANIFEST_FILE)).unwrap();
+    let victim = manifest.shards[1].name.clone();
+    // Cut the zstd stream in half: the shard breaks off mid-sample.
+    damage(&dir, &victim, |b| b.truncate(b.len() / 2));
+    let loader = open(&dir, Topology::default(), config(2, 2));
+    let plan = loader.plan(0).unwrap();
+    let batches = epoch(&loader, LoaderState::default());
+    assert_eq!(batches.len(), plan.batches, "the epoch keeps its length");
+    let m = loader.metrics();
+    assert!(m.failed_shards >= 1, "{m:?}");
+    assert!(m.missing_samples > 0, "{m:?}");
+    let keys: Vec<&String> = batches.iter().flat_map(|b| &b.keys).collect();
+    let unique: HashSet<&&String> = keys.iter().collect();
+    assert_eq!(
+        unique.len() as u64 + m.repeated_samples,
+        keys.len() as u64,
+        "only replacements repeat"
+    );
+}
+
+#[test]
+fn an_undecodable_sample_is_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("train");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Two shards written by hand: one sample in the second is not an image.
+    let good = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/photos/rocket.jpg"
+    ))
+    .unwrap();
+    let mut shards = Vec::new();
+    for s in 0..2 {
+        let mut w = pipeline::ShardWriter::new(Vec::new(), Compression::Zstd, 1).unwrap();
+        for i in 0..4 {
+            let image = if s == 1 && i == 2 {
+                b"\xFF\xD8\xFF\xE0 broken".to_vec()
+            } else {
+                good.clone()
+            };
+            w.write_sample(&pipeline::Sample {
+                key: format!("k{s}_{i}"),
+                image,
+                cls: i,
+                json: None,
+            })
+            .unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        let name = format!("train-{s:06}.tar.zst");
+        std::fs::write(dir.join(&name), &bytes).unwrap();
+        shards.push(pipeline::ShardInfo {
+            name,
+            samples: 4,
+            bytes: bytes.len() as u64,
+            sha256: String::new(),
+        });
+    }
+    let mut manifest =
+        Manifest::read(&packed(&tmp.path().join("ref")).join(MANIFEST_FILE)).unwrap();
+    manifest.num_samples = 8;
+    manifest.shards = shards;
+    std::fs::write(dir.join(MANIFEST_FILE), manifest.to_json()).unwrap();
+
+    let mut cfg = config(2, 2);
+    cfg.drop_last = false;
+    cfg.batch_size = 3;
+    let loader = open(&dir, Topology::default(), cfg);
+    let batches = epoch(&loader, LoaderState::default());
+    let keys: BTreeMap<String, usize> = batches
+        .iter()
+        .flat_map(|b| b.keys.clone())
+        .map(|k| (k, 1))
+        .collect();
+    assert_eq!(
+        batches.iter().map(Batch::len).collect::<Vec<_>>(),
+        vec![3, 3, 2]
+    );
+    assert!(!keys.contains_key("k1_2"));
+    assert_eq!(loader.metrics().failed_samples, 1);
+    // The gap is filled from the start of the plan, counted as a repeat.
+    assert_eq!(keys.len(), 7);
+    assert_eq!(loader.metrics().repeated_samples, 1);
+}
+
+#[test]
+fn missing_manifest_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = Loader::open(
+        tmp.path().to_str().unwrap(),
+        &StoreOptions::default(),
+        Topology::default(),
+        config(1, 1),
+        None,
+    )
+    .err()
+    .unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("manifest.json") && msg.contains("shardtool pack"),
+        "{msg}"
+    );
+}
