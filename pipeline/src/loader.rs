@@ -56,6 +56,18 @@ struct Metrics {
     consumer_wait_ns: AtomicU64,
     downscaled: [AtomicU64; 4],
     io: Arc<IoCounters>,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Metrics {
+    /// Logs a failure and keeps it as the last one.
+    fn note(&self, message: String) {
+        tracing::error!("{message}");
+        // A poisoned lock only means another thread panicked while recording; keep going.
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(message);
+        }
+    }
 }
 
 /// A snapshot of the loader's counters.
@@ -84,6 +96,8 @@ pub struct MetricsSnapshot {
     pub consumer_wait_seconds: f64,
     /// JPEG decodes at full size, 1/2, 1/4 and 1/8 scale.
     pub decodes_by_scale: [u64; 4],
+    /// The last shard or sample failure, with its shard or key.
+    pub last_error: Option<String>,
 }
 
 /// The streaming loader of one rank.
@@ -268,6 +282,7 @@ impl Loader {
             read_wait_seconds: secs(&m.io.wait_ns),
             consumer_wait_seconds: secs(&m.consumer_wait_ns),
             decodes_by_scale: std::array::from_fn(|i| get(&m.downscaled[i])),
+            last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
 }
@@ -378,18 +393,27 @@ impl ReaderCtx {
                             sample: sample?,
                         };
                         if arrivals.send(sample).is_err() {
-                            return Ok(()); // the epoch was dropped
+                            return Ok(false); // the epoch was dropped
                         }
                         count += 1;
                     }
-                    Ok(())
+                    Ok(true)
                 });
-            if let Err(e) = result {
+            let failure = match result {
+                Ok(false) => return,
+                Err(e) => Some(format!(
+                    "shard {}: {e}; skipped the rest of it after {count} samples",
+                    shard.name
+                )),
+                Ok(true) if u64::from(count) != shard.samples => Some(format!(
+                    "shard {} holds {count} samples, its manifest entry {}",
+                    shard.name, shard.samples
+                )),
+                Ok(true) => None,
+            };
+            if let Some(message) = failure {
                 c.metrics.failed_shards.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(shard = %shard.name, samples_read = count, error = %e, "shard failed; skipping the rest of it");
-            } else if u64::from(count) != shard.samples {
-                c.metrics.failed_shards.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(shard = %shard.name, samples_read = count, expected = shard.samples, "shard holds fewer samples than its manifest entry");
+                c.metrics.note(message);
             }
             if arrivals.send(Arrival::End { ticket, count }).is_err()
                 || self.stop.load(Ordering::Relaxed)
@@ -549,7 +573,8 @@ impl DecoderCtx {
                             }
                         }
                         Err(e) => {
-                            tracing::warn!(key = %sample.key, error = %e, "sample does not decode; skipping it");
+                            let message = format!("sample {}: {e}; skipped", sample.key);
+                            c.metrics.note(message); // counted when the assembler skips it
                             Outcome::Failed
                         }
                     }

@@ -144,6 +144,31 @@ impl ShardSource {
         &self.location
     }
 
+    /// Copies the split in local folder `dir` (manifest and shards) into this location,
+    /// the manifest last, so readers never see a manifest before its shards.
+    pub async fn upload_split(&self, dir: &std::path::Path) -> Result<()> {
+        let manifest = Manifest::read(&dir.join(MANIFEST_FILE))?;
+        let names = manifest
+            .shards
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain([MANIFEST_FILE]);
+        for name in names {
+            let bytes = std::fs::read(dir.join(name)).map_err(|source| Error::Io {
+                path: dir.join(name),
+                source,
+            })?;
+            self.store
+                .put(&self.path(name), bytes.into())
+                .await
+                .map_err(|e| Error::Source {
+                    location: format!("{}/{name}", self.location),
+                    message: format!("upload failed: {e}"),
+                })?;
+        }
+        Ok(())
+    }
+
     fn path(&self, name: &str) -> StorePath {
         if self.prefix.as_ref().is_empty() {
             StorePath::from(name)
@@ -188,20 +213,19 @@ impl ShardSource {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.store.get_range(&path, range.clone()).await {
+            let failure = match self.store.get_range(&path, range.clone()).await {
                 Ok(bytes) if bytes.len() as u64 == range.end - range.start => return Ok(bytes),
-                Ok(bytes) => {
-                    return Err(Error::Source {
-                        location: format!("{}/{name}", self.location),
-                        message: format!(
-                            "asked for {} bytes at {}, got {}: the shard is shorter than the manifest says",
-                            range.end - range.start,
-                            range.start,
-                            bytes.len()
-                        ),
-                    });
-                }
-                Err(e) if start.elapsed() >= retry_for || stop.load(Ordering::Relaxed) => {
+                // A short body (a connection cut mid-response) is retried like an error.
+                Ok(bytes) => format!(
+                    "asked for {} bytes at {}, got {}",
+                    range.end - range.start,
+                    range.start,
+                    bytes.len()
+                ),
+                Err(e) => e.to_string(),
+            };
+            match failure {
+                e if start.elapsed() >= retry_for || stop.load(Ordering::Relaxed) => {
                     return Err(Error::Source {
                         location: format!("{}/{name}", self.location),
                         message: format!(
@@ -212,7 +236,7 @@ impl ShardSource {
                         ),
                     });
                 }
-                Err(e) => {
+                e => {
                     retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(shard = name, offset = range.start, error = %e, "read failed; retrying");
                     tokio::time::sleep(backoff).await;

