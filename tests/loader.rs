@@ -21,6 +21,7 @@ fn packed(root: &Path) -> PathBuf {
         quirks: true,
         bad_files: false,
         short_side: (40, 90),
+        quality: (75, 95),
         seed: 5,
     };
     write_imagenet_like(&input, &spec, 2).unwrap();

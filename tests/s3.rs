@@ -150,6 +150,7 @@ fn pack(root: &Path) -> PathBuf {
         quirks: false,
         bad_files: false,
         short_side: (40, 90),
+        quality: (75, 95),
         seed: 2,
     };
     write_imagenet_like(&input, &spec, 2).unwrap();

@@ -159,6 +159,12 @@ struct SynthArgs {
     /// Largest shorter side of the images, in pixels.
     #[arg(long, default_value_t = 500)]
     max_side: u32,
+    /// Lowest JPEG quality of the images.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u8).range(1..=100))]
+    min_quality: u8,
+    /// Highest JPEG quality of the images.
+    #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+    max_quality: u8,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -319,6 +325,9 @@ fn synth(args: &SynthArgs) -> Result<()> {
     if args.min_side == 0 || args.min_side > args.max_side {
         bail!("--min-side must be at least 1 and at most --max-side");
     }
+    if args.min_quality > args.max_quality {
+        bail!("--min-quality must be at most --max-quality");
+    }
     if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
         bail!("{} is not empty: choose a new folder", args.out.display());
     }
@@ -330,6 +339,7 @@ fn synth(args: &SynthArgs) -> Result<()> {
         quirks: !args.no_quirks,
         bad_files: !args.no_bad_files,
         short_side: (args.min_side, args.max_side),
+        quality: (args.min_quality, args.max_quality),
         seed: args.seed,
     };
     let r = write_imagenet_like(&args.out, &spec, args.workers.unwrap_or_else(cores))?;
@@ -377,6 +387,8 @@ fn demo(dir: &Path) -> Result<ExitCode> {
         no_bad_files: false,
         min_side: 300,
         max_side: 500,
+        min_quality: 75,
+        max_quality: 95,
         seed: 0,
         workers: None,
     })?;

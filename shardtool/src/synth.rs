@@ -43,6 +43,8 @@ pub struct SynthSpec {
     pub bad_files: bool,
     /// Shorter side of the generated images is drawn from this range.
     pub short_side: (u32, u32),
+    /// JPEG quality of the generated images is drawn from this range.
+    pub quality: (u8, u8),
     /// Seed of everything random.
     pub seed: u64,
 }
@@ -57,6 +59,7 @@ impl Default for SynthSpec {
             quirks: true,
             bad_files: true,
             short_side: (300, 500),
+            quality: (75, 95),
             seed: 0,
         }
     }
@@ -122,7 +125,10 @@ pub fn write_imagenet_like(root: &Path, spec: &SynthSpec, workers: usize) -> Res
                 spec.short_side,
                 &mut rng,
             )?;
-            let bytes = encode_jpeg(&DynamicImage::ImageRgb8(img), rng.random_range(75..=95))?;
+            let bytes = encode_jpeg(
+                &DynamicImage::ImageRgb8(img),
+                rng.random_range(spec.quality.0..=spec.quality.1),
+            )?;
             write(root, rel, &bytes)?;
             Ok(bytes.len() as u64)
         },

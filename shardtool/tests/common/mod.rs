@@ -21,6 +21,7 @@ pub fn small_spec() -> SynthSpec {
         quirks: true,
         bad_files: true,
         short_side: (48, 96),
+        quality: (75, 95),
         seed: 7,
     }
 }
