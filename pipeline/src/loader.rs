@@ -224,10 +224,13 @@ impl Loader {
             "pipeline-seq",
             Box::new(move || sequencer.run(state.plan_cursor, ticket_tx, arrival_rx, job_tx)),
         )?);
+        // CHW image buffers go back from the assembler to the decoders for reuse.
+        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(workers * 8);
         for _ in 0..workers {
             let decoder = DecoderCtx {
                 loader: self.ctx(),
                 epoch: state.epoch,
+                spare: spare_rx.clone(),
             };
             let (jobs, done) = (job_rx.clone(), done_tx.clone());
             threads.push(spawn(
@@ -241,6 +244,7 @@ impl Loader {
             pool: self.pool.clone(),
             plan,
             state,
+            spare: spare_tx,
         };
         threads.push(spawn(
             "pipeline-batch",
@@ -526,6 +530,7 @@ impl Sequencer {
 struct DecoderCtx {
     loader: Ctx,
     epoch: u64,
+    spare: Receiver<Vec<u8>>,
 }
 
 impl DecoderCtx {
@@ -566,7 +571,11 @@ impl DecoderCtx {
                             let scale = info.scale.trailing_zeros().min(3) as usize;
                             c.metrics.downscaled[scale].fetch_add(1, Ordering::Relaxed);
                             Outcome::Ready {
-                                chw: to_chw(&hwc, size as usize, params.flip),
+                                chw: {
+                                    let mut chw = self.spare.try_recv().unwrap_or_default();
+                                    to_chw(&hwc, size as usize, params.flip, &mut chw);
+                                    chw
+                                },
                                 label: sample.cls,
                                 key: sample.key,
                                 mask: params.mask.map(|m| m.units),
@@ -587,10 +596,10 @@ impl DecoderCtx {
     }
 }
 
-/// Interleaved HWC to planar CHW, mirrored horizontally when `flip`.
-fn to_chw(hwc: &[u8], size: usize, flip: bool) -> Vec<u8> {
+/// Interleaved HWC to planar CHW in `chw`, mirrored horizontally when `flip`.
+fn to_chw(hwc: &[u8], size: usize, flip: bool, chw: &mut Vec<u8>) {
     let plane = size * size;
-    let mut chw = vec![0u8; 3 * plane];
+    chw.resize(3 * plane, 0);
     for y in 0..size {
         for x in 0..size {
             let src = 3 * (y * size + if flip { size - 1 - x } else { x });
@@ -599,7 +608,6 @@ fn to_chw(hwc: &[u8], size: usize, flip: bool) -> Vec<u8> {
             }
         }
     }
-    chw
 }
 
 struct Assembler {
@@ -607,6 +615,7 @@ struct Assembler {
     pool: Arc<BatchPool>,
     plan: Arc<EpochPlan>,
     state: LoaderState,
+    spare: Sender<Vec<u8>>,
 }
 
 impl Assembler {
@@ -652,6 +661,7 @@ impl Assembler {
                         mask,
                     } => {
                         batch.push(&chw, label, key, mask.as_deref());
+                        let _ = self.spare.try_send(chw); // full: let it go
                         ready_this_pass += 1;
                     }
                     Outcome::Failed => {
