@@ -165,6 +165,19 @@ impl LoaderConfig {
 mod tests {
     use super::*;
 
+    /// The `[data]` block in the crate README lists exactly the defaults.
+    #[test]
+    fn readme_block_is_the_defaults() {
+        let readme = include_str!("../README.md");
+        let block = readme.split("```toml\n").nth(1).unwrap().split("```").next().unwrap();
+        #[derive(Deserialize)]
+        struct File {
+            data: LoaderConfig,
+        }
+        let parsed: File = toml::from_str(block).unwrap();
+        assert_eq!(parsed.data, LoaderConfig::default());
+    }
+
     #[test]
     fn toml_defaults_and_overrides() {
         let c = LoaderConfig::from_toml("batch_size = 8\n[transform]\nmask_ratio = 0.5\n").unwrap();

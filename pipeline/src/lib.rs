@@ -1,15 +1,32 @@
-//! The mimco data pipeline.
+//! The mimco data pipeline: packed shards, from a local folder or an S3 bucket, to pooled
+//! uint8 batches with labels and masks.
 //!
-//! Today this crate holds the **shard format** that `shardtool` writes and the loader
-//! reads, defined once:
+//! Reading order, one stage per module:
+//! [`source`] (ranged, retried reads through `object_store`) → [`shard`] (tar + zstd to
+//! [`Sample`]s) → [`decode`] (DCT-scaled JPEG decode, crop and resize in one pass) →
+//! [`transform`] (RandomResizedCrop, flip, SimMIM mask: parameters drawn apart from
+//! applying them) → [`batch`] (pooled buffers). [`order`] plans each epoch (shard order,
+//! rank split, shuffle buffer) before a byte is read, and [`loader`] is the only module
+//! with threads and channels. The shard format itself is [`format`](mod@format), shared
+//! with `shardtool`.
 //!
-//! - [`format`](mod@format): shard names, the sample layout (`<key>.jpg`, `<key>.cls`, `<key>.json`),
-//!   the [`Manifest`] and the [`ShardWriter`].
-//! - [`shard`]: the streaming [`ShardReader`], which turns a shard's byte stream back
-//!   into [`Sample`]s without seeking.
+//! ```no_run
+//! use pipeline::{Loader, LoaderConfig, LoaderState, StoreOptions, Topology};
 //!
-//! The streaming loader (sources, decode, RandomResizedCrop, flip, masks, batches) is
-//! built on these types.
+//! let store = StoreOptions::from_vars(std::env::vars()); // AWS_* for s3:// URLs
+//! let topology = Topology::from_vars(std::env::vars())?; // torchrun's RANK, WORLD_SIZE
+//! let loader = Loader::open("shards/train", &store, topology, LoaderConfig::default(), None)?;
+//! for epoch in 0..2 {
+//!     for batch in loader.epoch(LoaderState { epoch, ..Default::default() })? {
+//!         let batch = batch?;
+//!         // batch.images(): uint8 NCHW; batch.labels, batch.masks, batch.keys;
+//!         // batch.state_after goes into the checkpoint to resume exactly here.
+//!     }
+//! }
+//! # Ok::<(), pipeline::Error>(())
+//! ```
+//!
+//! Writing and reading shards directly:
 //!
 //! ```
 //! use pipeline::{Compression, Sample, ShardReader, ShardWriter};
@@ -24,6 +41,8 @@
 //! assert_eq!(samples, vec![sample]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! `examples/throughput.rs` measures the loader.
 #![deny(missing_docs)]
 
 pub mod batch;
