@@ -169,7 +169,13 @@ mod tests {
     #[test]
     fn readme_block_is_the_defaults() {
         let readme = include_str!("../README.md");
-        let block = readme.split("```toml\n").nth(1).unwrap().split("```").next().unwrap();
+        let block = readme
+            .split("```toml\n")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap();
         #[derive(Deserialize)]
         struct File {
             data: LoaderConfig,

@@ -56,7 +56,8 @@ enum Command {
     /// Images are random crops of real CC0/public-domain photos, rescaled and re-encoded
     /// like ImageNet's. Nothing is downloaded.
     Synth(SynthArgs),
-    /// Run the whole flow on generated data: synth, pack, verify, inspect.
+    /// Run the whole flow on generated data: synth, pack, verify, inspect, and stream one
+    /// epoch through the pipeline loader.
     Demo {
         /// Folder for the demo: created, or replaced if an earlier demo made it.
         #[arg(default_value = "demo")]
@@ -420,5 +421,57 @@ fn demo(dir: &Path) -> Result<ExitCode> {
     for split in find_packed_splits(&out)? {
         println!("{}", inspect_split(&split, 3)?);
     }
+    let train = out.join("train");
+    println!(
+        "== 5. one epoch of {} through the streaming loader",
+        train.display()
+    );
+    stream_epoch(&train)?;
     Ok(code)
+}
+
+/// Streams one epoch of the split in `dir` with the default stage-2 transform and prints
+/// what came out.
+fn stream_epoch(dir: &Path) -> Result<()> {
+    use pipeline::{Loader, LoaderConfig, LoaderState, StoreOptions, Topology};
+    let config = LoaderConfig {
+        batch_size: 32,
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::open(
+        &dir.display().to_string(),
+        &StoreOptions::default(),
+        Topology::default(),
+        config,
+        None,
+    )?;
+    let started = std::time::Instant::now();
+    let (mut batches, mut images, mut masked) = (0, 0, 0);
+    for batch in loader.epoch(LoaderState::default())? {
+        let batch = batch?;
+        batches += 1;
+        images += batch.len();
+        masked += batch.masks.iter().map(|&m| usize::from(m)).sum::<usize>();
+        if batches == 1 {
+            println!(
+                "  first batch: {} images of 3x{s}x{s} uint8, labels {:?}..., {} of {} mask units set in the first image",
+                batch.len(),
+                &batch.labels[..4.min(batch.len())],
+                batch.masks[..batch.mask_grid.pow(2)]
+                    .iter()
+                    .filter(|&&m| m == 1)
+                    .count(),
+                batch.mask_grid.pow(2),
+                s = batch.size
+            );
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let m = loader.metrics();
+    println!(
+        "  {batches} batches, {images} images in {secs:.2} s ({:.0} images/s), {masked} mask units set, {} samples failed",
+        images as f64 / secs,
+        m.failed_samples
+    );
+    Ok(())
 }

@@ -266,5 +266,9 @@ fn demo_runs_end_to_end_and_reruns() {
             msg.contains("203 samples") && msg.contains("4 input(s) not packed"),
             "{msg}"
         );
+        assert!(
+            msg.contains("6 batches, 192 images") && msg.contains("0 samples failed"),
+            "{msg}"
+        );
     }
 }
