@@ -4,62 +4,18 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use pipeline::format::{Compression, ImageCheck, MANIFEST_FILE, Manifest, PackSettings};
+use pipeline::format::{Compression, MANIFEST_FILE, Manifest};
 use pipeline::{Batch, Loader, LoaderConfig, LoaderState, StoreOptions, Topology};
-use shardtool::pack::{PackOptions, pack_split};
-use shardtool::scan::find_splits;
-use shardtool::synth::{SynthSpec, write_imagenet_like};
+
+mod common;
 
 /// A packed train split of 63 small images in about 8 shards.
 fn packed(root: &Path) -> PathBuf {
-    let input = root.join("imagenet");
-    let spec = SynthSpec {
-        classes: 6,
-        train_per_class: 10,
-        val_per_class: 0,
-        flat_val: false,
-        quirks: true,
-        bad_files: false,
-        short_side: (40, 90),
-        quality: (75, 95),
-        seed: 5,
-    };
-    write_imagenet_like(&input, &spec, 2).unwrap();
-    let opts = PackOptions {
-        out: root.join("shards"),
-        settings: PackSettings {
-            seed: 0,
-            target_shard_bytes: 40_000,
-            compression: Compression::Zstd,
-            zstd_level: 1,
-            check: ImageCheck::Header,
-            reencode: None,
-            write_json: true,
-        },
-        workers: 2,
-        strict: false,
-        resume: false,
-        progress: false,
-    };
-    for split in find_splits(&input, None).unwrap() {
-        pack_split(&split, &opts).unwrap();
-    }
-    root.join("shards/train")
+    common::packed(root, 6, 10, true, 5)
 }
 
 fn config(workers: usize, readers: usize) -> LoaderConfig {
-    let mut c = LoaderConfig {
-        batch_size: 4,
-        workers,
-        readers,
-        shuffle_buffer: 16,
-        seed: 11,
-        ..Default::default()
-    };
-    c.transform.size = 32;
-    c.transform.mask_unit = 8;
-    c.chunk_bytes = 4096; // many ranged reads per shard
-    c
+    common::small_config(workers, readers, 11)
 }
 
 fn open(dir: &Path, topo: Topology, cfg: LoaderConfig) -> Loader {

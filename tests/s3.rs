@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pipeline::format::{Compression, ImageCheck, PackSettings};
 use pipeline::{Loader, LoaderConfig, LoaderState, ShardSource, StoreOptions, Topology};
-use shardtool::pack::{PackOptions, pack_split};
-use shardtool::scan::find_splits;
-use shardtool::synth::{SynthSpec, write_imagenet_like};
+
+mod common;
 
 const KEY: &str = "mimco-test";
 const SECRET: &str = "mimco-test-secret";
@@ -125,56 +123,15 @@ fn options() -> StoreOptions {
 }
 
 fn config() -> LoaderConfig {
-    let mut c = LoaderConfig {
-        batch_size: 4,
-        workers: 2,
-        readers: 2,
-        shuffle_buffer: 16,
-        seed: 1,
+    LoaderConfig {
         io_retry_seconds: 90,
-        ..Default::default()
-    };
-    c.transform.size = 32;
-    c.transform.mask_unit = 8;
-    c.chunk_bytes = 8192;
-    c
+        chunk_bytes: 8192,
+        ..common::small_config(2, 2, 1)
+    }
 }
 
 fn pack(root: &Path) -> PathBuf {
-    let input = root.join("imagenet");
-    let spec = SynthSpec {
-        classes: 5,
-        train_per_class: 12,
-        val_per_class: 0,
-        flat_val: false,
-        quirks: false,
-        bad_files: false,
-        short_side: (40, 90),
-        quality: (75, 95),
-        seed: 2,
-    };
-    write_imagenet_like(&input, &spec, 2).unwrap();
-    let settings = PackSettings {
-        seed: 0,
-        target_shard_bytes: 40_000,
-        compression: Compression::Zstd,
-        zstd_level: 1,
-        check: ImageCheck::Header,
-        reencode: None,
-        write_json: false,
-    };
-    let opts = PackOptions {
-        out: root.join("shards"),
-        settings,
-        workers: 2,
-        strict: false,
-        resume: false,
-        progress: false,
-    };
-    for split in find_splits(&input, None).unwrap() {
-        pack_split(&split, &opts).unwrap();
-    }
-    root.join("shards/train")
+    common::packed(root, 5, 12, false, 2)
 }
 
 fn keys(loader: &Loader, state: LoaderState) -> Vec<Vec<String>> {
