@@ -229,4 +229,23 @@ fn s3_reads_match_local_reads_errors_are_clear_and_a_restart_mid_epoch_is_surviv
         "{m:?}"
     );
     eprintln!("restart survived with {} retried requests", m.io_retries);
+
+    // With a cache folder, one epoch fills it; the next reads only the cache, even with
+    // the server gone.
+    let cached = LoaderConfig {
+        cache_dir: Some(tmp.path().join("cache")),
+        ..config()
+    };
+    let filling = Loader::open(url, &options(), Topology::default(), cached.clone(), None).unwrap();
+    assert_eq!(keys(&filling, LoaderState::default()), from_local);
+    assert_eq!(filling.metrics().cache_hits, 0, "{:?}", filling.metrics());
+    let reading = Loader::open(url, &options(), Topology::default(), cached, None).unwrap();
+    weed.stop();
+    assert_eq!(keys(&reading, LoaderState::default()), from_local);
+    let m = reading.metrics();
+    assert_eq!(
+        (m.cache_hits as usize, m.bytes_read),
+        (reading.manifest().shards.len(), 0),
+        "{m:?}"
+    );
 }

@@ -28,6 +28,10 @@ pub struct LoaderConfig {
     /// How long a failing read is retried (with backoff) before the shard is given up,
     /// in seconds. By default, 120.
     pub io_retry_seconds: u64,
+    /// A local folder that keeps a checked copy of every shard streamed from object
+    /// storage, read instead of the store from then on (local sources are never cached).
+    /// By default, none.
+    pub cache_dir: Option<std::path::PathBuf>,
     /// Stage-2 augmentation.
     pub transform: TransformConfig,
 }
@@ -44,6 +48,7 @@ impl Default for LoaderConfig {
             drop_last: true,
             prefetch_batches: 2,
             io_retry_seconds: 120,
+            cache_dir: None,
             transform: TransformConfig::default(),
         }
     }

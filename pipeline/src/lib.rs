@@ -46,6 +46,7 @@
 #![deny(missing_docs)]
 
 pub mod batch;
+pub mod cache;
 pub mod config;
 pub mod decode;
 pub mod error;

@@ -15,6 +15,7 @@
 //! never holds more than the window.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::{BufReader, Read};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -24,6 +25,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Allocator, Batch, BatchPool, vec_allocator};
+use crate::cache::{ShardCache, Tee};
 use crate::config::LoaderConfig;
 use crate::decode::{CropDecoder, dimensions};
 use crate::error::{Error, Result};
@@ -55,6 +57,7 @@ struct Metrics {
     decode_ns: AtomicU64,
     consumer_wait_ns: AtomicU64,
     downscaled: [AtomicU64; 4],
+    cache_hits: AtomicU64,
     io: Arc<IoCounters>,
     last_error: std::sync::Mutex<Option<String>>,
 }
@@ -96,6 +99,8 @@ pub struct MetricsSnapshot {
     pub consumer_wait_seconds: f64,
     /// JPEG decodes at full size, 1/2, 1/4 and 1/8 scale.
     pub decodes_by_scale: [u64; 4],
+    /// Shards read from the local cache instead of the store.
+    pub cache_hits: u64,
     /// The last shard or sample failure, with its shard or key.
     pub last_error: Option<String>,
 }
@@ -188,11 +193,25 @@ impl Loader {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let workers = self.config.worker_count();
+        let cache = match &self.config.cache_dir {
+            Some(dir) if !self.source.is_local() => {
+                let cache =
+                    ShardCache::new(dir, self.source.location()).map_err(|source| Error::Io {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                Some(cache)
+            }
+            _ => None,
+        };
         let (ticket_tx, ticket_rx) = unbounded::<u64>();
         let (arrival_tx, arrival_rx) = bounded::<Arrival>(256);
         let (job_tx, job_rx) = bounded::<Job>(workers * 2);
         let (done_tx, done_rx) = bounded::<(u64, Outcome)>(workers * 4);
         let (batch_tx, batch_rx) = bounded::<Result<Batch>>(self.config.prefetch_batches.max(1));
+        // The assembler asks for another pass over the plan only when lost samples leave
+        // it short; the sequencer never reads into a pass nobody needs.
+        let (more_tx, more_rx) = unbounded::<()>();
         let mut threads = Vec::new();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -207,6 +226,7 @@ impl Loader {
                 loader: self.ctx(),
                 plan: plan.clone(),
                 stop: stop.clone(),
+                cache: cache.clone(),
             };
             let (tickets, arrivals) = (ticket_rx.clone(), arrival_tx.clone());
             threads.push(spawn(
@@ -222,7 +242,9 @@ impl Loader {
         };
         threads.push(spawn(
             "pipeline-seq",
-            Box::new(move || sequencer.run(state.plan_cursor, ticket_tx, arrival_rx, job_tx)),
+            Box::new(move || {
+                sequencer.run(state.plan_cursor, ticket_tx, arrival_rx, job_tx, more_rx)
+            }),
         )?);
         // CHW image buffers go back from the assembler to the decoders for reuse.
         let (spare_tx, spare_rx) = bounded::<Vec<u8>>(workers * 8);
@@ -248,7 +270,7 @@ impl Loader {
         };
         threads.push(spawn(
             "pipeline-batch",
-            Box::new(move || assembler.run(done_rx, batch_tx)),
+            Box::new(move || assembler.run(done_rx, batch_tx, more_tx)),
         )?);
         Ok(Epoch {
             batches: Some(batch_rx),
@@ -286,6 +308,7 @@ impl Loader {
             read_wait_seconds: secs(&m.io.wait_ns),
             consumer_wait_seconds: secs(&m.consumer_wait_ns),
             decodes_by_scale: std::array::from_fn(|i| get(&m.downscaled[i])),
+            cache_hits: get(&m.cache_hits),
             last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
@@ -366,6 +389,7 @@ struct ReaderCtx {
     loader: Ctx,
     plan: Arc<EpochPlan>,
     stop: Arc<AtomicBool>,
+    cache: Option<ShardCache>,
 }
 
 impl ReaderCtx {
@@ -377,19 +401,32 @@ impl ReaderCtx {
             let compression =
                 Compression::from_shard_name(&shard.name).unwrap_or(Compression::Zstd);
             let retry = Duration::from_secs(c.config.io_retry_seconds);
-            let bytes = RangeReader::new(
-                c.source.clone(),
-                c.runtime.clone(),
-                &shard.name,
-                shard.bytes,
-                c.config.chunk_bytes,
-                retry,
-                self.stop.clone(),
-                c.metrics.io.clone(),
-            );
+            let cached = self.cache.as_ref().and_then(|cache| cache.open(shard));
+            let input: Tee<Box<dyn Read + Send>> = match (cached, &self.cache) {
+                (Some(file), _) => {
+                    c.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    Tee::plain(Box::new(BufReader::with_capacity(1 << 20, file)))
+                }
+                (None, cache) => {
+                    let remote: Box<dyn Read + Send> = Box::new(RangeReader::new(
+                        c.source.clone(),
+                        c.runtime.clone(),
+                        &shard.name,
+                        shard.bytes,
+                        c.config.chunk_bytes,
+                        retry,
+                        self.stop.clone(),
+                        c.metrics.io.clone(),
+                    ));
+                    match cache {
+                        Some(cache) => cache.fill(shard, remote),
+                        None => Tee::plain(remote),
+                    }
+                }
+            };
             let mut count = 0u32;
             let result =
-                ShardReader::new(shard.name.clone(), bytes, compression).and_then(|mut reader| {
+                ShardReader::new(shard.name.clone(), input, compression).and_then(|mut reader| {
                     for sample in reader.samples()? {
                         let sample = Arrival::Sample {
                             ticket,
@@ -401,6 +438,12 @@ impl ReaderCtx {
                         }
                         count += 1;
                     }
+                    // The whole shard parsed: keep the cached copy if it checks out.
+                    let shard_io = |source| Error::ShardIo {
+                        shard: shard.name.clone(),
+                        source,
+                    };
+                    reader.into_inner().commit().map_err(shard_io)?;
                     Ok(true)
                 });
             let failure = match result {
@@ -443,6 +486,7 @@ impl Sequencer {
         tickets: Sender<u64>,
         arrivals: Receiver<Arrival>,
         jobs: Sender<Job>,
+        more: Receiver<()>,
     ) {
         let (order, shards) = (&self.plan.order, self.plan.shards.len() as u64);
         let len = order.len() as u64;
@@ -467,11 +511,18 @@ impl Sequencer {
         let mut next_ticket = (cursor / len) * shards + u64::from(lowest[(cursor % len) as usize]);
         let mut arrived: HashMap<(u64, u32), Sample> = HashMap::new();
         let mut ended: HashMap<u64, u32> = HashMap::new();
+        let mut allowed_pass = cursor / len;
         for k in cursor.. {
             if self.stop.load(Ordering::Relaxed) {
                 return;
             }
             let (pass, j) = (k / len, (k % len) as usize);
+            if pass > allowed_pass {
+                if more.recv().is_err() {
+                    return;
+                }
+                allowed_pass = pass;
+            }
             let (pos, index) = order[j];
             let ticket = pass * shards + u64::from(pos);
             // Read ahead `readers` shards, but not into the next pass before it starts.
@@ -619,7 +670,7 @@ struct Assembler {
 }
 
 impl Assembler {
-    fn run(self, done: Receiver<(u64, Outcome)>, batches: Sender<Result<Batch>>) {
+    fn run(self, done: Receiver<(u64, Outcome)>, batches: Sender<Result<Batch>>, more: Sender<()>) {
         let c = &self.loader;
         let plan = &self.plan;
         let (len, batch_size) = (plan.order.len() as u64, c.config.batch_size);
@@ -628,6 +679,7 @@ impl Assembler {
         let mut cursor = self.state.plan_cursor;
         let mut delivered = self.state.batches * batch_size;
         let mut ready_this_pass = 0u64;
+        let mut requested_pass = cursor / len.max(1);
         for index in self.state.batches..plan.batches {
             let want = batch_size.min(plan.samples - delivered);
             let mut batch = Batch::new(
@@ -639,6 +691,10 @@ impl Assembler {
                 want,
             );
             while batch.len() < want {
+                if cursor / len > requested_pass {
+                    requested_pass = cursor / len;
+                    let _ = more.send(());
+                }
                 let outcome = match pending.remove(&cursor) {
                     Some(o) => o,
                     None => match done.recv() {

@@ -47,6 +47,15 @@ impl<R: Read> ShardReader<R> {
         })
     }
 
+    /// Gives back the underlying reader, positioned wherever parsing stopped (after the
+    /// tar end blocks; trailing bytes, if any, are still unread).
+    pub fn into_inner(self) -> R {
+        match self.archive.into_inner() {
+            Decoder::Plain(r) => r,
+            Decoder::Zstd(d) => d.finish().into_inner(),
+        }
+    }
+
     /// The samples in stream order. The iterator ends after the first error.
     pub fn samples(&mut self) -> Result<Samples<'_, R>> {
         let entries = self.archive.entries().map_err(|source| Error::ShardIo {

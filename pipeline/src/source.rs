@@ -64,6 +64,7 @@ pub struct ShardSource {
     store: Arc<dyn ObjectStore>,
     prefix: StorePath,
     location: String,
+    local: bool,
 }
 
 impl ShardSource {
@@ -127,7 +128,10 @@ impl ShardSource {
             ))
         })?;
         let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| err(e.to_string()))?;
-        Ok(ShardSource::new(Arc::new(store), "", location))
+        Ok(ShardSource {
+            local: true,
+            ..ShardSource::new(Arc::new(store), "", location)
+        })
     }
 
     /// Wraps any store (for example `object_store::memory::InMemory` in tests).
@@ -136,7 +140,13 @@ impl ShardSource {
             store,
             prefix: StorePath::from(prefix.trim_matches('/')),
             location: location.to_string(),
+            local: false,
         }
+    }
+
+    /// Whether the shards are on a local disk (then they are never cached).
+    pub fn is_local(&self) -> bool {
+        self.local
     }
 
     /// The location as the user gave it.
