@@ -143,7 +143,7 @@ impl CropDecoder {
     }
 
     fn decode_full(&mut self, bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
-        let img = image::load_from_memory(bytes).map_err(corrupt)?.to_rgb8();
+        let img = image::load_from_memory(bytes).map_err(corrupt)?.into_rgb8();
         let dims = img.dimensions();
         self.rgb = img.into_raw();
         Ok(dims)
