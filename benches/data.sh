@@ -17,7 +17,11 @@ bin=$PWD/target/release
 work=$(mktemp -d "${TMPDIR:-/tmp}/databench.XXXXXX")
 weed_pid=""
 cleanup() {
-    if [ -n "$weed_pid" ]; then kill "$weed_pid" 2> /dev/null || true; fi
+    if [ -n "$weed_pid" ]; then
+        kill "$weed_pid" 2> /dev/null || true
+        sleep 2
+        kill -9 "$weed_pid" 2> /dev/null || true # weed mini may ignore SIGTERM
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
