@@ -10,7 +10,7 @@ use pipeline::format::{Compression, ImageCheck, PackSettings, Reencode};
 use shardtool::pack::{PackOptions, SplitReport, pack_split};
 use shardtool::scan::find_splits;
 use shardtool::synth::{SynthSpec, write_imagenet_like};
-use shardtool::verify::{find_packed_splits, inspect_split, verify_split};
+use shardtool::verify::{find_packed_splits, inspect_split, upload, verify_split};
 
 /// Pack ImageNet-shaped image folders into zstd-compressed WebDataset tar shards, and
 /// check them.
@@ -50,6 +50,16 @@ enum Command {
         /// Worker threads. By default, one per core.
         #[arg(long)]
         workers: Option<usize>,
+    },
+    /// Copy a pack to object storage, each split's manifest after its shards.
+    ///
+    /// The store is configured as AWS tools are: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION.
+    Upload {
+        /// A pack folder (OUT of `pack`) or one split folder in it.
+        dir: PathBuf,
+        /// Destination, `s3://bucket/prefix`; each split goes to `<URL>/<split>`.
+        url: String,
     },
     /// Write an ImageNet-shaped folder generated from the photos embedded in shardtool.
     ///
@@ -216,6 +226,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir } => demo(&dir),
+        Command::Upload { dir, url } => {
+            let options = pipeline::StoreOptions::from_vars(std::env::vars());
+            for target in upload(&dir, &url, &options)? {
+                println!("uploaded {target}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -28,7 +28,7 @@ fn p(path: &Path) -> &str {
 
 #[test]
 fn every_command_explains_its_flags() {
-    let expect: [(&str, &[&str]); 5] = [
+    let expect: [(&str, &[&str]); 6] = [
         (
             "pack",
             &[
@@ -55,6 +55,7 @@ fn every_command_explains_its_flags() {
             &["--classes", "--per-class", "--flat-val", "--seed"],
         ),
         ("demo", &[]),
+        ("upload", &[]),
     ];
     for (command, flags) in expect {
         let out = shardtool(&[command, "--help"]);
