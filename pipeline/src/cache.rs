@@ -6,9 +6,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-use crate::format::ShardInfo;
+use crate::format::{HashingWriter, ShardInfo};
 
 /// The cache folder of one source.
 #[derive(Clone, Debug)]
@@ -56,11 +54,9 @@ impl ShardCache {
         Tee {
             inner,
             target: file.map(|file| Target {
-                file,
+                file: HashingWriter::new(file),
                 tmp,
                 dest,
-                hasher: Sha256::new(),
-                bytes: 0,
                 expect: (shard.bytes, shard.sha256.clone()),
             }),
         }
@@ -68,11 +64,10 @@ impl ShardCache {
 }
 
 struct Target {
-    file: BufWriter<File>,
+    /// The cache file, counting and hashing what it is given.
+    file: HashingWriter<BufWriter<File>>,
     tmp: PathBuf,
     dest: PathBuf,
-    hasher: Sha256,
-    bytes: u64,
     expect: (u64, String),
 }
 
@@ -99,12 +94,12 @@ impl<R: Read> Tee<R> {
             return Ok(false);
         }
         io::copy(&mut self, &mut io::sink())?;
-        let Some(mut t) = self.target.take() else {
+        let Some(t) = self.target.take() else {
             return Ok(false);
         };
-        let sha = format!("{:x}", t.hasher.finalize_reset());
-        let whole = t.bytes == t.expect.0 && sha == t.expect.1;
-        let kept = whole && t.file.flush().is_ok() && std::fs::rename(&t.tmp, &t.dest).is_ok();
+        let (file, bytes, sha) = t.file.finish();
+        let whole = bytes == t.expect.0 && sha == t.expect.1;
+        let kept = whole && file.into_inner().is_ok() && std::fs::rename(&t.tmp, &t.dest).is_ok();
         if !kept {
             let _ = std::fs::remove_file(&t.tmp);
         }
@@ -115,15 +110,12 @@ impl<R: Read> Tee<R> {
 impl<R: Read> Read for Tee<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if let Some(t) = &mut self.target {
-            if t.file.write_all(&buf[..n]).is_ok() {
-                t.hasher.update(&buf[..n]);
-                t.bytes += n as u64;
-            } else {
-                // A full or failing cache disk only loses the cached copy.
-                let _ = std::fs::remove_file(&t.tmp);
-                self.target = None;
-            }
+        if let Some(t) = &mut self.target
+            && t.file.write_all(&buf[..n]).is_err()
+        {
+            // A full or failing cache disk only loses the cached copy.
+            let _ = std::fs::remove_file(&t.tmp);
+            self.target = None;
         }
         Ok(n)
     }
@@ -140,6 +132,7 @@ impl<R> Drop for Tee<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn info(data: &[u8]) -> ShardInfo {
         ShardInfo {
