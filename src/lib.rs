@@ -1,6 +1,24 @@
-//! mimco: MimCo pre-training of vision transformers (Zhou et al., ACM MM 2022,
-//! <https://arxiv.org/abs/2203.03186>).
+//! mimco: MimCo pre-training of vision transformers (Zhou et al., "MimCo: Masked Image
+//! Modeling Pre-training with Contrastive Teacher", ACM MM 2022,
+//! <https://arxiv.org/abs/2203.03186>), on Candle.
 //!
-//! This root crate will hold the Candle trainer (issue #4). Today the workspace ships
-//! the shard format and its packer: see the `pipeline` crate (`pipeline::format`,
-//! `pipeline::shard`) and the `shardtool` binary.
+//! The training data flow, one optimiser step:
+//! 1. `pipeline::Loader` streams uint8 batches with crops, flips and SimMIM masks.
+//! 2. [`trainer::Trainer::feed`] normalises them and expands the mask to the token grid.
+//! 3. [`mimco::MimCo::forward`]: the frozen teacher f' encodes the whole image, the
+//!    student f the masked one ([`models::vit::Vit`]); the patch loss (Eq. 1) compares the
+//!    masked tokens, the image loss (Eq. 3) the pooled features, each by InfoNCE against
+//!    its key queue ([`loss`], [`queue`]).
+//! 4. Gradients are accumulated over micro-batches, clipped, and applied by
+//!    [`optim::AdamW`] with the rate of [`schedule::learning_rate`]; p3 follows p1 by EMA.
+//! 5. [`train::run`] logs, checkpoints ([`checkpoint`]) and resumes.
+//!
+//! Differentiable LayerNorm and softmax live in [`ops`]: Candle's fused ones have no
+//! backward. See `configs/` for the reference runs and `mimco --help` for the CLI.
+
+#![deny(missing_docs)]
+
+pub mod models;
+pub mod ops;
+pub mod params;
+

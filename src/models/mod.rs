@@ -1,0 +1,29 @@
+//! Encoders and heads. An encoder maps normalised images (and, for the student, a token
+//! mask) to patch tokens; the method and its losses only see the [`Encoder`] trait, so a
+//! Swin encoder can be added beside the ViT without touching them.
+
+pub mod mlp;
+pub mod vit;
+
+use candle_core::{Result, Tensor};
+
+/// What an encoder returns: all patch tokens after the final norm, and the CLS token
+/// where the architecture has one.
+#[derive(Debug)]
+pub struct Features {
+    /// `(B, N, D)` patch tokens in row-major grid order.
+    pub patches: Tensor,
+    /// `(B, D)` CLS token (ViT), or `None`.
+    pub cls: Option<Tensor>,
+}
+
+/// A vision backbone as the method uses it.
+pub trait Encoder {
+    /// Width of the output tokens.
+    fn dim(&self) -> usize;
+    /// Side of the output token grid for a square input of `image_size` pixels.
+    fn grid(&self, image_size: usize) -> usize;
+    /// `images`: `(B, 3, H, W)` normalised f32. `mask`: `(B, N)` with 1 where a patch is
+    /// masked (its embedding replaced by the mask token), or `None`.
+    fn forward(&self, images: &Tensor, mask: Option<&Tensor>) -> Result<Features>;
+}

@@ -1,0 +1,335 @@
+//! Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words",
+//! <https://arxiv.org/abs/2010.11929>) as MoCo v3 and timm build it, with SimMIM's mask
+//! token for the student.
+//!
+//! Parameter names are timm's (`patch_embed.proj`, `blocks.{i}.attn.qkv`, `norm`, ...),
+//! so MoCo v3 and timm checkpoints load without a rename table and exported students load
+//! into `timm.create_model(...)`.
+
+use candle_core::{D, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::mlp::linear;
+use super::{Encoder, Features};
+use crate::ops;
+
+/// Position embedding of a ViT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PosEmbed {
+    /// Fixed 2D sin-cos (MoCo v3), not trained.
+    Sincos,
+    /// Learned (timm's default), initialised N(0, 0.02).
+    Learned,
+}
+
+/// Shape of a ViT (`[student]` / `[teacher]` in a config file).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    /// Patch side in pixels. ViT-S/16 and ViT-B/16: 16.
+    pub patch_size: usize,
+    /// Token width. ViT-S: 384, ViT-B: 768.
+    pub dim: usize,
+    /// Number of blocks. ViT-S/B: 12.
+    pub depth: usize,
+    /// Attention heads. ViT-S: 6 (MoCo v3's own ViT-S: 12), ViT-B: 12.
+    pub heads: usize,
+    /// MLP hidden width as a multiple of `dim`. 4.
+    pub mlp_ratio: f64,
+    /// `"sincos"` (MoCo v3) or `"learned"` (timm).
+    pub pos_embed: PosEmbed,
+    /// LayerNorm epsilon. 1e-6.
+    pub ln_eps: f64,
+}
+
+impl VitConfig {
+    /// ViT-S/16 (width 384, 12 blocks, 6 heads), sin-cos positions.
+    pub fn vit_small() -> VitConfig {
+        VitConfig {
+            patch_size: 16,
+            dim: 384,
+            depth: 12,
+            heads: 6,
+            mlp_ratio: 4.0,
+            pos_embed: PosEmbed::Sincos,
+            ln_eps: 1e-6,
+        }
+    }
+
+    /// ViT-B/16 (width 768, 12 blocks, 12 heads), sin-cos positions.
+    pub fn vit_base() -> VitConfig {
+        VitConfig {
+            dim: 768,
+            heads: 12,
+            ..VitConfig::vit_small()
+        }
+    }
+
+    /// A tiny ViT for tests and CPU demos (width 64, 2 blocks, 2 heads).
+    pub fn vit_tiny_test() -> VitConfig {
+        VitConfig {
+            dim: 64,
+            depth: 2,
+            heads: 2,
+            ..VitConfig::vit_small()
+        }
+    }
+
+    /// Checks the shape; `image_size` must be a multiple of the patch size.
+    pub fn check(&self, image_size: usize) -> std::result::Result<(), String> {
+        if self.patch_size == 0 || self.dim == 0 || self.depth == 0 || self.heads == 0 {
+            return Err("patch_size, dim, depth and heads must be at least 1".into());
+        }
+        if !self.dim.is_multiple_of(self.heads) {
+            return Err(format!(
+                "dim {} is not a multiple of heads {}",
+                self.dim, self.heads
+            ));
+        }
+        if self.pos_embed == PosEmbed::Sincos && !self.dim.is_multiple_of(4) {
+            return Err(format!(
+                "sin-cos positions need dim divisible by 4, got {}",
+                self.dim
+            ));
+        }
+        if !image_size.is_multiple_of(self.patch_size) {
+            return Err(format!(
+                "image size {image_size} is not a multiple of patch_size {}",
+                self.patch_size
+            ));
+        }
+        if self.mlp_ratio <= 0.0 || self.ln_eps <= 0.0 {
+            return Err("mlp_ratio and ln_eps must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// MoCo v3's fixed 2D sin-cos table, `(1, 1 + g*g, dim)`, with a zero row for CLS.
+/// Token `p` (row-major) uses its row `p / g` in the first half of the channels and its
+/// column `p % g` in the second, as `build_2d_sincos_position_embedding` does.
+pub fn sincos_position_embedding(grid: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let quarter = dim / 4;
+    let mut table = vec![0f32; (1 + grid * grid) * dim];
+    for p in 0..grid * grid {
+        let row = &mut table[(1 + p) * dim..(2 + p) * dim];
+        for (half, coord) in [(p / grid) as f64, (p % grid) as f64]
+            .into_iter()
+            .enumerate()
+        {
+            for d in 0..quarter {
+                let omega = 1.0 / 10000f64.powf(d as f64 / quarter as f64);
+                row[half * 2 * quarter + d] = (coord * omega).sin() as f32;
+                row[half * 2 * quarter + quarter + d] = (coord * omega).cos() as f32;
+            }
+        }
+    }
+    Tensor::from_vec(table, (1, 1 + grid * grid, dim), device)
+}
+
+/// LayerNorm with parameters `weight`, `bias`, through the differentiable [`ops::layer_norm`].
+#[derive(Clone, Debug)]
+pub struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    /// Builds a LayerNorm of width `dim` under `vb`.
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Norm> {
+        Ok(Norm {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Multi-head self-attention (`attn.qkv`, `attn.proj`).
+#[derive(Clone, Debug)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Module for Attention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, n, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.i(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
+        let k = qkv.i(1)?.contiguous()?;
+        let v = qkv.i(2)?.contiguous()?;
+        let attn = ops::softmax(&q.matmul(&k.t()?)?)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// Pre-norm transformer block (`norm1`, `attn`, `norm2`, `mlp.fc1`, `mlp.fc2`), GELU (erf).
+#[derive(Clone, Debug)]
+struct Block {
+    norm1: Norm,
+    attn: Attention,
+    norm2: Norm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, c: &VitConfig) -> Result<Block> {
+        let hidden = (c.dim as f64 * c.mlp_ratio) as usize;
+        Ok(Block {
+            norm1: Norm::new(vb.pp("norm1"), c.dim, c.ln_eps)?,
+            attn: Attention {
+                qkv: linear(vb.pp("attn.qkv"), c.dim, 3 * c.dim)?,
+                proj: linear(vb.pp("attn.proj"), c.dim, c.dim)?,
+                heads: c.heads,
+            },
+            norm2: Norm::new(vb.pp("norm2"), c.dim, c.ln_eps)?,
+            fc1: linear(vb.pp("mlp.fc1"), c.dim, hidden)?,
+            fc2: linear(vb.pp("mlp.fc2"), hidden, c.dim)?,
+        })
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// A ViT encoder; the student also has a `mask_token`.
+#[derive(Clone, Debug)]
+pub struct Vit {
+    config: VitConfig,
+    grid: usize,
+    /// `patch_embed.proj` as a `(dim, 3*p*p)` matrix: the stride-p convolution as a matmul.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    mask_token: Option<Tensor>,
+    blocks: Vec<Block>,
+    norm: Norm,
+}
+
+impl Vit {
+    /// Builds a ViT for `image_size` inputs under `vb`; `with_mask_token` for the student.
+    /// A sin-cos position table is taken from `vb` when it holds one (checkpoints carry it)
+    /// and computed otherwise.
+    pub fn new(
+        vb: VarBuilder,
+        config: &VitConfig,
+        image_size: usize,
+        with_mask_token: bool,
+    ) -> Result<Vit> {
+        config.check(image_size).map_err(candle_core::Error::msg)?;
+        let (p, dim) = (config.patch_size, config.dim);
+        let grid = image_size / p;
+        let small = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let pe = vb.pp("patch_embed.proj");
+        let patch_weight = pe.get_with_hints((dim, 3, p, p), "weight", small)?;
+        let pos_shape = (1, 1 + grid * grid, dim);
+        let pos_embed = match config.pos_embed {
+            PosEmbed::Learned => vb.get_with_hints(pos_shape, "pos_embed", small)?,
+            PosEmbed::Sincos if vb.contains_tensor("pos_embed") => {
+                vb.get(pos_shape, "pos_embed")?
+            }
+            PosEmbed::Sincos => sincos_position_embedding(grid, dim, vb.device())?,
+        };
+        let mask_token = match with_mask_token {
+            true => Some(vb.get_with_hints((1, 1, dim), "mask_token", small)?),
+            false => None,
+        };
+        let tiny = Init::Randn {
+            mean: 0.0,
+            stdev: 1e-6,
+        };
+        Ok(Vit {
+            config: config.clone(),
+            grid,
+            patch_weight: patch_weight.reshape((dim, 3 * p * p))?,
+            patch_bias: pe.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            cls_token: vb.get_with_hints((1, 1, dim), "cls_token", tiny)?,
+            pos_embed,
+            mask_token,
+            blocks: (0..config.depth)
+                .map(|i| Block::new(vb.pp(format!("blocks.{i}")), config))
+                .collect::<Result<_>>()?,
+            norm: Norm::new(vb.pp("norm"), dim, config.ln_eps)?,
+        })
+    }
+
+    /// The position table in use, `(1, 1 + N, dim)` (exported with the weights).
+    pub fn pos_embed(&self) -> &Tensor {
+        &self.pos_embed
+    }
+
+    /// `(B, 3, H, W)` -> `(B, N, 3*p*p)`, each row one patch in (channel, y, x) order,
+    /// which is the layout of the convolution's weight.
+    fn patchify(&self, images: &Tensor) -> Result<Tensor> {
+        let (b, c, _, _) = images.dims4()?;
+        let (g, p) = (self.grid, self.config.patch_size);
+        images
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, g * g, c * p * p))
+    }
+}
+
+impl Encoder for Vit {
+    fn dim(&self) -> usize {
+        self.config.dim
+    }
+
+    fn grid(&self, image_size: usize) -> usize {
+        image_size / self.config.patch_size
+    }
+
+    fn forward(&self, images: &Tensor, mask: Option<&Tensor>) -> Result<Features> {
+        let (b, _, h, w) = images.dims4()?;
+        let expected = self.grid * self.config.patch_size;
+        if h != expected || w != expected {
+            candle_core::bail!("images are {h}x{w}, this ViT was built for {expected}x{expected}");
+        }
+        let mut x = self
+            .patchify(images)?
+            .broadcast_matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?;
+        if let (Some(mask), Some(token)) = (mask, &self.mask_token) {
+            // SimMIM: x * (1 - m) + mask_token * m
+            let m = mask.to_dtype(x.dtype())?.unsqueeze(D::Minus1)?;
+            x = (x.broadcast_mul(&m.affine(-1.0, 1.0)?)? + m.broadcast_mul(token)?)?;
+        }
+        let cls = self.cls_token.broadcast_as((b, 1, self.config.dim))?;
+        x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(Features {
+            patches: x.narrow(1, 1, self.grid * self.grid)?,
+            cls: Some(x.i((.., 0))?),
+        })
+    }
+}

@@ -1,0 +1,154 @@
+//! Differentiable building blocks written with Candle's composed ops.
+//!
+//! Candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` have no backward pass:
+//! gradients stop at them without an error. Every normalisation and softmax on a
+//! training path goes through this module instead (the CUDA work fuses these with a
+//! backward of their own).
+
+use candle_core::{D, Result, Tensor};
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`
+/// (biased variance, as `torch.nn.LayerNorm`).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Softmax over the last dimension. The row maximum is subtracted for stability; it is
+/// detached because softmax does not depend on it.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
+    let e = shifted.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `log(sum(exp(x)))` over the last dimension, keeping it (stable).
+pub fn logsumexp(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    x.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)
+}
+
+/// Rows scaled to unit L2 norm, as `torch.nn.functional.normalize(x, dim=-1)`
+/// (the norm is clamped at 1e-12).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
+    x.broadcast_div(&norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Central finite differences of `sum(f(x) * probe)` against the autograd gradient,
+    /// in f64, for every element of `x`.
+    fn check_grad(f: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
+        let dev = Device::Cpu;
+        let n: usize = shape.iter().product();
+        let x0: Vec<f64> = (0..n)
+            .map(|i| ((i * 7919) % 23) as f64 / 7.0 - 1.3)
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(x0.clone(), shape, &dev).unwrap()).unwrap();
+        let out_shape = f(x.as_tensor()).unwrap().dims().to_vec();
+        let m: usize = out_shape.iter().product();
+        let probe: Vec<f64> = (0..m).map(|i| ((i * 31) % 11) as f64 / 5.0 - 1.0).collect();
+        let probe = Tensor::from_vec(probe, out_shape, &dev).unwrap();
+        let objective = |t: &Tensor| -> f64 {
+            f(t).unwrap()
+                .mul(&probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let grads = objective_tensor(&f, x.as_tensor(), &probe)
+            .backward()
+            .unwrap();
+        let analytic: Vec<f64> = grads
+            .get(x.as_tensor())
+            .expect("x has a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let h = 1e-6;
+        for i in 0..n {
+            let mut plus = x0.clone();
+            plus[i] += h;
+            let mut minus = x0.clone();
+            minus[i] -= h;
+            let fp = objective(&Tensor::from_vec(plus, shape, &dev).unwrap());
+            let fm = objective(&Tensor::from_vec(minus, shape, &dev).unwrap());
+            let numeric = (fp - fm) / (2.0 * h);
+            assert!(
+                (numeric - analytic[i]).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                "element {i}: finite difference {numeric}, autograd {}",
+                analytic[i]
+            );
+        }
+    }
+
+    fn objective_tensor(
+        f: &impl Fn(&Tensor) -> Result<Tensor>,
+        x: &Tensor,
+        probe: &Tensor,
+    ) -> Tensor {
+        f(x).unwrap().mul(probe).unwrap().sum_all().unwrap()
+    }
+
+    #[test]
+    fn layer_norm_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[0.5f64, -1.5, 2.0, 1.0, 0.25], &dev).unwrap();
+        let b = Tensor::new(&[0.1f64, 0.0, -0.2, 0.3, 1.0], &dev).unwrap();
+        check_grad(|x| layer_norm(x, &w, &b, 1e-6), &[3, 5]);
+    }
+
+    #[test]
+    fn softmax_logsumexp_normalize_gradients_match_finite_differences() {
+        check_grad(softmax, &[2, 3, 4]);
+        check_grad(logsumexp, &[3, 6]);
+        check_grad(l2_normalize, &[4, 3]);
+        check_grad(|x| x.gelu_erf(), &[2, 5]);
+    }
+
+    #[test]
+    fn forward_values_match_definitions() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f64, 2.0, 3.0]], &dev).unwrap();
+        let s: Vec<f64> = softmax(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let z: f64 = [1f64, 2.0, 3.0].iter().map(|v| v.exp()).sum();
+        for (got, v) in s.iter().zip([1f64, 2.0, 3.0]) {
+            assert!((got - v.exp() / z).abs() < 1e-12);
+        }
+        let l: f64 = logsumexp(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
+        assert!((l - z.ln()).abs() < 1e-12);
+        let ones = Tensor::ones(3, DType::F64, &dev).unwrap();
+        let zeros = Tensor::zeros(3, DType::F64, &dev).unwrap();
+        let ln: Vec<f64> = layer_norm(&x, &ones, &zeros, 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let sd = (2.0f64 / 3.0).sqrt();
+        assert!((ln[0] + 1.0 / sd).abs() < 1e-12 && ln[1].abs() < 1e-12);
+    }
+}
