@@ -18,7 +18,20 @@
 
 #![deny(missing_docs)]
 
+pub mod checkpoint;
+pub mod config;
+pub mod export;
+pub mod loss;
+pub mod metrics;
+pub mod mimco;
 pub mod models;
 pub mod ops;
+pub mod optim;
 pub mod params;
+pub mod queue;
+pub mod schedule;
+pub mod teacher;
+pub mod train;
+pub mod trainer;
 
+pub use config::Config;

@@ -1,6 +1,8 @@
 //! Fixtures shared by the end-to-end tests: generated ImageNet-shaped folders, packed.
 #![allow(dead_code)]
 
+pub mod train;
+
 use std::path::{Path, PathBuf};
 
 use pipeline::LoaderConfig;

@@ -1,0 +1,241 @@
+//! The training config: TOML sections `[student]`, `[teacher]`, `[objective]`, `[optim]`,
+//! `[train]` and the pipeline's `[data]`, each field documented where it is declared.
+//! `configs/` holds the reference runs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::vit::VitConfig;
+
+/// How the patch-level loss is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PatchLoss {
+    /// InfoNCE against the patch key queue (Eq. 1).
+    Contrastive,
+    /// l1 regression of the teacher's patch features (MaskFeat; Table 7's ablation).
+    L1,
+    /// No patch loss (Table 8's ablation).
+    None,
+}
+
+/// `[objective]`: the losses and their heads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveConfig {
+    /// `"contrastive"`, `"l1"` or `"none"`. By default, "contrastive".
+    pub patch_loss: PatchLoss,
+    /// Whether the image-level loss (Eq. 3) is on. By default, true.
+    pub image_loss: bool,
+    /// Weight of the patch loss. By default, 1.0.
+    pub patch_weight: f64,
+    /// Weight of the image loss. By default, 1.0.
+    pub image_weight: f64,
+    /// InfoNCE temperature tau. By default, 0.2.
+    pub tau: f64,
+    /// Keys in each queue (K). By default, 4096.
+    pub queue_len: usize,
+    /// Hidden width of p1, p2, p3. By default, 4096.
+    pub hidden: usize,
+    /// Output width C of p1, p2, p3. By default, 256.
+    pub out_dim: usize,
+    /// Base momentum of the EMA that moves p3 towards p1, raised to 1 by a cosine
+    /// schedule. By default, 0.99.
+    pub momentum: f64,
+}
+
+impl Default for ObjectiveConfig {
+    fn default() -> Self {
+        ObjectiveConfig {
+            patch_loss: PatchLoss::Contrastive,
+            image_loss: true,
+            patch_weight: 1.0,
+            image_weight: 1.0,
+            tau: 0.2,
+            queue_len: 4096,
+            hidden: 4096,
+            out_dim: 256,
+            momentum: 0.99,
+        }
+    }
+}
+
+/// `[optim]`: AdamW and its schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Global batch per optimiser step, across ranks; reached by gradient accumulation
+    /// when `data.batch_size` x ranks is smaller. By default, 2048.
+    pub batch_size: usize,
+    /// Base rate; the peak is `base_lr * batch_size / 512`. By default, 1e-3.
+    pub base_lr: f64,
+    /// Final rate of the cosine. By default, 0.
+    pub min_lr: f64,
+    /// Decoupled weight decay (none on biases, norms, positions, CLS and mask tokens).
+    /// By default, 0.05.
+    pub weight_decay: f64,
+    /// AdamW betas. By default, [0.9, 0.999].
+    pub betas: [f64; 2],
+    /// AdamW epsilon. By default, 1e-8.
+    pub eps: f64,
+    /// Epochs of linear warm-up. By default, 10.
+    pub warmup_epochs: f64,
+    /// Training epochs. By default, 100.
+    pub epochs: u64,
+    /// Global gradient-norm clip; 0 turns it off. By default, 5.0.
+    pub clip_grad: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            batch_size: 2048,
+            base_lr: 1e-3,
+            min_lr: 0.0,
+            weight_decay: 0.05,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            warmup_epochs: 10.0,
+            epochs: 100,
+            clip_grad: 5.0,
+        }
+    }
+}
+
+/// `[train]`: the run around the optimisation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Seed of the initial weights and queues (the data's seed is `data.seed`). By default, 0.
+    pub seed: u64,
+    /// Optimiser steps between checkpoints; 0 writes one only at the end and on Ctrl-C.
+    /// By default, 1000.
+    pub checkpoint_every: u64,
+    /// Optimiser steps between metrics lines. By default, 10.
+    pub log_every: u64,
+    /// Stop after this many optimiser steps (0: run the schedule to its end). The
+    /// schedule still spans all epochs. By default, 0.
+    pub max_steps: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            seed: 0,
+            checkpoint_every: 1000,
+            log_every: 10,
+            max_steps: 0,
+        }
+    }
+}
+
+/// A whole training config file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The learnable encoder f.
+    pub student: VitConfig,
+    /// The frozen contrastive teacher f' (same token grid and width as the student).
+    pub teacher: VitConfig,
+    /// Losses and heads.
+    #[serde(default)]
+    pub objective: ObjectiveConfig,
+    /// Optimiser and schedule.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// Checkpoints, logging, seeds.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// The loader (`pipeline::LoaderConfig`): per-rank micro-batch, crops, masks.
+    #[serde(default)]
+    pub data: pipeline::LoaderConfig,
+}
+
+impl Config {
+    /// Parses and checks a config; errors name the field and what to do.
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks that the sections agree with each other.
+    pub fn check(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        let size = self.data.transform.size as usize;
+        self.data.check()?;
+        self.student
+            .check(size)
+            .map_err(|e| anyhow::anyhow!("[student] {e}"))?;
+        self.teacher
+            .check(size)
+            .map_err(|e| anyhow::anyhow!("[teacher] {e}"))?;
+        if size / self.student.patch_size != size / self.teacher.patch_size {
+            bail!("[student] and [teacher] must have the same token grid (patch_size)");
+        }
+        let p3_reads_teacher =
+            self.objective.patch_loss == PatchLoss::Contrastive || self.objective.image_loss;
+        if p3_reads_teacher && self.student.dim != self.teacher.dim {
+            bail!(
+                "[student] dim {} and [teacher] dim {} differ: p3 (the EMA of p1) reads the teacher's features, so they must match",
+                self.student.dim,
+                self.teacher.dim
+            );
+        }
+        let t = &self.data.transform;
+        if t.masking && !(t.mask_unit as usize).is_multiple_of(self.student.patch_size) {
+            bail!(
+                "data.transform.mask_unit {} must be a multiple of [student] patch_size {}",
+                t.mask_unit,
+                self.student.patch_size
+            );
+        }
+        let o = &self.objective;
+        if o.patch_loss == PatchLoss::None && !o.image_loss {
+            bail!("[objective] turns both losses off: set patch_loss or image_loss");
+        }
+        if o.tau.is_nan() || o.tau <= 0.0 || o.queue_len == 0 || o.hidden == 0 || o.out_dim == 0 {
+            bail!("[objective] tau, queue_len, hidden and out_dim must be positive");
+        }
+        if !(0.0..=1.0).contains(&o.momentum) {
+            bail!("[objective] momentum must be within [0, 1]");
+        }
+        let p = &self.optim;
+        if p.epochs == 0 || p.batch_size == 0 || p.base_lr.is_nan() || p.base_lr <= 0.0 {
+            bail!("[optim] epochs, batch_size and base_lr must be positive");
+        }
+        Ok(())
+    }
+
+    /// The config with the fields a resumed run may change set to their defaults: how
+    /// long to run, how often to log and checkpoint, and the loader's threads and I/O
+    /// sizes (none of them changes a batch or a step).
+    pub fn run_identity(&self) -> Config {
+        let (train, data) = (TrainConfig::default(), pipeline::LoaderConfig::default());
+        let mut c = self.clone();
+        c.train.max_steps = train.max_steps;
+        c.train.checkpoint_every = train.checkpoint_every;
+        c.train.log_every = train.log_every;
+        c.data.workers = data.workers;
+        c.data.readers = data.readers;
+        c.data.chunk_bytes = data.chunk_bytes;
+        c.data.prefetch_batches = data.prefetch_batches;
+        c.data.io_retry_seconds = data.io_retry_seconds;
+        c.data.cache_dir = data.cache_dir;
+        c
+    }
+
+    /// Micro-batches per optimiser step for `world` ranks: `optim.batch_size` divided by
+    /// `data.batch_size * world`, which must divide it.
+    pub fn accumulation(&self, world: usize) -> anyhow::Result<usize> {
+        let per_pass = self.data.batch_size * world;
+        if !self.optim.batch_size.is_multiple_of(per_pass) {
+            anyhow::bail!(
+                "optim.batch_size {} is not a multiple of data.batch_size {} x {} ranks: change one of them",
+                self.optim.batch_size,
+                self.data.batch_size,
+                world
+            );
+        }
+        Ok(self.optim.batch_size / per_pass)
+    }
+}

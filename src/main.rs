@@ -1,0 +1,317 @@
+//! `mimco`: train, export, plot, and a self-contained demo.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use mimco::Config;
+use mimco::train::{Outcome, RunOptions, TeacherSource};
+use pipeline::{StoreOptions, Topology};
+
+/// The tiny CPU config, compiled in for the demo.
+const TINY_CONFIG: &str = include_str!("../configs/tiny_cpu.toml");
+
+#[derive(Parser)]
+#[command(
+    name = "mimco",
+    version,
+    about = "MimCo pre-training of vision transformers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stage-2 MimCo pre-training of a student against a frozen teacher.
+    Train {
+        /// Training config (TOML); see configs/.
+        #[arg(long)]
+        config: PathBuf,
+        /// Shards of the training split: a folder, s3://bucket/prefix or http(s):// URL
+        /// (credentials and endpoint from AWS_* variables).
+        #[arg(long)]
+        data: String,
+        /// Teacher weights: safetensors, or a PyTorch .pth/.pth.tar (MoCo v3, timm).
+        #[arg(long, required_unless_present = "random_teacher")]
+        teacher: Option<PathBuf>,
+        /// Use a random teacher instead (smoke tests and benchmarks: it teaches nothing).
+        #[arg(long, conflicts_with = "teacher")]
+        random_teacher: bool,
+        /// Output folder: last.safetensors, metrics.jsonl, config.toml.
+        #[arg(long, default_value = "runs/mimco")]
+        out: PathBuf,
+        /// Continue from OUT/last.safetensors.
+        #[arg(long)]
+        resume: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Write the student encoder of a checkpoint alone, with timm's parameter names.
+    Export {
+        /// A checkpoint (e.g. runs/mimco/last.safetensors).
+        checkpoint: PathBuf,
+        /// Output safetensors file.
+        out: PathBuf,
+    },
+    /// Draw loss and throughput curves from a metrics.jsonl to a PNG.
+    Plot {
+        /// metrics.jsonl of a run.
+        metrics: PathBuf,
+        /// Output PNG. By default, beside the metrics file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// TrueType font for the labels (by default, a system DejaVu Sans or Arial).
+        #[arg(long)]
+        font: Option<PathBuf>,
+    },
+    /// Make a small ImageNet-shaped dataset from embedded photos, pack it, and train the
+    /// tiny config on it for a few minutes on CPU (random teacher), showing the losses fall.
+    Demo {
+        /// Folder for the demo: created, or replaced if an earlier demo made it.
+        #[arg(default_value = "mimco-demo")]
+        dir: PathBuf,
+        /// Optimiser steps to train.
+        #[arg(long, default_value_t = 150)]
+        steps: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber_init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Warnings of the libraries (a sample that failed to decode, a shard given up) go to stderr.
+fn tracing_subscriber_init() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Train {
+            config,
+            data,
+            teacher,
+            random_teacher,
+            out,
+            resume,
+            quiet,
+        } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let config =
+                Config::from_toml(&text).with_context(|| format!("config {}", config.display()))?;
+            let teacher = match teacher {
+                Some(path) => TeacherSource::File(path),
+                None => {
+                    assert!(
+                        random_teacher,
+                        "clap requires --teacher or --random-teacher"
+                    );
+                    TeacherSource::Random
+                }
+            };
+            train(&config, data, teacher, out, resume, !quiet)
+        }
+        Command::Export { checkpoint, out } => {
+            let n = mimco::export::export(&checkpoint, &out)?;
+            println!(
+                "wrote {n} tensors to {} (timm names; load with num_classes=0)",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot { metrics, out, font } => {
+            let out = out.unwrap_or_else(|| metrics.with_extension("png"));
+            mimco::metrics::plot(&metrics, &out, font.as_deref())?;
+            println!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir, steps } => demo(&dir, steps),
+    }
+}
+
+fn train(
+    config: &Config,
+    data: String,
+    teacher: TeacherSource,
+    out: PathBuf,
+    resume: bool,
+    progress: bool,
+) -> Result<ExitCode> {
+    if matches!(teacher, TeacherSource::Random) {
+        eprintln!(
+            "warning: random teacher: the student learns to match random features. Use it for smoke tests and benchmarks only."
+        );
+    }
+    let topology = Topology::from_vars(std::env::vars())?;
+    if topology.world_size > 1 {
+        bail!(
+            "WORLD_SIZE={}: multi-process training needs the NCCL gradient all-reduce, which this build does not have yet. Run one process (unset WORLD_SIZE)",
+            topology.world_size
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: writing a checkpoint after this step (Ctrl-C again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = RunOptions {
+        data,
+        store: StoreOptions::from_vars(std::env::vars()),
+        topology,
+        out,
+        resume,
+        teacher,
+        progress,
+        stop,
+    };
+    let summary = mimco::train::run(config, &opts)?;
+    let first = summary.reports.first().map(|r| r.loss);
+    let last = summary.reports.last().map(|r| r.loss);
+    println!(
+        "{:?} after {} steps; loss {} -> {}; checkpoint {}",
+        summary.outcome,
+        summary.steps,
+        first.map_or("-".into(), |l| format!("{l:.4}")),
+        last.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.checkpoint.display()
+    );
+    if summary.unused_batches > 0 {
+        println!(
+            "note: the last {} micro-batches made no full step and were not used",
+            summary.unused_batches
+        );
+    }
+    Ok(match summary.outcome {
+        Outcome::Interrupted => ExitCode::from(130),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
+    use shardtool::pack::{PackOptions, pack_split};
+    use shardtool::scan::find_splits;
+    use shardtool::synth::{SynthSpec, write_imagenet_like};
+    let marker = dir.join(".mimco-demo");
+    if marker.exists() {
+        std::fs::remove_dir_all(dir)?;
+    } else if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        bail!(
+            "{} is not empty and not an earlier demo: choose another folder",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        &marker,
+        "written by `mimco demo`; the demo replaces this folder\n",
+    )?;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let input = dir.join("imagenet");
+    println!(
+        "== 1. an ImageNet-shaped folder from the photos compiled into mimco: {}",
+        input.display()
+    );
+    let spec = SynthSpec {
+        classes: 10,
+        train_per_class: 40,
+        val_per_class: 0,
+        flat_val: false,
+        quirks: false,
+        bad_files: false,
+        short_side: (80, 160),
+        quality: (80, 95),
+        seed: 0,
+    };
+    write_imagenet_like(&input, &spec, workers)?;
+    let shards = dir.join("shards");
+    println!("== 2. packed into shards: {}", shards.display());
+    let opts = PackOptions {
+        out: shards.clone(),
+        settings: pipeline::format::PackSettings {
+            seed: 0,
+            target_shard_bytes: 512 << 10,
+            compression: pipeline::format::Compression::Zstd,
+            zstd_level: 1,
+            check: pipeline::format::ImageCheck::Header,
+            reencode: None,
+            write_json: true,
+        },
+        workers,
+        strict: false,
+        resume: false,
+        progress: false,
+    };
+    for split in find_splits(&input, None)? {
+        pack_split(&split, &opts)?;
+    }
+    let mut config =
+        Config::from_toml(TINY_CONFIG).context("the embedded configs/tiny_cpu.toml")?;
+    config.train.max_steps = steps;
+    let out = dir.join("run");
+    println!(
+        "== 3. mimco train --config configs/tiny_cpu.toml --data {} --random-teacher --out {}\n   \
+         (RANDOM TEACHER: no teacher checkpoint is downloaded; the student learns to match a random ViT)",
+        shards.join("train").display(),
+        out.display()
+    );
+    let code = train(
+        &config,
+        shards.join("train").display().to_string(),
+        TeacherSource::Random,
+        out.clone(),
+        false,
+        true,
+    )?;
+    let metrics = out.join("metrics.jsonl");
+    let records = mimco::metrics::read(&metrics)?;
+    println!("== 4. losses (from {}):", metrics.display());
+    println!(
+        "   {:>5} {:>8} {:>8} {:>8} {:>9}",
+        "step", "loss", "patch", "image", "img/s"
+    );
+    let every = (records.len() / 8).max(1);
+    for r in records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % every == 0 || *i + 1 == records.len())
+        .map(|(_, r)| r)
+    {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        println!(
+            "   {:>5} {:>8.4} {:>8} {:>8} {:>9.1}",
+            r.step,
+            r.loss,
+            f(r.patch),
+            f(r.image),
+            r.images_per_s
+        );
+    }
+    let png = out.join("metrics.png");
+    match mimco::metrics::plot(&metrics, &png, None) {
+        Ok(()) => println!("== 5. curves: {}", png.display()),
+        Err(e) => println!("== 5. no plot: {e:#}"),
+    }
+    Ok(code)
+}

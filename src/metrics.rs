@@ -1,0 +1,178 @@
+//! Training metrics: one JSON object per line in `metrics.jsonl`, and `mimco plot`, which
+//! draws the loss and throughput curves from that file to a PNG.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// Epoch of the last batch.
+    pub epoch: u64,
+    /// Total loss (mean of the step's micro-batches).
+    pub loss: f64,
+    /// Patch loss, when on.
+    pub patch: Option<f64>,
+    /// Image loss, when on.
+    pub image: Option<f64>,
+    /// Learning rate.
+    pub lr: f64,
+    /// p3 EMA momentum.
+    pub momentum: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Images per second since the previous line.
+    pub images_per_s: f64,
+    /// Share of the time since the previous line spent waiting for data.
+    pub data_wait: f64,
+    /// Seconds since the run (or its resumption) started.
+    pub elapsed_s: f64,
+}
+
+/// Appends records to `metrics.jsonl`.
+pub struct MetricsLog {
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens `path` for appending. Lines past `keep_through` (written after the checkpoint
+    /// a run resumes from) are dropped first, so the file never shows a step twice.
+    pub fn open(path: &Path, keep_through: u64) -> anyhow::Result<MetricsLog> {
+        if path.exists() {
+            let kept: Vec<String> = read(path)?
+                .into_iter()
+                .filter(|r| r.step <= keep_through)
+                .map(|r| serde_json::to_string(&r))
+                .collect::<Result<_, _>>()?;
+            let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
+            crate::checkpoint::write_atomically(path, text.as_bytes())?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(MetricsLog { file })
+    }
+
+    /// Appends one line.
+    pub fn write(&mut self, record: &Record) -> anyhow::Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(record)?)?;
+        Ok(())
+    }
+}
+
+/// Reads every record of a metrics file.
+pub fn read(path: &Path) -> anyhow::Result<Vec<Record>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    BufReader::new(file)
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .map(|(i, line)| {
+            let line = line?;
+            serde_json::from_str(&line)
+                .with_context(|| format!("{} line {}: not a metrics record", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Fonts tried, in order, when `--font` is not given.
+const FONTS: [&str; 5] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+fn register_font(font: Option<&Path>) -> anyhow::Result<()> {
+    let candidates: Vec<PathBuf> = match font {
+        Some(f) => vec![f.to_path_buf()],
+        None => FONTS.iter().map(PathBuf::from).collect(),
+    };
+    let Some((path, bytes)) = candidates
+        .iter()
+        .find_map(|p| fs::read(p).ok().map(|b| (p, b)))
+    else {
+        bail!(
+            "no TrueType font found for the plot's labels (tried {candidates:?}): install one (Debian: apt-get install fonts-dejavu-core) or pass --font FILE.ttf"
+        );
+    };
+    // plotters keeps fonts for the life of the process.
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{} is not a TrueType font", path.display()))
+}
+
+/// Draws loss curves (total, patch, image) and throughput against the step to `png`.
+pub fn plot(metrics: &Path, png: &Path, font: Option<&Path>) -> anyhow::Result<()> {
+    let records = read(metrics)?;
+    if records.is_empty() {
+        bail!(
+            "{} has no records yet: plot after the first log line",
+            metrics.display()
+        );
+    }
+    register_font(font)?;
+    let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(600);
+    let steps = records.first().map_or(0, |r| r.step)..records.last().map_or(1, |r| r.step).max(1);
+    let series = |f: fn(&Record) -> Option<f64>| -> Vec<(u64, f64)> {
+        records
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.step, v)))
+            .collect()
+    };
+    let losses = [
+        ("loss", series(|r| Some(r.loss)), BLACK),
+        ("patch", series(|r| r.patch), BLUE),
+        ("image", series(|r| r.image), RED),
+    ];
+    let top = losses
+        .iter()
+        .flat_map(|(_, s, _)| s.iter().map(|p| p.1))
+        .fold(0.0, f64::max)
+        * 1.05;
+    let mut chart = ChartBuilder::on(&left)
+        .caption("loss", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(steps.clone(), 0.0..top.max(1e-3))?;
+    chart.configure_mesh().x_desc("step").draw()?;
+    for (name, points, color) in losses {
+        if !points.is_empty() {
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
+    let speed = series(|r| Some(r.images_per_s));
+    let fastest = speed.iter().map(|p| p.1).fold(0.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&right)
+        .caption("images/s", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(steps, 0.0..fastest.max(1.0))?;
+    chart.configure_mesh().x_desc("step").draw()?;
+    chart.draw_series(LineSeries::new(speed, GREEN.stroke_width(2)))?;
+    root.present()
+        .with_context(|| format!("writing {}", png.display()))?;
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The training loop: pipeline batches in, optimiser steps, metrics lines, checkpoints
+//! every N steps and on Ctrl-C, and exact resumption.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use pipeline::{Loader, LoaderState, StoreOptions, Topology};
+
+use crate::checkpoint;
+use crate::config::Config;
+use crate::metrics::{MetricsLog, Record};
+use crate::teacher;
+use crate::trainer::{StepReport, Trainer};
+
+/// Where the teacher comes from.
+#[derive(Clone, Debug)]
+pub enum TeacherSource {
+    /// A safetensors or PyTorch checkpoint.
+    File(PathBuf),
+    /// Random weights (smoke tests and benchmarks only).
+    Random,
+}
+
+/// Everything about a run that is not in the config.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Shards: a folder or an `s3://` / `http(s)://` URL.
+    pub data: String,
+    /// Object-store credentials and endpoint.
+    pub store: StoreOptions,
+    /// This process's rank and the world size.
+    pub topology: Topology,
+    /// Output folder: `last.safetensors`, `metrics.jsonl`.
+    pub out: PathBuf,
+    /// Continue from `out/last.safetensors`.
+    pub resume: bool,
+    /// The frozen teacher.
+    pub teacher: TeacherSource,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Set (by Ctrl-C) to checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The schedule ran to its end.
+    Finished,
+    /// `train.max_steps` was reached.
+    MaxSteps,
+    /// Stopped on request (Ctrl-C) after a checkpoint.
+    Interrupted,
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Optimiser steps taken, in all (including those before a resume).
+    pub steps: u64,
+    /// Every step's report in this process, in order.
+    pub reports: Vec<StepReport>,
+    /// The last checkpoint written.
+    pub checkpoint: PathBuf,
+    /// Micro-batches left over at the end that made no full step.
+    pub unused_batches: usize,
+}
+
+/// The checkpoint a run writes and resumes from.
+pub fn last_checkpoint(out: &Path) -> PathBuf {
+    out.join("last.safetensors")
+}
+
+/// Trains `config` on `opts.data` until the schedule, `max_steps` or a stop request ends it.
+pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
+    let device = Device::Cpu;
+    let ckpt_path = last_checkpoint(&opts.out);
+    if !opts.resume && ckpt_path.exists() {
+        bail!(
+            "{} holds a checkpoint: pass --resume to continue it, or choose another --out",
+            opts.out.display()
+        );
+    }
+    if opts.resume && !ckpt_path.exists() {
+        bail!(
+            "--resume: there is no {} to resume from",
+            ckpt_path.display()
+        );
+    }
+    let loader = Loader::open(
+        &opts.data,
+        &opts.store,
+        opts.topology,
+        config.data.clone(),
+        None,
+    )
+    .with_context(|| format!("opening the data at {}", opts.data))?;
+    let accumulation = config.accumulation(opts.topology.world_size)?;
+    let batches_per_epoch = loader.plan(0)?.batches;
+    let total_batches = batches_per_epoch as u64 * config.optim.epochs;
+    let total_steps = total_batches / accumulation as u64;
+    if total_steps == 0 {
+        bail!(
+            "{} gives {batches_per_epoch} batches of {} per epoch on this rank: fewer than one step of {accumulation} micro-batches in {} epochs. Lower optim.batch_size or data.batch_size",
+            opts.data,
+            config.data.batch_size,
+            config.optim.epochs
+        );
+    }
+    let size = config.data.transform.size as usize;
+    let teacher = match &opts.teacher {
+        TeacherSource::File(path) => teacher::load(path, &config.teacher, size, &device)?,
+        TeacherSource::Random => {
+            teacher::random(&config.teacher, size, config.train.seed, &device)?
+        }
+    };
+    let steps_per_epoch = batches_per_epoch as f64 / accumulation as f64;
+    let mut trainer = Trainer::new(
+        config,
+        teacher,
+        total_steps,
+        steps_per_epoch,
+        accumulation,
+        &device,
+    )?;
+    let mut state = LoaderState::default();
+    if opts.resume {
+        let (tensors, meta) = checkpoint::load(&ckpt_path, &device)?;
+        state = trainer.restore(&tensors, &meta)?;
+    }
+    let save = |trainer: &Trainer, state: LoaderState| -> anyhow::Result<()> {
+        let (tensors, meta) = trainer.checkpoint(state)?;
+        checkpoint::save(&ckpt_path, &tensors, &meta)
+    };
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::write(opts.out.join("config.toml"), toml::to_string(config)?)?;
+    let mut log = MetricsLog::open(&opts.out.join("metrics.jsonl"), trainer.step())?;
+    let max_steps = match config.train.max_steps {
+        0 => total_steps,
+        n => n.min(total_steps),
+    };
+    let bar = progress_bar(opts.progress, max_steps, trainer.step());
+    let (started, mut window) = (Instant::now(), Window::new());
+    let mut reports = Vec::new();
+    let mut outcome = Outcome::Finished;
+    let mut micro_since_step = 0;
+    'epochs: while state.epoch < config.optim.epochs && trainer.step() < max_steps {
+        let mut batches = loader.epoch(state)?;
+        loop {
+            let waited = Instant::now();
+            let Some(batch) = batches.next() else { break };
+            window.wait += waited.elapsed();
+            let batch =
+                batch.with_context(|| format!("reading epoch {} of {}", state.epoch, opts.data))?;
+            state = batch.state_after;
+            window.images += batch.len();
+            micro_since_step += 1;
+            let Some(report) = trainer.feed(&batch)? else {
+                continue;
+            };
+            micro_since_step = 0;
+            let step = report.step;
+            if step % config.train.log_every.max(1) == 0 || step == max_steps {
+                let record = window.record(&report, state.epoch, started.elapsed());
+                bar.set_message(format!(
+                    "loss {:.4} lr {:.2e} {:.0} img/s data wait {:.0}%",
+                    record.loss,
+                    record.lr,
+                    record.images_per_s,
+                    100.0 * record.data_wait
+                ));
+                log.write(&record)?;
+                window = Window::new();
+            }
+            bar.set_position(step);
+            reports.push(report);
+            let every = config.train.checkpoint_every;
+            if (every > 0 && step % every == 0) || step == max_steps {
+                save(&trainer, state)?;
+            }
+            if opts.stop.load(Ordering::Relaxed) {
+                save(&trainer, state)?;
+                outcome = Outcome::Interrupted;
+                break 'epochs;
+            }
+            if step == max_steps {
+                if max_steps < total_steps {
+                    outcome = Outcome::MaxSteps;
+                }
+                break 'epochs;
+            }
+        }
+        // The epoch's stream ended (the loader yields every planned batch or an error).
+        state = LoaderState {
+            epoch: state.epoch + 1,
+            ..Default::default()
+        };
+    }
+    bar.finish();
+    if outcome == Outcome::Finished && trainer.step() > 0 {
+        save(&trainer, state)?;
+    }
+    Ok(Summary {
+        outcome,
+        steps: trainer.step(),
+        reports,
+        checkpoint: ckpt_path,
+        unused_batches: if outcome == Outcome::Finished {
+            micro_since_step
+        } else {
+            0
+        },
+    })
+}
+
+/// Throughput and data wait since the last metrics line.
+struct Window {
+    start: Instant,
+    images: usize,
+    wait: Duration,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            start: Instant::now(),
+            images: 0,
+            wait: Duration::ZERO,
+        }
+    }
+
+    fn record(&self, r: &StepReport, epoch: u64, elapsed: Duration) -> Record {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        Record {
+            step: r.step,
+            epoch,
+            loss: r.loss,
+            patch: r.patch,
+            image: r.image,
+            lr: r.lr,
+            momentum: r.momentum,
+            grad_norm: r.grad_norm,
+            images_per_s: self.images as f64 / secs,
+            data_wait: self.wait.as_secs_f64() / secs,
+            elapsed_s: elapsed.as_secs_f64(),
+        }
+    }
+}
+
+fn progress_bar(visible: bool, total: u64, at: u64) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total).with_position(at);
+    let style = ProgressStyle::with_template("step {pos}/{len} {wide_bar} {elapsed}<{eta} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}

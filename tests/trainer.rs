@@ -1,0 +1,455 @@
+//! The trainer on CPU: gradients, masking, EMA, groups, checkpoints, resume, training.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::train::tiny_config;
+use mimco::Config;
+use mimco::mimco::MimCo;
+use mimco::models::Encoder;
+use mimco::train::{Outcome, RunOptions, TeacherSource, run};
+use mimco::trainer::Trainer;
+use pipeline::{StoreOptions, Topology};
+
+fn random_images(b: usize, size: usize, seed: u32) -> Tensor {
+    let n = b * 3 * size * size;
+    let v: Vec<f32> = (0..n as u32)
+        .map(|i| {
+            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, (b, 3, size, size), &Device::Cpu).unwrap()
+}
+
+fn model(config: &Config) -> MimCo {
+    let teacher = mimco::teacher::random(&config.teacher, 32, 1, &Device::Cpu).unwrap();
+    MimCo::new(config, teacher, &Device::Cpu).unwrap()
+}
+
+/// 4 images, 16 tokens each, 10 masked per image.
+fn masks(b: usize) -> Vec<u8> {
+    (0..b * 16)
+        .map(|i| u8::from((i * 7 + i / 16) % 16 < 10))
+        .collect()
+}
+
+#[test]
+fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
+    for patch_loss in ["contrastive", "l1"] {
+        let mut config = tiny_config(4, 1);
+        config.objective.patch_loss = toml::from_str::<HashMap<String, mimco::config::PatchLoss>>(
+            &format!("x = \"{patch_loss}\""),
+        )
+        .unwrap()["x"];
+        let m = model(&config);
+        let losses = m.forward(&random_images(4, 32, 0), &masks(4)).unwrap();
+        let grads = losses.total.backward().unwrap();
+        let vars = m.trainable.vars();
+        assert!(vars.len() > 30, "{} parameters", vars.len());
+        for (name, var) in vars {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{patch_loss}: {name} has no gradient"));
+            let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                g.iter().all(|v| v.is_finite()),
+                "{name}: non-finite gradient"
+            );
+            assert!(
+                g.iter().any(|v| *v != 0.0),
+                "{patch_loss}: {name}: all-zero gradient"
+            );
+        }
+        // The teacher and p3 receive none: nothing of theirs is a variable of the optimiser.
+        for (name, var) in m.momentum.vars() {
+            assert!(
+                grads.get(var.as_tensor()).is_none(),
+                "{name} (p3) got a gradient"
+            );
+        }
+    }
+}
+
+#[test]
+fn masked_patches_are_replaced_by_the_mask_token() {
+    let config = tiny_config(4, 1);
+    let m = model(&config);
+    let images = random_images(1, 32, 3);
+    // Token 5 is (row 1, col 1): pixels 8..16 x 8..16. Mask only it.
+    let mut mask = vec![0f32; 16];
+    mask[5] = 1.0;
+    let mask = Tensor::from_vec(mask, (1, 16), &Device::Cpu).unwrap();
+    let out = |images: &Tensor| -> Vec<f32> {
+        m.student
+            .forward(images, Some(&mask))
+            .unwrap()
+            .patches
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let poke = |y: usize, x: usize| {
+        let mut v: Vec<f32> = images.flatten_all().unwrap().to_vec1().unwrap();
+        v[y * 32 + x] += 5.0; // channel 0
+        Tensor::from_vec(v, (1, 3, 32, 32), &Device::Cpu).unwrap()
+    };
+    let base = out(&images);
+    assert_eq!(
+        out(&poke(12, 12)),
+        base,
+        "a masked patch's pixels must not matter"
+    );
+    assert_ne!(
+        out(&poke(2, 2)),
+        base,
+        "a visible patch's pixels must matter"
+    );
+    let unmasked = m
+        .student
+        .forward(&poke(12, 12), None)
+        .unwrap()
+        .patches
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_ne!(
+        unmasked, base,
+        "without the mask the pixels of token 5 count"
+    );
+}
+
+#[test]
+fn p3_starts_as_p1_and_follows_it_by_ema() {
+    let config = tiny_config(4, 1);
+    let m = model(&config);
+    let get = |store: &mimco::params::ParamStore, name: &str| -> Vec<f32> {
+        store.tensors()[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let p1 = get(&m.trainable, "image.p1.fc1.weight");
+    assert_eq!(get(&m.momentum, "image.p3.fc1.weight"), p1);
+    // Move p1, then one EMA step with m = 0.9.
+    let var = m
+        .trainable
+        .vars()
+        .into_iter()
+        .find(|(n, _)| n == "image.p1.fc1.weight")
+        .unwrap()
+        .1;
+    var.set(&(var.as_tensor() + 1.0).unwrap()).unwrap();
+    m.update_momentum(0.9).unwrap();
+    let p3 = get(&m.momentum, "image.p3.fc1.weight");
+    for (a, b) in p3.iter().zip(&p1) {
+        assert!((a - (0.9 * b + 0.1 * (b + 1.0))).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn weight_decay_groups_of_the_real_model() {
+    let config = tiny_config(4, 1);
+    let teacher = mimco::teacher::random(&config.teacher, 32, 1, &Device::Cpu).unwrap();
+    let t = Trainer::new(&config, teacher, 10, 5.0, 1, &Device::Cpu).unwrap();
+    let (decayed, plain) = t.optimizer().groups();
+    for name in &plain {
+        assert!(
+            name.ends_with(".bias")
+                || name.contains("norm")
+                || name.ends_with("cls_token")
+                || name.ends_with("mask_token"),
+            "{name} should be decayed"
+        );
+    }
+    for name in [
+        "student.mask_token",
+        "student.cls_token",
+        "student.norm.weight",
+        "student.blocks.0.attn.qkv.bias",
+    ] {
+        assert!(plain.contains(&name), "{name} must not be decayed");
+    }
+    for name in [
+        "student.blocks.1.mlp.fc2.weight",
+        "student.patch_embed.proj.weight",
+        "patch.p2.fc1.weight",
+    ] {
+        assert!(decayed.contains(&name), "{name} must be decayed");
+    }
+}
+
+#[test]
+fn nan_stops_training_before_any_update() {
+    let config = tiny_config(4, 1);
+    let teacher = mimco::teacher::random(&config.teacher, 32, 1, &Device::Cpu).unwrap();
+    let mut t = Trainer::new(&config, teacher, 10, 5.0, 1, &Device::Cpu).unwrap();
+    let before = t.checkpoint(Default::default()).unwrap().0;
+    let nan = (random_images(4, 32, 0) * f64::NAN).unwrap();
+    let err = t.micro_batch(&nan, &masks(4)).unwrap_err().to_string();
+    // ReLU in the heads turns NaN features into finite losses; the gradient norm
+    // still catches them.
+    assert!(
+        err.contains("training stopped") && err.contains("checkpoint is intact"),
+        "{err}"
+    );
+    assert_eq!(t.step(), 0);
+    let after = t.checkpoint(Default::default()).unwrap().0;
+    for (k, v) in &before {
+        let same = v
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            == after[k]
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+        assert!(same, "{k} changed");
+    }
+}
+
+fn options(data: &Path, out: &Path, resume: bool) -> RunOptions {
+    RunOptions {
+        data: data.display().to_string(),
+        store: StoreOptions::default(),
+        topology: Topology::default(),
+        out: out.to_path_buf(),
+        resume,
+        teacher: TeacherSource::Random,
+        progress: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+fn bits(tensors: &HashMap<String, Tensor>) -> Vec<(String, Vec<u32>)> {
+    let mut v: Vec<_> = tensors
+        .iter()
+        .map(|(k, t)| {
+            let f: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            (k.clone(), f.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn resume_continues_exactly_and_checkpoints_round_trip_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 4, 12, false, 0);
+    // 48 images, batches of 4 -> 12 micro-batches an epoch, 2 per step -> 6 steps an epoch.
+    let mut config = tiny_config(4, 2);
+    config.train.max_steps = 9;
+    let straight = run(&config, &options(&data, &dir.path().join("a"), false)).unwrap();
+    assert_eq!((straight.outcome, straight.steps), (Outcome::MaxSteps, 9));
+
+    config.train.max_steps = 4;
+    let first = run(&config, &options(&data, &dir.path().join("b"), false)).unwrap();
+    let (t1, meta1) = mimco::checkpoint::load(&first.checkpoint, &Device::Cpu).unwrap();
+    assert_eq!(
+        (meta1.step, meta1.loader.epoch, meta1.loader.batches),
+        (4, 0, 8)
+    );
+    config.train.max_steps = 9;
+    let second = run(&config, &options(&data, &dir.path().join("b"), true)).unwrap();
+    let resumed: Vec<f64> = first
+        .reports
+        .iter()
+        .chain(&second.reports)
+        .map(|r| r.loss)
+        .collect();
+    let reference: Vec<f64> = straight.reports.iter().map(|r| r.loss).collect();
+    assert_eq!(resumed, reference, "K steps + resume = N steps straight");
+    let a = mimco::checkpoint::load(&straight.checkpoint, &Device::Cpu).unwrap();
+    let b = mimco::checkpoint::load(&second.checkpoint, &Device::Cpu).unwrap();
+    assert_eq!(a.1, b.1, "same step, loader state and queue pointers");
+    assert!(
+        bits(&a.0) == bits(&b.0),
+        "same weights, moments and queues, bit for bit"
+    );
+    // The metrics file shows each step once, in order.
+    let records = mimco::metrics::read(&dir.path().join("b/metrics.jsonl")).unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.step).collect::<Vec<_>>(),
+        (1..=9).collect::<Vec<_>>()
+    );
+
+    // Round trip: restore the step-4 checkpoint into a fresh trainer and take it again.
+    config.train.max_steps = 4;
+    let teacher = mimco::teacher::random(&config.teacher, 32, 0, &Device::Cpu).unwrap();
+    let mut fresh = Trainer::new(&config, teacher, 24, 6.0, 2, &Device::Cpu).unwrap();
+    let state = fresh.restore(&t1, &meta1).unwrap();
+    let (again, meta_again) = fresh.checkpoint(state).unwrap();
+    let again: HashMap<String, Tensor> = again.into_iter().collect();
+    assert_eq!(meta_again, meta1);
+    assert!(bits(&again) == bits(&t1));
+}
+
+#[test]
+fn the_loss_falls_and_ctrl_c_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 4, 16, false, 1);
+    let config = tiny_config(8, 1);
+    let summary = run(&config, &options(&data, &dir.path().join("run"), false)).unwrap();
+    assert_eq!(summary.outcome, Outcome::Finished);
+    let losses: Vec<f64> = summary.reports.iter().map(|r| r.loss).collect();
+    assert_eq!(losses.len(), 32, "8 steps an epoch, 4 epochs");
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (head, tail) = (mean(&losses[..4]), mean(&losses[losses.len() - 4..]));
+    assert!(
+        tail < head - 0.1,
+        "loss did not fall: {head:.4} -> {tail:.4} ({losses:?})"
+    );
+
+    // A stop request (Ctrl-C) checkpoints after the current step and says so.
+    let opts = options(&data, &dir.path().join("stopped"), false);
+    opts.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let stopped = run(&config, &opts).unwrap();
+    assert_eq!((stopped.outcome, stopped.steps), (Outcome::Interrupted, 1));
+    let (_, meta) = mimco::checkpoint::load(&stopped.checkpoint, &Device::Cpu).unwrap();
+    assert_eq!(meta.step, 1);
+    // Starting again over it without --resume is refused, and nothing is overwritten.
+    let err = run(&config, &options(&data, &dir.path().join("stopped"), false)).unwrap_err();
+    assert!(format!("{err:#}").contains("pass --resume"), "{err:#}");
+}
+
+#[test]
+fn export_loads_back_as_a_teacher_with_timm_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 2, 8, false, 2);
+    let mut config = tiny_config(4, 1);
+    config.train.max_steps = 1;
+    let s = run(&config, &options(&data, &dir.path().join("run"), false)).unwrap();
+    let out = dir.path().join("student.safetensors");
+    mimco::export::export(&s.checkpoint, &out).unwrap();
+    let exported = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let mut names: Vec<&str> = exported.keys().map(|k| k.as_str()).collect();
+    names.sort();
+    let mut expected = vec![
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
+    ];
+    let per_block = [
+        "norm1.weight",
+        "norm1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+    ];
+    let blocks: Vec<String> = (0..2)
+        .flat_map(|i| per_block.iter().map(move |p| format!("blocks.{i}.{p}")))
+        .collect();
+    expected.extend(blocks.iter().map(|s| s.as_str()));
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(exported["pos_embed"].dims(), &[1, 17, 32]);
+    assert_eq!(exported["patch_embed.proj.weight"].dims(), &[32, 3, 8, 8]);
+    // The export is a valid teacher, and it computes what the student computed.
+    let teacher = mimco::teacher::load(&out, &config.student, 32, &Device::Cpu).unwrap();
+    let (tensors, _) = mimco::checkpoint::load(&s.checkpoint, &Device::Cpu).unwrap();
+    let store = mimco::params::ParamStore::new(9);
+    let student = mimco::models::vit::Vit::new(
+        store.var_builder(&Device::Cpu).pp("student"),
+        &config.student,
+        32,
+        true,
+    )
+    .unwrap();
+    store.load(&tensors, "").unwrap();
+    let x = random_images(2, 32, 5);
+    let a = teacher.forward(&x, None).unwrap().cls.unwrap();
+    let b = student.forward(&x, None).unwrap().cls.unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-6, "{diff}");
+    let _ = exported["cls_token"].i(0).unwrap();
+}
+
+#[test]
+fn bad_configs_and_teachers_get_clear_errors() {
+    let config = tiny_config(4, 1);
+    let text = toml::to_string(&config).unwrap();
+    let err = Config::from_toml(&text.replace("queue_len", "queue_length")).unwrap_err();
+    assert!(format!("{err:#}").contains("queue_length"), "{err:#}");
+    let err = Config::from_toml(&text.replace("mask_unit = 8", "mask_unit = 12")).unwrap_err();
+    assert!(format!("{err:#}").contains("mask_unit"), "{err:#}");
+    let mut wrong = config.clone();
+    wrong.teacher.dim = 48;
+    let err = wrong.check().unwrap_err().to_string();
+    assert!(err.contains("dim 32") && err.contains("dim 48"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("teacher.pth");
+    std::fs::write(&garbage, b"not a zip").unwrap();
+    let err = mimco::teacher::load(&garbage, &config.teacher, 32, &Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("PyTorch checkpoint"), "{err:#}");
+    assert!(
+        mimco::teacher::load(
+            &dir.path().join("missing.safetensors"),
+            &config.teacher,
+            32,
+            &Device::Cpu
+        )
+        .is_err()
+    );
+
+    // A MoCo v3-style file (module.base_encoder.*) of the wrong depth and width: every
+    // mismatch is listed.
+    let store = mimco::params::ParamStore::new(0);
+    let mut other = config.teacher.clone();
+    other.dim = 48;
+    other.depth = 3;
+    mimco::models::vit::Vit::new(store.var_builder(&Device::Cpu), &other, 32, false).unwrap();
+    let mut tensors: HashMap<String, Tensor> = store
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (format!("module.base_encoder.{k}"), v))
+        .collect();
+    tensors.insert(
+        "module.momentum_encoder.norm.weight".into(),
+        Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let file = dir.path().join("mocov3.safetensors");
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let err = format!(
+        "{:#}",
+        mimco::teacher::load(&file, &config.teacher, 32, &Device::Cpu).unwrap_err()
+    );
+    assert!(err.contains("module.base_encoder."), "{err}");
+    assert!(
+        err.contains("norm.weight: shape [48] in the file, [32] expected"),
+        "{err}"
+    );
+    assert!(err.contains("unexpected blocks.2.attn.qkv.weight"), "{err}");
+    assert!(!err.contains("momentum_encoder"), "{err}");
+}
