@@ -13,7 +13,7 @@
 //!    [`optim::AdamW`] with the rate of [`schedule::learning_rate`]; p3 follows p1 by EMA.
 //! 5. [`train::run`] logs, checkpoints ([`checkpoint`]) and resumes.
 //!
-//! Differentiable LayerNorm and softmax live in [`ops`]: Candle's fused ones have no
+//! Differentiable LayerNorm and softmax live in [`functional`]: Candle's fused ones have no
 //! backward. See `configs/` for the reference runs and `mimco --help` for the CLI.
 
 #![deny(missing_docs)]
@@ -21,11 +21,11 @@
 pub mod checkpoint;
 pub mod config;
 pub mod export;
+pub mod functional;
 pub mod loss;
 pub mod metrics;
 pub mod mimco;
 pub mod models;
-pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod queue;

@@ -5,7 +5,7 @@
 
 use candle_core::{D, Result, Tensor};
 
-use crate::ops::{l2_normalize, logsumexp};
+use crate::functional::{l2_normalize, logsumexp};
 
 /// InfoNCE with a queue of negatives, Eq. 1 and Eq. 3:
 /// `mean_i -log( exp(q_i.k_i/tau) / (exp(q_i.k_i/tau) + sum_j exp(q_i.n_j/tau)) )`.

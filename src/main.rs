@@ -77,7 +77,7 @@ enum Command {
         #[arg(default_value = "mimco-demo")]
         dir: PathBuf,
         /// Optimiser steps to train.
-        #[arg(long, default_value_t = 150)]
+        #[arg(long, default_value_t = 300)]
         steps: u64,
     },
 }
@@ -190,7 +190,7 @@ fn train(
     let first = summary.reports.first().map(|r| r.loss);
     let last = summary.reports.last().map(|r| r.loss);
     println!(
-        "{:?} after {} steps; loss {} -> {}; checkpoint {}",
+        "{} after {} steps; loss {} -> {}; checkpoint {}",
         summary.outcome,
         summary.steps,
         first.map_or("-".into(), |l| format!("{l:.4}")),
@@ -271,8 +271,8 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
     config.train.max_steps = steps;
     let out = dir.join("run");
     println!(
-        "== 3. mimco train --config configs/tiny_cpu.toml --data {} --random-teacher --out {}\n   \
-         (RANDOM TEACHER: no teacher checkpoint is downloaded; the student learns to match a random ViT)",
+        "== 3. mimco train --config configs/tiny_cpu.toml --data {} --random-teacher --out {} (max_steps = {steps})\n   \
+         RANDOM TEACHER: no teacher checkpoint is downloaded; the student learns to match a random ViT",
         shards.join("train").display(),
         out.display()
     );

@@ -7,11 +7,11 @@ use candle_core::{D, Device, Module, Result, Tensor};
 use candle_nn::Linear;
 
 use crate::config::{Config, PatchLoss};
+use crate::functional::l2_normalize;
 use crate::loss::{info_nce, l1_regression};
 use crate::models::Encoder;
 use crate::models::mlp::{Mlp2, linear};
 use crate::models::vit::Vit;
-use crate::ops::l2_normalize;
 use crate::params::ParamStore;
 use crate::queue::KeyQueue;
 
@@ -73,8 +73,8 @@ pub struct Losses {
 pub struct MimCo {
     config: Config,
     /// f: the learnable encoder (parameters `student.*`).
-    pub student: Vit,
-    teacher: Vit,
+    pub student: Box<dyn Encoder>,
+    teacher: Box<dyn Encoder>,
     patch: Option<Heads>,
     /// `patch.regressor`: the l1 ablation's linear head (student width -> teacher width).
     regressor: Option<Linear>,
@@ -92,17 +92,17 @@ pub struct MimCo {
 impl MimCo {
     /// Builds the student and heads from `config.train.seed` around a loaded `teacher`;
     /// p3 starts as a copy of p1.
-    pub fn new(config: &Config, teacher: Vit, device: &Device) -> Result<MimCo> {
+    pub fn new(config: &Config, teacher: Box<dyn Encoder>, device: &Device) -> Result<MimCo> {
         let (o, seed) = (&config.objective, config.train.seed);
         let trainable = ParamStore::new(seed);
         let momentum = ParamStore::new(seed);
         let size = config.data.transform.size as usize;
-        let student = Vit::new(
+        let student = Box::new(Vit::new(
             trainable.var_builder(device).pp("student"),
             &config.student,
             size,
             true,
-        )?;
+        )?);
         let dim = config.student.dim;
         let heads = |name| {
             Heads::new(

@@ -4,7 +4,7 @@
 use candle_core::{Device, Result, Tensor};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::ops::l2_normalize;
+use crate::functional::l2_normalize;
 
 /// A fixed-length FIFO of unit-length keys, `(len, dim)`.
 #[derive(Clone, Debug)]

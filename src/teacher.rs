@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::models::Encoder;
 use crate::models::vit::{PosEmbed, Vit, VitConfig};
 use crate::params::ParamStore;
 
@@ -52,7 +53,7 @@ pub fn load(
     config: &VitConfig,
     image_size: usize,
     device: &Device,
-) -> anyhow::Result<Vit> {
+) -> anyhow::Result<Box<dyn Encoder>> {
     let raw = read_tensors(path)?;
     let prefix = PREFIXES
         .iter()
@@ -119,7 +120,7 @@ pub fn load(
         );
     }
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    Ok(Vit::new(vb, config, image_size, false)?)
+    Ok(Box::new(Vit::new(vb, config, image_size, false)?))
 }
 
 /// A teacher with random weights drawn from `seed`, detached from any optimiser. Only
@@ -129,7 +130,7 @@ pub fn random(
     image_size: usize,
     seed: u64,
     device: &Device,
-) -> anyhow::Result<Vit> {
+) -> anyhow::Result<Box<dyn Encoder>> {
     let store = ParamStore::new(seed ^ 0x7eac4e5);
     Vit::new(store.var_builder(device), config, image_size, false)?;
     let tensors = store
@@ -137,10 +138,6 @@ pub fn random(
         .into_iter()
         .map(|(k, v)| (k, v.detach()))
         .collect();
-    Ok(Vit::new(
-        VarBuilder::from_tensors(tensors, DType::F32, device),
-        config,
-        image_size,
-        false,
-    )?)
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    Ok(Box::new(Vit::new(vb, config, image_size, false)?))
 }

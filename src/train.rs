@@ -58,6 +58,16 @@ pub enum Outcome {
     Interrupted,
 }
 
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Finished => "finished the schedule",
+            Outcome::MaxSteps => "reached train.max_steps",
+            Outcome::Interrupted => "interrupted",
+        })
+    }
+}
+
 /// What a run did.
 #[derive(Clone, Debug)]
 pub struct Summary {

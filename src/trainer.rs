@@ -10,7 +10,7 @@ use pipeline::{Batch, LoaderState};
 use crate::checkpoint::{FORMAT, Meta};
 use crate::config::Config;
 use crate::mimco::MimCo;
-use crate::models::vit::Vit;
+use crate::models::Encoder;
 use crate::optim::{AdamW, AdamWParams, GradAccumulator};
 use crate::queue::KeyQueue;
 use crate::schedule;
@@ -59,7 +59,7 @@ impl Trainer {
     /// with `steps_per_epoch` to place the warm-up.
     pub fn new(
         config: &Config,
-        teacher: Vit,
+        teacher: Box<dyn Encoder>,
         total_steps: u64,
         steps_per_epoch: f64,
         accumulation: usize,

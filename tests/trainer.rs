@@ -453,3 +453,175 @@ fn bad_configs_and_teachers_get_clear_errors() {
     assert!(err.contains("unexpected blocks.2.attn.qkv.weight"), "{err}");
     assert!(!err.contains("momentum_encoder"), "{err}");
 }
+
+/// A MoCo v3-shaped PyTorch checkpoint (`state_dict` of `module.base_encoder.*` and
+/// `module.momentum_encoder.*`), written by tests/fixtures/safetensors_to_pth.py without
+/// torch, loads as the same teacher as its safetensors source.
+#[test]
+fn a_mocov3_pth_checkpoint_loads_as_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(4, 1);
+    let store = mimco::params::ParamStore::new(4);
+    mimco::models::vit::Vit::new(store.var_builder(&Device::Cpu), &config.teacher, 32, false)
+        .unwrap();
+    let st = dir.path().join("teacher.safetensors");
+    candle_core::safetensors::save(&store.tensors().into_iter().collect(), &st).unwrap();
+    let pth = dir.path().join("vit-s-300ep.pth.tar");
+    let python = std::env::var("MIMCO_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/safetensors_to_pth.py");
+    let ran = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(&st)
+        .arg(&pth)
+        .status();
+    if !matches!(ran, Ok(s) if s.success()) {
+        let why = format!(
+            "SKIPPED .pth teacher test: {python} could not run {}",
+            script.display()
+        );
+        eprintln!("{why}");
+        let tmp = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp");
+        let _ = std::fs::create_dir_all(&tmp);
+        let _ = std::fs::write(tmp.join("SKIPPED-pth.txt"), format!("{why}\n"));
+        return;
+    }
+    let from_pth = mimco::teacher::load(&pth, &config.teacher, 32, &Device::Cpu).unwrap();
+    let from_st = mimco::teacher::load(&st, &config.teacher, 32, &Device::Cpu).unwrap();
+    let x = random_images(2, 32, 8);
+    let a = from_pth.forward(&x, None).unwrap().patches;
+    let b = from_st.forward(&x, None).unwrap().patches;
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+}
+
+/// Both losses of one forward pass against a reference written out in f64 from the
+/// equations (heads applied by hand, masked tokens picked by hand, InfoNCE over the
+/// queue by hand), given the same encoder features, head weights and queues.
+#[test]
+fn forward_losses_match_an_f64_reference() {
+    let config = tiny_config(2, 1);
+    let m = model(&config);
+    let images = random_images(2, 32, 11);
+    let mask = masks(2);
+    let losses = m.forward(&images, &mask).unwrap();
+    let got_patch = losses.patch.as_ref().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let got_image = losses.image.as_ref().unwrap().to_scalar::<f32>().unwrap() as f64;
+
+    let rows = |t: &Tensor| -> Vec<Vec<f64>> {
+        let t = t.to_dtype(DType::F64).unwrap();
+        let d = t.dims().last().copied().unwrap();
+        let flat: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+        flat.chunks(d).map(|c| c.to_vec()).collect()
+    };
+    let mask_t = Tensor::from_iter(mask.iter().map(|&v| f32::from(v)), &Device::Cpu)
+        .unwrap()
+        .reshape((2, 16))
+        .unwrap();
+    let z = rows(&m.student.forward(&images, Some(&mask_t)).unwrap().patches); // 32 rows
+    let teacher = mimco::teacher::random(&config.teacher, 32, 1, &Device::Cpu).unwrap();
+    let zk = rows(&teacher.forward(&images, None).unwrap().patches);
+    let weights: HashMap<String, Tensor> = m
+        .trainable
+        .tensors()
+        .into_iter()
+        .chain(m.momentum.tensors())
+        .collect();
+    let linear = |name: &str, x: &[f64]| -> Vec<f64> {
+        let w = rows(&weights[&format!("{name}.weight")]);
+        let b: Vec<f64> = weights[&format!("{name}.bias")]
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        w.iter()
+            .zip(&b)
+            .map(|(row, bias)| row.iter().zip(x).map(|(a, b)| a * b).sum::<f64>() + bias)
+            .collect()
+    };
+    let mlp = |name: &str, x: &[f64]| -> Vec<f64> {
+        let h: Vec<f64> = linear(&format!("{name}.fc1"), x)
+            .into_iter()
+            .map(|v| v.max(0.0))
+            .collect();
+        linear(&format!("{name}.fc2"), &h)
+    };
+    let unit = |v: Vec<f64>| -> Vec<f64> {
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    };
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let nce = |q: &[f64], k: &[f64], queue: &[Vec<f64>]| -> f64 {
+        let (q, k) = (unit(q.to_vec()), unit(k.to_vec()));
+        let pos = dot(&q, &k) / 0.2;
+        let z: f64 = pos.exp() + queue.iter().map(|n| (dot(&q, n) / 0.2).exp()).sum::<f64>();
+        z.ln() - pos
+    };
+    let patch_queue = rows(m.patch_queue.keys());
+    let image_queue = rows(m.image_queue.keys());
+    let masked: Vec<usize> = (0..32).filter(|&i| mask[i] == 1).collect();
+    assert_eq!(masked.len(), 20);
+    let patch: f64 = masked
+        .iter()
+        .map(|&i| {
+            nce(
+                &mlp("patch.p2", &mlp("patch.p1", &z[i])),
+                &mlp("patch.p3", &zk[i]),
+                &patch_queue,
+            )
+        })
+        .sum::<f64>()
+        / masked.len() as f64;
+    let mean = |v: &[Vec<f64>]| -> Vec<f64> {
+        (0..v[0].len())
+            .map(|j| v.iter().map(|r| r[j]).sum::<f64>() / v.len() as f64)
+            .collect()
+    };
+    let image: f64 = (0..2)
+        .map(|b| {
+            let q = mlp("image.p2", &mlp("image.p1", &mean(&z[b * 16..b * 16 + 16])));
+            nce(
+                &q,
+                &mlp("image.p3", &mean(&zk[b * 16..b * 16 + 16])),
+                &image_queue,
+            )
+        })
+        .sum::<f64>()
+        / 2.0;
+    assert!(
+        (got_patch - patch).abs() < 1e-4 * patch,
+        "patch: {got_patch} vs {patch}"
+    );
+    assert!(
+        (got_image - image).abs() < 1e-4 * image,
+        "image: {got_image} vs {image}"
+    );
+    let total = losses.total.to_scalar::<f32>().unwrap() as f64;
+    assert!((total - patch - image).abs() < 1e-4 * total);
+
+    // After the loss, each image's mean unit patch key (renormalised) joins the patch
+    // queue, and its image key the image queue, at the front of the FIFO.
+    let mut m = m;
+    m.enqueue(&losses).unwrap();
+    let (pq, iq) = (rows(m.patch_queue.keys()), rows(m.image_queue.keys()));
+    for b in 0..2 {
+        let keys: Vec<Vec<f64>> = (b * 16..b * 16 + 16)
+            .map(|i| unit(mlp("patch.p3", &zk[i])))
+            .collect();
+        let want_patch = unit(mean(&keys));
+        let want_image = unit(mlp("image.p3", &mean(&zk[b * 16..b * 16 + 16])));
+        for (got, want) in [(&pq[b], want_patch), (&iq[b], want_image)] {
+            assert!(
+                got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-5),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+    assert_eq!((m.patch_queue.ptr(), m.image_queue.ptr()), (2, 2));
+}

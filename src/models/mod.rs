@@ -18,7 +18,7 @@ pub struct Features {
 }
 
 /// A vision backbone as the method uses it.
-pub trait Encoder {
+pub trait Encoder: std::fmt::Debug + Send {
     /// Width of the output tokens.
     fn dim(&self) -> usize;
     /// Side of the output token grid for a square input of `image_size` pixels.

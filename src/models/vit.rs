@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::mlp::linear;
 use super::{Encoder, Features};
-use crate::ops;
+use crate::functional;
 
 /// Position embedding of a ViT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,7 +129,7 @@ pub fn sincos_position_embedding(grid: usize, dim: usize, device: &Device) -> Re
     Tensor::from_vec(table, (1, 1 + grid * grid, dim), device)
 }
 
-/// LayerNorm with parameters `weight`, `bias`, through the differentiable [`ops::layer_norm`].
+/// LayerNorm with parameters `weight`, `bias`, through the differentiable [`functional::layer_norm`].
 #[derive(Clone, Debug)]
 pub struct Norm {
     weight: Tensor,
@@ -150,7 +150,7 @@ impl Norm {
 
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        functional::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -174,7 +174,7 @@ impl Module for Attention {
         let q = (qkv.i(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
-        let attn = ops::softmax(&q.matmul(&k.t()?)?)?;
+        let attn = functional::softmax(&q.matmul(&k.t()?)?)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.proj.forward(&out)
     }

@@ -1,6 +1,6 @@
 //! Differentiable building blocks written with Candle's composed ops.
 //!
-//! Candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` have no backward pass:
+//! Candle's fused layer-norm, last-dimension softmax and RMS-norm kernels have no backward pass:
 //! gradients stop at them without an error. Every normalisation and softmax on a
 //! training path goes through this module instead (the CUDA work fuses these with a
 //! backward of their own).

@@ -1,0 +1,213 @@
+//! The `mimco` binary end to end: train (with a warning for the random teacher), resume,
+//! export, plot, and the errors a user meets first.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::train::tiny_config;
+
+fn mimco(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mimco"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("WORLD_SIZE")
+        .env_remove("RANK")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn train_resume_export_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 2, 8, false, 3);
+    let mut config = tiny_config(4, 1);
+    config.train.max_steps = 2;
+    std::fs::write(
+        dir.path().join("tiny.toml"),
+        toml::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let data = data.display().to_string();
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            "tiny.toml",
+            "--data",
+            &data,
+            "--random-teacher",
+            "--out",
+            "run",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        mimco(&args, dir.path())
+    };
+    let o = train(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("warning: random teacher"), "{}", text(&o));
+    assert!(
+        text(&o).contains("reached train.max_steps after 2 steps"),
+        "{}",
+        text(&o)
+    );
+
+    // Again without --resume: refused, the checkpoint untouched.
+    let before = std::fs::read(dir.path().join("run/last.safetensors")).unwrap();
+    let o = train(&[]);
+    assert!(
+        !o.status.success() && text(&o).contains("pass --resume"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("run/last.safetensors")).unwrap(),
+        before
+    );
+
+    // Resume to the end of the schedule (4 epochs of 4 steps).
+    config.train.max_steps = 0;
+    std::fs::write(
+        dir.path().join("tiny.toml"),
+        toml::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let o = train(&["--resume"]);
+    assert!(
+        o.status.success() && text(&o).contains("finished the schedule after 16 steps"),
+        "{}",
+        text(&o)
+    );
+
+    let o = mimco(
+        &["export", "run/last.safetensors", "student.safetensors"],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mimco(&["plot", "run/metrics.jsonl"], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let png = std::fs::read(dir.path().join("run/metrics.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 5_000,
+        "{} bytes",
+        png.len()
+    );
+}
+
+#[test]
+fn first_mistakes_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = mimco(
+        &[
+            "train",
+            "--config",
+            "nope.toml",
+            "--data",
+            ".",
+            "--random-teacher",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("reading nope.toml"),
+        "{}",
+        text(&o)
+    );
+
+    std::fs::write(dir.path().join("bad.toml"), "[student]\npatch_size = 16\n").unwrap();
+    let o = mimco(
+        &[
+            "train",
+            "--config",
+            "bad.toml",
+            "--data",
+            ".",
+            "--random-teacher",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("missing field"),
+        "{}",
+        text(&o)
+    );
+
+    let mut config = tiny_config(4, 1);
+    config.train.max_steps = 1;
+    std::fs::write(
+        dir.path().join("tiny.toml"),
+        toml::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let o = mimco(
+        &["train", "--config", "tiny.toml", "--data", "no-such-folder"],
+        dir.path(),
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("--teacher"),
+        "no teacher given: {}",
+        text(&o)
+    );
+    let o = mimco(
+        &[
+            "train",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "no-such-folder",
+            "--random-teacher",
+            "--quiet",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("no-such-folder"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_mimco"))
+        .args([
+            "train",
+            "--config",
+            "tiny.toml",
+            "--data",
+            ".",
+            "--random-teacher",
+        ])
+        .current_dir(dir.path())
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "0")
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && text(&o).contains("NCCL"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Every config in configs/ parses and passes its checks.
+#[test]
+fn shipped_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            mimco::Config::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 3);
+}
