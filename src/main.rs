@@ -213,20 +213,7 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
     use shardtool::pack::{PackOptions, pack_split};
     use shardtool::scan::find_splits;
     use shardtool::synth::{SynthSpec, write_imagenet_like};
-    let marker = dir.join(".mimco-demo");
-    if marker.exists() {
-        std::fs::remove_dir_all(dir)?;
-    } else if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        bail!(
-            "{} is not empty and not an earlier demo: choose another folder",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        &marker,
-        "written by `mimco demo`; the demo replaces this folder\n",
-    )?;
+    shardtool::synth::claim_demo_dir(dir, "mimco")?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let input = dir.join("imagenet");
     println!(
@@ -301,10 +288,10 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
         println!(
             "   {:>5} {:>8.4} {:>8} {:>8} {:>9.1}",
-            r.step,
-            r.loss,
-            f(r.patch),
-            f(r.image),
+            r.report.step,
+            r.report.loss,
+            f(r.report.patch),
+            f(r.report.image),
             r.images_per_s
         );
     }

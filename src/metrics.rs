@@ -9,25 +9,16 @@ use anyhow::{Context, bail};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// One line of `metrics.jsonl`.
+use crate::trainer::StepReport;
+
+/// One line of `metrics.jsonl`: the step's report and the throughput around it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
-    /// Optimiser steps taken.
-    pub step: u64,
+    /// Losses, rate, momentum and gradient norm of the step.
+    #[serde(flatten)]
+    pub report: StepReport,
     /// Epoch of the last batch.
     pub epoch: u64,
-    /// Total loss (mean of the step's micro-batches).
-    pub loss: f64,
-    /// Patch loss, when on.
-    pub patch: Option<f64>,
-    /// Image loss, when on.
-    pub image: Option<f64>,
-    /// Learning rate.
-    pub lr: f64,
-    /// p3 EMA momentum.
-    pub momentum: f64,
-    /// Gradient norm before clipping.
-    pub grad_norm: f64,
     /// Images per second since the previous line.
     pub images_per_s: f64,
     /// Share of the time since the previous line spent waiting for data.
@@ -48,7 +39,7 @@ impl MetricsLog {
         if path.exists() {
             let kept: Vec<String> = read(path)?
                 .into_iter()
-                .filter(|r| r.step <= keep_through)
+                .filter(|r| r.report.step <= keep_through)
                 .map(|r| serde_json::to_string(&r))
                 .collect::<Result<_, _>>()?;
             let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
@@ -125,17 +116,18 @@ pub fn plot(metrics: &Path, png: &Path, font: Option<&Path>) -> anyhow::Result<(
     let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(600);
-    let steps = records.first().map_or(0, |r| r.step)..records.last().map_or(1, |r| r.step).max(1);
+    let steps = records.first().map_or(0, |r| r.report.step)
+        ..records.last().map_or(1, |r| r.report.step).max(1);
     let series = |f: fn(&Record) -> Option<f64>| -> Vec<(u64, f64)> {
         records
             .iter()
-            .filter_map(|r| f(r).map(|v| (r.step, v)))
+            .filter_map(|r| f(r).map(|v| (r.report.step, v)))
             .collect()
     };
     let losses = [
-        ("loss", series(|r| Some(r.loss)), BLACK),
-        ("patch", series(|r| r.patch), BLUE),
-        ("image", series(|r| r.image), RED),
+        ("loss", series(|r| Some(r.report.loss)), BLACK),
+        ("patch", series(|r| r.report.patch), BLUE),
+        ("image", series(|r| r.report.image), RED),
     ];
     let top = losses
         .iter()

@@ -180,10 +180,15 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             let step = report.step;
             if step % config.train.log_every.max(1) == 0 || step == max_steps {
                 let record = window.record(&report, state.epoch, started.elapsed());
+                let part = |name: &str, v: Option<f64>| {
+                    v.map_or(String::new(), |v| format!(" {name} {v:.3}"))
+                };
                 bar.set_message(format!(
-                    "loss {:.4} lr {:.2e} {:.0} img/s data wait {:.0}%",
-                    record.loss,
-                    record.lr,
+                    "loss {:.4}{}{} lr {:.2e} {:.0} img/s data wait {:.0}%",
+                    report.loss,
+                    part("patch", report.patch),
+                    part("image", report.image),
+                    report.lr,
                     record.images_per_s,
                     100.0 * record.data_wait
                 ));
@@ -250,14 +255,8 @@ impl Window {
     fn record(&self, r: &StepReport, epoch: u64, elapsed: Duration) -> Record {
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         Record {
-            step: r.step,
+            report: r.clone(),
             epoch,
-            loss: r.loss,
-            patch: r.patch,
-            image: r.image,
-            lr: r.lr,
-            momentum: r.momentum,
-            grad_norm: r.grad_norm,
             images_per_s: self.images as f64 / secs,
             data_wait: self.wait.as_secs_f64() / secs,
             elapsed_s: elapsed.as_secs_f64(),

@@ -283,7 +283,7 @@ fn resume_continues_exactly_and_checkpoints_round_trip_bit_for_bit() {
     // The metrics file shows each step once, in order.
     let records = mimco::metrics::read(&dir.path().join("b/metrics.jsonl")).unwrap();
     assert_eq!(
-        records.iter().map(|r| r.step).collect::<Vec<_>>(),
+        records.iter().map(|r| r.report.step).collect::<Vec<_>>(),
         (1..=9).collect::<Vec<_>>()
     );
 

@@ -376,20 +376,7 @@ fn synth(args: &SynthArgs) -> Result<()> {
 
 fn demo(dir: &Path) -> Result<ExitCode> {
     // A folder marked as ours by an earlier demo is replaced; anything else is left alone.
-    let marker = dir.join(".shardtool-demo");
-    if marker.exists() {
-        std::fs::remove_dir_all(dir)?;
-    } else if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        bail!(
-            "{} is not empty and not an earlier demo: choose another folder",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        &marker,
-        "written by `shardtool demo`; the demo replaces this folder\n",
-    )?;
+    shardtool::synth::claim_demo_dir(dir, "shardtool")?;
     let (input, out) = (dir.join("imagenet"), dir.join("shards"));
     println!(
         "== 1. an ImageNet-shaped folder from the embedded photos: {}",

@@ -78,6 +78,26 @@ pub struct SynthReport {
     pub quirks: Vec<String>,
 }
 
+/// Makes `dir` a demo's folder: created if absent, emptied if an earlier run of the same
+/// demo made it (it holds the `.{tool}-demo` marker), refused if it holds anything else.
+pub fn claim_demo_dir(dir: &Path, tool: &str) -> Result<()> {
+    let marker = dir.join(format!(".{tool}-demo"));
+    if marker.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
+    } else if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        anyhow::bail!(
+            "{} is not empty and not an earlier demo: choose another folder",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        &marker,
+        format!("written by `{tool} demo`; the demo replaces this folder\n"),
+    )?;
+    Ok(())
+}
+
 /// The wnid-like folder name of class `c`; sorted order equals class order.
 pub fn wnid(c: usize) -> String {
     format!("n{:08}", 1_440_764 + 1000 * c)
