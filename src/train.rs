@@ -98,6 +98,13 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             opts.out.display()
         );
     }
+    let metrics_path = opts.out.join("metrics.jsonl");
+    if !opts.resume && metrics_path.exists() {
+        bail!(
+            "{} holds the metrics of an earlier run that wrote no checkpoint: choose another --out, or delete them",
+            opts.out.display()
+        );
+    }
     if opts.resume && !ckpt_path.exists() {
         bail!(
             "--resume: there is no {} to resume from",
@@ -152,7 +159,7 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     std::fs::write(opts.out.join("config.toml"), toml::to_string(config)?)?;
-    let mut log = MetricsLog::open(&opts.out.join("metrics.jsonl"), trainer.step())?;
+    let mut log = MetricsLog::open(&metrics_path, trainer.step())?;
     let max_steps = match config.train.max_steps {
         0 => total_steps,
         n => n.min(total_steps),

@@ -40,13 +40,23 @@ fn masks(b: usize) -> Vec<u8> {
 
 #[test]
 fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
-    for patch_loss in ["contrastive", "l1"] {
+    use mimco::config::PatchLoss;
+    use mimco::models::vit::PosEmbed;
+    // The paper's set-up, and the l1 ablation with a learned position embedding.
+    for (patch_loss, pos_embed) in [
+        (PatchLoss::Contrastive, PosEmbed::Sincos),
+        (PatchLoss::L1, PosEmbed::Learned),
+    ] {
         let mut config = tiny_config(4, 1);
-        config.objective.patch_loss = toml::from_str::<HashMap<String, mimco::config::PatchLoss>>(
-            &format!("x = \"{patch_loss}\""),
-        )
-        .unwrap()["x"];
+        config.objective.patch_loss = patch_loss;
+        config.student.pos_embed = pos_embed;
         let m = model(&config);
+        let has_pos = m
+            .trainable
+            .vars()
+            .iter()
+            .any(|(n, _)| n == "student.pos_embed");
+        assert_eq!(has_pos, pos_embed == PosEmbed::Learned);
         let losses = m.forward(&random_images(4, 32, 0), &masks(4)).unwrap();
         let grads = losses.total.backward().unwrap();
         let vars = m.trainable.vars();
@@ -54,7 +64,7 @@ fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
         for (name, var) in vars {
             let g = grads
                 .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{patch_loss}: {name} has no gradient"));
+                .unwrap_or_else(|| panic!("{patch_loss:?}: {name} has no gradient"));
             let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
             assert!(
                 g.iter().all(|v| v.is_finite()),
@@ -62,7 +72,7 @@ fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
             );
             assert!(
                 g.iter().any(|v| *v != 0.0),
-                "{patch_loss}: {name}: all-zero gradient"
+                "{patch_loss:?}: {name}: all-zero gradient"
             );
         }
         // The teacher and p3 receive none: nothing of theirs is a variable of the optimiser.
@@ -624,4 +634,39 @@ fn forward_losses_match_an_f64_reference() {
         }
     }
     assert_eq!((m.patch_queue.ptr(), m.image_queue.ptr()), (2, 2));
+}
+
+/// The ablations of Tables 8 and 11 train through the whole loop: one loss off, or no
+/// masking (the patch loss then covers every token).
+#[test]
+fn ablations_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 2, 8, false, 5);
+    let mut variants = Vec::new();
+    let mut c = tiny_config(4, 1);
+    c.objective.image_loss = false;
+    variants.push(("patch only", c, (true, false)));
+    let mut c = tiny_config(4, 1);
+    c.objective.patch_loss = mimco::config::PatchLoss::None;
+    variants.push(("image only", c, (false, true)));
+    let mut c = tiny_config(4, 1);
+    c.data.transform.masking = false;
+    variants.push(("no masking", c, (true, true)));
+    for (i, (name, mut config, (patch, image))) in variants.into_iter().enumerate() {
+        config.train.max_steps = 3;
+        let s = run(
+            &config,
+            &options(&data, &dir.path().join(format!("run{i}")), false),
+        )
+        .unwrap();
+        assert_eq!(s.steps, 3, "{name}");
+        for r in &s.reports {
+            assert_eq!(
+                (r.patch.is_some(), r.image.is_some()),
+                (patch, image),
+                "{name}"
+            );
+            assert!(r.loss.is_finite() && r.loss > 0.0, "{name}: {r:?}");
+        }
+    }
 }
