@@ -279,3 +279,54 @@ fn missing_manifest_is_one_clear_error() {
         "{msg}"
     );
 }
+
+/// MoCo v3's set: two views per sample, different from each other, the same at any
+/// thread count; the centre-crop set: one view, the same in every epoch.
+#[test]
+fn two_view_and_centre_crop_sets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed(tmp.path());
+    let with_set = |set: &str, workers| {
+        let mut c = config(workers, 2);
+        c.transform =
+            toml::from_str(&format!("set = \"{set}\"\nsize = 32\nscale = [0.08, 1.0]")).unwrap();
+        c
+    };
+    let run = |set: &str, workers, epoch_no| -> Vec<Batch> {
+        let loader = open(&dir, Topology::default(), with_set(set, workers));
+        epoch(
+            &loader,
+            LoaderState {
+                epoch: epoch_no,
+                ..Default::default()
+            },
+        )
+    };
+    let pairs = run("mocov3", 1, 0);
+    let view = 3 * 32 * 32;
+    for b in &pairs {
+        assert_eq!((b.views, b.mask_grid), (2, 0));
+        assert_eq!(b.images().len(), b.len() * 2 * view);
+        for sample in b.images().chunks_exact(2 * view) {
+            assert_ne!(sample[..view], sample[view..], "the two views differ");
+        }
+    }
+    let again: Vec<Seen> = run("mocov3", 3, 0).iter().map(seen).collect();
+    assert_eq!(pairs.iter().map(seen).collect::<Vec<_>>(), again);
+
+    let centre = |epoch_no| -> std::collections::HashMap<String, Vec<u8>> {
+        run("center", 2, epoch_no)
+            .iter()
+            .flat_map(|b| {
+                assert_eq!(b.views, 1);
+                let images = b.images().chunks_exact(view).map(<[u8]>::to_vec);
+                b.keys.iter().cloned().zip(images).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (a, b) = (centre(0), centre(1));
+    let common: Vec<&String> = a.keys().filter(|k| b.contains_key(*k)).collect();
+    assert!(common.len() > 30, "{} samples in both epochs", common.len());
+    let same = common.iter().filter(|k| a[**k] == b[**k]).count();
+    assert_eq!(same, common.len(), "no randomness in the centre crop");
+}

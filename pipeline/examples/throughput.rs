@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use pipeline::decode::{CropDecoder, dimensions};
 use pipeline::order::seeded_rng;
-use pipeline::transform::Augment;
 use pipeline::{Loader, LoaderConfig, LoaderState, ShardReader, StoreOptions, Topology};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

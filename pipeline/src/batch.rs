@@ -72,6 +72,8 @@ pub struct Batch {
     pub index: usize,
     /// Output side in pixels.
     pub size: u32,
+    /// Views per sample (1, or 2 for a contrastive teacher's pair).
+    pub views: usize,
     /// Class indices, one per sample.
     pub labels: Vec<u32>,
     /// Sample keys, one per sample.
@@ -93,6 +95,7 @@ impl Batch {
         epoch: u64,
         index: usize,
         size: u32,
+        views: usize,
         mask_grid: usize,
         capacity: usize,
     ) -> Batch {
@@ -100,6 +103,7 @@ impl Batch {
             epoch,
             index,
             size,
+            views,
             labels: Vec::with_capacity(capacity),
             keys: Vec::with_capacity(capacity),
             mask_grid,
@@ -120,20 +124,23 @@ impl Batch {
         self.labels.is_empty()
     }
 
-    /// Bytes per image: 3 x size x size.
+    /// Bytes per image (one view): 3 x size x size.
     pub fn image_bytes(&self) -> usize {
         3 * self.size as usize * self.size as usize
     }
 
-    /// The images as uint8 NCHW (`len() * 3 * size * size` bytes).
+    /// The images as uint8 `(N, views, 3, size, size)`: each sample's views side by side
+    /// (`len() * views * image_bytes()` bytes).
     pub fn images(&self) -> &[u8] {
-        let n = self.len() * self.image_bytes();
+        let n = self.len() * self.views * self.image_bytes();
         // `images` is only None during drop.
         &self.images.as_ref().expect("images present")[..n]
     }
 
+    /// Adds a sample: `chw` holds its views, one after the other.
     pub(crate) fn push(&mut self, chw: &[u8], label: u32, key: String, mask: Option<&[u8]>) {
-        let (start, n) = (self.len() * self.image_bytes(), self.image_bytes());
+        let n = self.views * self.image_bytes();
+        let start = self.len() * n;
         // `images` is only None during drop.
         let images = self.images.as_mut().expect("images present");
         images[start..start + n].copy_from_slice(chw);
@@ -187,7 +194,7 @@ mod tests {
     #[test]
     fn buffers_return_to_the_pool() {
         let pool = BatchPool::new(1, 3 * 2 * 2, &vec_allocator());
-        let mut b = Batch::new(&pool, 0, 0, 2, 1, 1);
+        let mut b = Batch::new(&pool, 0, 0, 2, 1, 1, 1);
         b.push(&[1; 12], 7, "k".into(), Some(&[1]));
         assert_eq!(
             (b.len(), b.images(), b.token_masks(2)),
@@ -198,8 +205,8 @@ mod tests {
         drop(b);
         assert_eq!(pool.take.len(), 1, "the buffer came back");
         let (a, b) = (
-            Batch::new(&pool, 0, 1, 2, 1, 1),
-            Batch::new(&pool, 0, 2, 2, 1, 1),
+            Batch::new(&pool, 0, 1, 2, 1, 1, 1),
+            Batch::new(&pool, 0, 2, 2, 1, 1, 1),
         );
         assert_eq!(pool.take.len(), 0);
         drop((a, b));

@@ -3,7 +3,12 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::transform::{MaskGenerator, RandomHorizontalFlip, RandomResizedCrop, Stage2};
+use std::sync::Arc;
+
+use crate::transform::{
+    Augment, CenterCrop, ColorJitter, MaskGenerator, RandomHorizontalFlip, RandomResizedCrop,
+    Stage2, TwoViews,
+};
 
 /// Settings of the streaming loader (`[data]` in a config file).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,7 +37,7 @@ pub struct LoaderConfig {
     /// storage, read instead of the store from then on (local sources are never cached).
     /// By default, none.
     pub cache_dir: Option<std::path::PathBuf>,
-    /// Stage-2 augmentation.
+    /// The augmentation.
     pub transform: TransformConfig,
 }
 
@@ -54,10 +59,27 @@ impl Default for LoaderConfig {
     }
 }
 
-/// MimCo stage-2 augmentation (METHOD.md): RandomResizedCrop, flip, SimMIM mask.
+/// Which augmentation set the loader applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransformSet {
+    /// MimCo stage 2 and SimMIM: RandomResizedCrop, flip, SimMIM mask; one view.
+    Stage2,
+    /// MoCo v3's teacher training: two views with crop, colour jitter, greyscale, blur,
+    /// solarize and flip.
+    Mocov3,
+    /// Evaluation: one centre crop, nothing random.
+    Center,
+}
+
+/// The augmentation (`[data.transform]`). METHOD.md gives stage 2's values, which are the
+/// defaults; MoCo v3's (`set = "mocov3"`) differ in `scale` (0.08-1) and use the colour
+/// fields; `set = "center"` uses `size` and `center_fraction` only.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransformConfig {
+    /// `"stage2"`, `"mocov3"` or `"center"`. By default, "stage2".
+    pub set: TransformSet,
     /// Output side in pixels. By default, 224.
     pub size: u32,
     /// RandomResizedCrop area range. By default, [0.67, 1.0].
@@ -66,17 +88,34 @@ pub struct TransformConfig {
     pub ratio: [f64; 2],
     /// Horizontal flip probability. By default, 0.5.
     pub flip: f64,
-    /// Whether to make masks (false: the paper's no-masking ablation). By default, true.
+    /// Whether to make masks (stage2; false: the paper's no-masking ablation). By default, true.
     pub masking: bool,
     /// Mask unit side in pixels. By default, 32.
     pub mask_unit: u32,
     /// Fraction of mask units masked. By default, 0.6.
     pub mask_ratio: f64,
+    /// Colour jitter (mocov3): brightness, contrast, saturation, hue. By default,
+    /// [0.4, 0.4, 0.2, 0.1].
+    pub jitter: [f64; 4],
+    /// Probability of the colour jitter (mocov3). By default, 0.8.
+    pub jitter_p: f64,
+    /// Probability of greyscale (mocov3). By default, 0.2.
+    pub grayscale_p: f64,
+    /// Probability of Gaussian blur for the first and second view (mocov3). By default,
+    /// [1.0, 0.1].
+    pub blur_p: [f64; 2],
+    /// Range of the blur's sigma in output pixels (mocov3). By default, [0.1, 2.0].
+    pub blur_sigma: [f64; 2],
+    /// Probability of solarize for the first and second view (mocov3). By default, [0.0, 0.2].
+    pub solarize_p: [f64; 2],
+    /// Share of the shorter side kept by the centre crop (center). By default, 0.875.
+    pub center_fraction: f64,
 }
 
 impl Default for TransformConfig {
     fn default() -> Self {
         TransformConfig {
+            set: TransformSet::Stage2,
             size: 224,
             scale: [0.67, 1.0],
             ratio: [3.0 / 4.0, 4.0 / 3.0],
@@ -84,13 +123,20 @@ impl Default for TransformConfig {
             masking: true,
             mask_unit: 32,
             mask_ratio: 0.6,
+            jitter: [0.4, 0.4, 0.2, 0.1],
+            jitter_p: 0.8,
+            grayscale_p: 0.2,
+            blur_p: [1.0, 0.1],
+            blur_sigma: [0.1, 2.0],
+            solarize_p: [0.0, 0.2],
+            center_fraction: 0.875,
         }
     }
 }
 
 impl TransformConfig {
-    /// Checks the values and builds the augmentation.
-    pub fn build(&self) -> Result<Stage2> {
+    /// Checks the values and builds the augmentation set.
+    pub fn build(&self) -> Result<Arc<dyn Augment>> {
         let bad = |message: String| Err(Error::Config { message });
         if self.size == 0 {
             return bad("transform.size must be at least 1".into());
@@ -107,28 +153,79 @@ impl TransformConfig {
                 self.ratio
             ));
         }
-        if !(0.0..=1.0).contains(&self.flip) || !(0.0..=1.0).contains(&self.mask_ratio) {
-            return bad("transform.flip and transform.mask_ratio must be within [0, 1]".into());
+        let probabilities = [
+            self.flip,
+            self.mask_ratio,
+            self.jitter_p,
+            self.grayscale_p,
+            self.blur_p[0],
+            self.blur_p[1],
+            self.solarize_p[0],
+            self.solarize_p[1],
+        ];
+        if probabilities.iter().any(|p| !(0.0..=1.0).contains(p)) {
+            return bad("transform probabilities and mask_ratio must be within [0, 1]".into());
         }
-        if self.masking && (self.mask_unit == 0 || !self.size.is_multiple_of(self.mask_unit)) {
-            return bad(format!(
-                "transform.size {} is not a multiple of transform.mask_unit {}",
-                self.size, self.mask_unit
-            ));
+        let crop = RandomResizedCrop {
+            size: self.size,
+            scale: (self.scale[0], self.scale[1]),
+            ratio: (self.ratio[0], self.ratio[1]),
+        };
+        let flip = RandomHorizontalFlip { p: self.flip };
+        match self.set {
+            TransformSet::Stage2 => {
+                if self.masking
+                    && (self.mask_unit == 0 || !self.size.is_multiple_of(self.mask_unit))
+                {
+                    return bad(format!(
+                        "transform.size {} is not a multiple of transform.mask_unit {}",
+                        self.size, self.mask_unit
+                    ));
+                }
+                Ok(Arc::new(Stage2 {
+                    crop,
+                    flip,
+                    mask: self.masking.then_some(MaskGenerator {
+                        input_size: self.size,
+                        unit: self.mask_unit,
+                        ratio: self.mask_ratio,
+                    }),
+                }))
+            }
+            TransformSet::Mocov3 => {
+                let [brightness, contrast, saturation, hue] = self.jitter;
+                if self.jitter.iter().any(|j| *j < 0.0) || hue > 0.5 {
+                    return bad("transform.jitter must be >= 0, with hue <= 0.5".into());
+                }
+                if !(0.0 < self.blur_sigma[0] && self.blur_sigma[0] <= self.blur_sigma[1]) {
+                    return bad("transform.blur_sigma must satisfy 0 < lo <= hi".into());
+                }
+                Ok(Arc::new(TwoViews {
+                    crop,
+                    jitter: ColorJitter {
+                        p: self.jitter_p,
+                        brightness,
+                        contrast,
+                        saturation,
+                        hue,
+                    },
+                    grayscale: self.grayscale_p,
+                    blur: self.blur_p,
+                    blur_sigma: (self.blur_sigma[0], self.blur_sigma[1]),
+                    solarize: self.solarize_p,
+                    flip,
+                }))
+            }
+            TransformSet::Center => {
+                if !(0.0 < self.center_fraction && self.center_fraction <= 1.0) {
+                    return bad("transform.center_fraction must be within (0, 1]".into());
+                }
+                Ok(Arc::new(CenterCrop {
+                    size: self.size,
+                    fraction: self.center_fraction,
+                }))
+            }
         }
-        Ok(Stage2 {
-            crop: RandomResizedCrop {
-                size: self.size,
-                scale: (self.scale[0], self.scale[1]),
-                ratio: (self.ratio[0], self.ratio[1]),
-            },
-            flip: RandomHorizontalFlip { p: self.flip },
-            mask: self.masking.then_some(MaskGenerator {
-                input_size: self.size,
-                unit: self.mask_unit,
-                ratio: self.mask_ratio,
-            }),
-        })
     }
 }
 

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::format::Manifest;
 use crate::order::{EpochPlan, PlanSpec, Topology, plan_epoch};
 use crate::source::{ShardSource, StoreOptions};
-use crate::transform::Stage2;
+use crate::transform::Augment;
 
 use metrics::Metrics;
 pub use metrics::MetricsSnapshot;
@@ -57,7 +57,7 @@ pub struct Loader {
     manifest: Arc<Manifest>,
     topology: Topology,
     config: LoaderConfig,
-    augment: Arc<Stage2>,
+    augment: Arc<dyn Augment>,
     pool: Arc<BatchPool>,
     metrics: Arc<Metrics>,
 }
@@ -84,8 +84,8 @@ impl Loader {
             })?;
         let source = Arc::new(ShardSource::open(location, store)?);
         let manifest = runtime.block_on(source.manifest())?;
-        let augment = Arc::new(config.transform.build()?);
-        let image_bytes = 3 * (config.transform.size as usize).pow(2);
+        let augment = config.transform.build()?;
+        let image_bytes = augment.views() * 3 * (augment.size() as usize).pow(2);
         let pool = BatchPool::new(
             config.prefetch_batches + 2,
             config.batch_size * image_bytes,
@@ -280,6 +280,6 @@ pub(super) struct Ctx {
     source: Arc<ShardSource>,
     manifest: Arc<Manifest>,
     config: LoaderConfig,
-    augment: Arc<Stage2>,
+    augment: Arc<dyn Augment>,
     metrics: Arc<Metrics>,
 }

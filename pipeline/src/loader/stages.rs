@@ -16,7 +16,6 @@ use crate::format::{Compression, Sample};
 use crate::order::{EpochPlan, seeded_rng};
 use crate::shard::ShardReader;
 use crate::source::RangeReader;
-use crate::transform::Augment;
 
 use super::{Ctx, LoaderState};
 
@@ -251,51 +250,57 @@ pub(super) struct DecoderCtx {
 impl DecoderCtx {
     pub(super) fn run(self, jobs: Receiver<Job>, done: Sender<(u64, Outcome)>) {
         let c = &self.loader;
-        let size = c.augment.crop.size;
+        let size = c.augment.size();
+        let views = c.augment.views();
+        let view_bytes = 3 * size as usize * size as usize;
         let mut decoder = CropDecoder::default();
-        let mut hwc = vec![0u8; 3 * size as usize * size as usize];
+        let mut hwc = vec![0u8; view_bytes];
         let (seed, epoch) = (c.config.seed.to_le_bytes(), self.epoch.to_le_bytes());
         for job in jobs {
             let outcome = match job.sample {
                 None => Outcome::Missing,
                 Some(sample) => {
                     let started = Instant::now();
+                    let mut chw = self.spare.try_recv().unwrap_or_default();
+                    chw.resize(views * view_bytes, 0);
+                    let mut mask = None;
                     let result = dimensions(&sample.image).and_then(|dims| {
-                        let mut rng = seeded_rng(&[
-                            b"sample",
-                            &seed,
-                            &epoch,
-                            sample.key.as_bytes(),
-                            &0u64.to_le_bytes(),
-                        ]);
-                        let params = c.augment.sample(0, dims, &mut rng);
-                        let info = decoder.decode_crop(
-                            &sample.image,
-                            dims,
-                            &params.crop,
-                            size,
-                            &mut hwc,
-                        )?;
-                        Ok((params, info))
+                        for (view, out) in chw.chunks_exact_mut(view_bytes).enumerate() {
+                            let mut rng = seeded_rng(&[
+                                b"sample",
+                                &seed,
+                                &epoch,
+                                sample.key.as_bytes(),
+                                &(view as u64).to_le_bytes(),
+                            ]);
+                            let params = c.augment.sample(view, dims, &mut rng);
+                            let info = decoder.decode_crop(
+                                &sample.image,
+                                dims,
+                                &params.crop,
+                                size,
+                                &mut hwc,
+                            )?;
+                            params.pixels.apply(&mut hwc, size as usize);
+                            to_chw(&hwc, size as usize, params.flip, out);
+                            let scale = info.scale.trailing_zeros().min(3) as usize;
+                            c.metrics.downscaled[scale].fetch_add(1, Ordering::Relaxed);
+                            if let Some(m) = params.mask {
+                                mask.get_or_insert(m.units);
+                            }
+                        }
+                        Ok(())
                     });
                     c.metrics
                         .decode_ns
                         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     match result {
-                        Ok((params, info)) => {
-                            let scale = info.scale.trailing_zeros().min(3) as usize;
-                            c.metrics.downscaled[scale].fetch_add(1, Ordering::Relaxed);
-                            Outcome::Ready {
-                                chw: {
-                                    let mut chw = self.spare.try_recv().unwrap_or_default();
-                                    to_chw(&hwc, size as usize, params.flip, &mut chw);
-                                    chw
-                                },
-                                label: sample.cls,
-                                key: sample.key,
-                                mask: params.mask.map(|m| m.units),
-                            }
-                        }
+                        Ok(()) => Outcome::Ready {
+                            chw,
+                            label: sample.cls,
+                            key: sample.key,
+                            mask,
+                        },
                         Err(e) => {
                             let message = format!("sample {}: {e}; skipped", sample.key);
                             c.metrics.note(message); // counted when the assembler skips it
@@ -311,10 +316,10 @@ impl DecoderCtx {
     }
 }
 
-/// Interleaved HWC to planar CHW in `chw`, mirrored horizontally when `flip`.
-pub(super) fn to_chw(hwc: &[u8], size: usize, flip: bool, chw: &mut Vec<u8>) {
+/// Interleaved HWC to planar CHW in `chw` (3 x size x size bytes), mirrored horizontally
+/// when `flip`.
+pub(super) fn to_chw(hwc: &[u8], size: usize, flip: bool, chw: &mut [u8]) {
     let plane = size * size;
-    chw.resize(3 * plane, 0);
     for y in 0..size {
         for x in 0..size {
             let src = 3 * (y * size + if flip { size - 1 - x } else { x });
@@ -343,7 +348,7 @@ impl Assembler {
         let c = &self.loader;
         let plan = &self.plan;
         let (len, batch_size) = (plan.order.len() as u64, c.config.batch_size);
-        let mask_grid = c.augment.mask.map_or(0, |m| m.grid());
+        let mask_grid = c.augment.mask_grid();
         let mut pending: BTreeMap<u64, Outcome> = BTreeMap::new();
         let mut cursor = self.state.plan_cursor;
         let mut delivered = self.state.batches * batch_size;
@@ -355,7 +360,8 @@ impl Assembler {
                 &self.pool,
                 plan.epoch,
                 index,
-                c.augment.crop.size,
+                c.augment.size(),
+                c.augment.views(),
                 mask_grid,
                 want,
             );
