@@ -26,8 +26,8 @@ pub struct Meta {
     pub step: u64,
     /// Where the data stream stands (after the last batch of `step`).
     pub loader: LoaderState,
-    /// Next write position of the patch and image queues.
-    pub queue_ptr: [usize; 2],
+    /// The method's counters (MimCo: next write position of each queue).
+    pub counters: BTreeMap<String, usize>,
     /// The config the run was started with, as TOML.
     pub config: String,
 }
@@ -110,7 +110,7 @@ mod tests {
                 batches: 3,
                 plan_cursor: 12,
             },
-            queue_ptr: [4, 5],
+            counters: BTreeMap::from([("queue.patch".to_string(), 4)]),
             config: "x = 1".into(),
         };
         save(&path, &tensors, &meta).unwrap();

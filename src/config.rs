@@ -4,7 +4,32 @@
 
 use serde::{Deserialize, Serialize};
 
+use pipeline::config::TransformSet;
+
 use crate::models::vit::VitConfig;
+
+/// The pre-training objective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodKind {
+    /// MimCo stage 2: masked student against a frozen contrastive teacher.
+    Mimco,
+    /// MoCo v3 (stage 1): trains a contrastive teacher from two views.
+    Mocov3,
+    /// SimMIM: masked pixel regression, the paper's main MIM baseline.
+    Simmim,
+}
+
+impl MethodKind {
+    /// Name prefix, in checkpoints, of the encoder the method pre-trains: what `mimco
+    /// export` and evaluation read.
+    pub fn encoder_prefix(self) -> &'static str {
+        match self {
+            MethodKind::Mimco | MethodKind::Simmim => "student.",
+            MethodKind::Mocov3 => "base_encoder.",
+        }
+    }
+}
 
 /// How the patch-level loss is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +84,34 @@ impl Default for ObjectiveConfig {
     }
 }
 
+/// `[mocov3]`: MoCo v3's heads and loss (Chen et al. 2021), used when `method = "mocov3"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mocov3Config {
+    /// Output width of the projector and predictor. By default, 256.
+    pub dim: usize,
+    /// Hidden width of the projector (3 layers) and predictor (2 layers). By default, 4096.
+    pub mlp_dim: usize,
+    /// Temperature. By default, 0.2.
+    pub tau: f64,
+    /// Base momentum of the momentum encoder, raised to 1 by a cosine. By default, 0.99.
+    pub momentum: f64,
+    /// Keep the random patch projection fixed (MoCo v3's stability trick). By default, true.
+    pub freeze_patch_embed: bool,
+}
+
+impl Default for Mocov3Config {
+    fn default() -> Self {
+        Mocov3Config {
+            dim: 256,
+            mlp_dim: 4096,
+            tau: 0.2,
+            momentum: 0.99,
+            freeze_patch_embed: true,
+        }
+    }
+}
+
 /// `[optim]`: AdamW and its schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -66,8 +119,11 @@ pub struct OptimConfig {
     /// Global batch per optimiser step, across ranks; reached by gradient accumulation
     /// when `data.batch_size` x ranks is smaller. By default, 2048.
     pub batch_size: usize,
-    /// Base rate; the peak is `base_lr * batch_size / 512`. By default, 1e-3.
+    /// Base rate; the peak is `base_lr * batch_size / lr_batch`. By default, 1e-3.
     pub base_lr: f64,
+    /// The batch at which `base_lr` applies unscaled (MimCo: 512, MoCo v3: 256). By
+    /// default, 512.
+    pub lr_batch: usize,
     /// Final rate of the cosine. By default, 0.
     pub min_lr: f64,
     /// Decoupled weight decay (none on biases, norms, positions, CLS and mask tokens).
@@ -90,6 +146,7 @@ impl Default for OptimConfig {
         OptimConfig {
             batch_size: 2048,
             base_lr: 1e-3,
+            lr_batch: 512,
             min_lr: 0.0,
             weight_decay: 0.05,
             betas: [0.9, 0.999],
@@ -132,13 +189,21 @@ impl Default for TrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The learnable encoder f.
+    /// `"mimco"`, `"mocov3"` or `"simmim"`. By default, "mimco".
+    #[serde(default = "default_method")]
+    pub method: MethodKind,
+    /// The encoder this run trains (MimCo's student f).
     pub student: VitConfig,
-    /// The frozen contrastive teacher f' (same token grid and width as the student).
-    pub teacher: VitConfig,
-    /// Losses and heads.
+    /// MimCo's frozen contrastive teacher f' (same token grid and width as the student);
+    /// required for `method = "mimco"` only.
+    #[serde(default)]
+    pub teacher: Option<VitConfig>,
+    /// MimCo's losses and heads.
     #[serde(default)]
     pub objective: ObjectiveConfig,
+    /// MoCo v3's heads and loss.
+    #[serde(default)]
+    pub mocov3: Mocov3Config,
     /// Optimiser and schedule.
     #[serde(default)]
     pub optim: OptimConfig,
@@ -148,6 +213,10 @@ pub struct Config {
     /// The loader (`pipeline::LoaderConfig`): per-rank micro-batch, crops, masks.
     #[serde(default)]
     pub data: pipeline::LoaderConfig,
+}
+
+fn default_method() -> MethodKind {
+    MethodKind::Mimco
 }
 
 impl Config {
@@ -166,27 +235,83 @@ impl Config {
         self.student
             .check(size)
             .map_err(|e| anyhow::anyhow!("[student] {e}"))?;
-        self.teacher
-            .check(size)
-            .map_err(|e| anyhow::anyhow!("[teacher] {e}"))?;
-        if size / self.student.patch_size != size / self.teacher.patch_size {
-            bail!("[student] and [teacher] must have the same token grid (patch_size)");
-        }
-        let p3_reads_teacher =
-            self.objective.patch_loss == PatchLoss::Contrastive || self.objective.image_loss;
-        if p3_reads_teacher && self.student.dim != self.teacher.dim {
-            bail!(
-                "[student] dim {} and [teacher] dim {} differ: p3 (the EMA of p1) reads the teacher's features, so they must match",
-                self.student.dim,
-                self.teacher.dim
-            );
-        }
         let t = &self.data.transform;
-        if t.masking && !(t.mask_unit as usize).is_multiple_of(self.student.patch_size) {
+        let set = t.set;
+        let masks = set == TransformSet::Stage2 && t.masking;
+        if masks && !(t.mask_unit as usize).is_multiple_of(self.student.patch_size) {
             bail!(
                 "data.transform.mask_unit {} must be a multiple of [student] patch_size {}",
                 t.mask_unit,
                 self.student.patch_size
+            );
+        }
+        match self.method {
+            MethodKind::Mimco => self.check_mimco()?,
+            MethodKind::Mocov3 => {
+                if set != TransformSet::Mocov3 {
+                    bail!(
+                        "method = \"mocov3\" needs two views: set data.transform.set = \"mocov3\""
+                    );
+                }
+                let m = &self.mocov3;
+                if m.tau.is_nan() || m.tau <= 0.0 || m.dim == 0 || m.mlp_dim == 0 {
+                    bail!("[mocov3] tau, dim and mlp_dim must be positive");
+                }
+                if !(0.0..=1.0).contains(&m.momentum) {
+                    bail!("[mocov3] momentum must be within [0, 1]");
+                }
+            }
+            MethodKind::Simmim => {
+                if !masks {
+                    bail!(
+                        "method = \"simmim\" reconstructs masked patches: set data.transform.set = \"stage2\" with masking = true"
+                    );
+                }
+            }
+        }
+        let p = &self.optim;
+        if p.epochs == 0
+            || p.batch_size == 0
+            || p.lr_batch == 0
+            || p.base_lr.is_nan()
+            || p.base_lr <= 0.0
+        {
+            bail!("[optim] epochs, batch_size, lr_batch and base_lr must be positive");
+        }
+        Ok(())
+    }
+
+    /// `[teacher]`, which MimCo needs.
+    pub fn teacher(&self) -> anyhow::Result<&VitConfig> {
+        self.teacher.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "method = \"mimco\" needs a [teacher] section: the shape of the teacher checkpoint"
+            )
+        })
+    }
+
+    fn check_mimco(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        let size = self.data.transform.size as usize;
+        let teacher = self.teacher()?;
+        teacher
+            .check(size)
+            .map_err(|e| anyhow::anyhow!("[teacher] {e}"))?;
+        if self.data.transform.set != TransformSet::Stage2 {
+            bail!(
+                "method = \"mimco\" uses the stage-2 augmentation: set data.transform.set = \"stage2\""
+            );
+        }
+        if size / self.student.patch_size != size / teacher.patch_size {
+            bail!("[student] and [teacher] must have the same token grid (patch_size)");
+        }
+        let p3_reads_teacher =
+            self.objective.patch_loss == PatchLoss::Contrastive || self.objective.image_loss;
+        if p3_reads_teacher && self.student.dim != teacher.dim {
+            bail!(
+                "[student] dim {} and [teacher] dim {} differ: p3 (the EMA of p1) reads the teacher's features, so they must match",
+                self.student.dim,
+                teacher.dim
             );
         }
         let o = &self.objective;
@@ -198,10 +323,6 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&o.momentum) {
             bail!("[objective] momentum must be within [0, 1]");
-        }
-        let p = &self.optim;
-        if p.epochs == 0 || p.batch_size == 0 || p.base_lr.is_nan() || p.base_lr <= 0.0 {
-            bail!("[optim] epochs, batch_size and base_lr must be positive");
         }
         Ok(())
     }

@@ -41,6 +41,20 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&norm)
 }
 
+/// BatchNorm over the batch dimension of `(B, C)` in training mode (batch mean, biased
+/// batch variance, as `torch.nn.BatchNorm1d` normalises while training), then the affine
+/// `weight`, `bias` when given. No running statistics: the heads that use it are only
+/// trained, never evaluated.
+pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+    let var = centred.sqr()?.mean_keepdim(0)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    match affine {
+        Some((w, b)) => normed.broadcast_mul(w)?.broadcast_add(b),
+        None => Ok(normed),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +131,7 @@ mod tests {
         check_grad(logsumexp, &[3, 6]);
         check_grad(l2_normalize, &[4, 3]);
         check_grad(|x| x.gelu_erf(), &[2, 5]);
+        check_grad(|x| batch_norm(x, None, 1e-5), &[4, 3]);
     }
 
     #[test]

@@ -27,6 +27,17 @@ pub fn l1_regression(prediction: &Tensor, target: &Tensor) -> Result<Tensor> {
     (prediction - target.detach())?.abs()?.mean_all()
 }
 
+/// MoCo v3's loss (Chen et al., <https://arxiv.org/abs/2104.02057>, Algorithm 1):
+/// cross-entropy of `q_i` against all `k_j` of the batch, the positive being `k_i`, with
+/// logits `q.k / tau`, times `2 tau`. `q`, `k`: `(B, C)`, normalised here; `k` detached.
+pub fn moco_v3(q: &Tensor, k: &Tensor, tau: f64) -> Result<Tensor> {
+    let q = l2_normalize(q)?;
+    let k = l2_normalize(&k.detach())?;
+    let logits = (q.matmul(&k.t()?)? / tau)?;
+    let positive = ((&q * &k)?.sum_keepdim(D::Minus1)? / tau)?;
+    (logsumexp(&logits)? - positive)?.mean_all()? * (2.0 * tau)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +76,27 @@ mod tests {
         // By hand: row 1 = ln(e^4 + e^3 + e^-4 + e^5) - 4 = 1.40769,
         // row 2 = ln(e^3.53553 + e^5 + e^0 + e^3) - 3.53553 = 1.78166.
         assert!((expected - 1.594_676).abs() < 1e-6, "{expected}");
+    }
+
+    /// ```python
+    /// q = torch.tensor([[1., 0.], [0., 2.]], dtype=torch.float64)
+    /// k = torch.tensor([[1., 1.], [0., 1.]], dtype=torch.float64)
+    /// logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.2
+    /// F.cross_entropy(logits, torch.arange(2)) * 2 * 0.2
+    /// ```
+    #[test]
+    fn moco_v3_matches_hand_computed_value() {
+        let q = t(&[&[1.0, 0.0], &[0.0, 2.0]]);
+        let k = t(&[&[1.0, 1.0], &[0.0, 1.0]]);
+        // Unit q: (1, 0), (0, 1); unit k: (0.7071, 0.7071), (0, 1).
+        // Row 1 logits: 3.5355, 0; positive 3.5355. Row 2: 3.5355, 5; positive 5.
+        let s = 0.5f64.sqrt() / 0.2;
+        let row1 = (s.exp() + 1.0).ln() - s;
+        let row2 = (s.exp() + 5f64.exp()).ln() - 5.0;
+        let expected = (row1 + row2) / 2.0 * 0.4;
+        let got = moco_v3(&q, &k, 0.2).unwrap().to_scalar::<f64>().unwrap();
+        assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+        assert!((expected - 0.047_343).abs() < 1e-6, "{expected}");
     }
 
     #[test]

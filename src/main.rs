@@ -36,8 +36,9 @@ enum Command {
         /// (credentials and endpoint from AWS_* variables).
         #[arg(long)]
         data: String,
-        /// Teacher weights: safetensors, or a PyTorch .pth/.pth.tar (MoCo v3, timm).
-        #[arg(long, required_unless_present = "random_teacher")]
+        /// MimCo's teacher: safetensors (a `mimco export` or a MoCo v3 run's checkpoint),
+        /// or a PyTorch .pth/.pth.tar (MoCo v3 release, timm).
+        #[arg(long)]
         teacher: Option<PathBuf>,
         /// Use a random teacher instead (smoke tests and benchmarks: it teaches nothing).
         #[arg(long, conflicts_with = "teacher")]
@@ -116,15 +117,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("reading {}", config.display()))?;
             let config =
                 Config::from_toml(&text).with_context(|| format!("config {}", config.display()))?;
-            let teacher = match teacher {
-                Some(path) => TeacherSource::File(path),
-                None => {
-                    assert!(
-                        random_teacher,
-                        "clap requires --teacher or --random-teacher"
-                    );
-                    TeacherSource::Random
-                }
+            let teacher = match (teacher, random_teacher) {
+                (Some(path), _) => Some(TeacherSource::File(path)),
+                (None, true) => Some(TeacherSource::Random),
+                (None, false) => None,
             };
             train(&config, data, teacher, out, resume, !quiet)
         }
@@ -149,12 +145,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn train(
     config: &Config,
     data: String,
-    teacher: TeacherSource,
+    teacher: Option<TeacherSource>,
     out: PathBuf,
     resume: bool,
     progress: bool,
 ) -> Result<ExitCode> {
-    if matches!(teacher, TeacherSource::Random) {
+    if matches!(teacher, Some(TeacherSource::Random)) {
         eprintln!(
             "warning: random teacher: the student learns to match random features. Use it for smoke tests and benchmarks only."
         );
@@ -266,7 +262,7 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
     let code = train(
         &config,
         shards.join("train").display().to_string(),
-        TeacherSource::Random,
+        Some(TeacherSource::Random),
         out.clone(),
         false,
         true,
@@ -290,8 +286,8 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
             "   {:>5} {:>8.4} {:>8} {:>8} {:>9.1}",
             r.report.step,
             r.report.loss,
-            f(r.report.patch),
-            f(r.report.image),
+            f(r.report.part("patch")),
+            f(r.report.part("image")),
             r.images_per_s
         );
     }

@@ -118,17 +118,24 @@ pub fn plot(metrics: &Path, png: &Path, font: Option<&Path>) -> anyhow::Result<(
     let (left, right) = root.split_horizontally(600);
     let steps = records.first().map_or(0, |r| r.report.step)
         ..records.last().map_or(1, |r| r.report.step).max(1);
-    let series = |f: fn(&Record) -> Option<f64>| -> Vec<(u64, f64)> {
+    let series = |f: &dyn Fn(&Record) -> Option<f64>| -> Vec<(u64, f64)> {
         records
             .iter()
             .filter_map(|r| f(r).map(|v| (r.report.step, v)))
             .collect()
     };
-    let losses = [
-        ("loss", series(|r| Some(r.report.loss)), BLACK),
-        ("patch", series(|r| r.report.patch), BLUE),
-        ("image", series(|r| r.report.image), RED),
-    ];
+    let mut losses = vec![("loss".to_string(), series(&|r| Some(r.report.loss)), BLACK)];
+    let names: std::collections::BTreeSet<&String> =
+        records.iter().flat_map(|r| r.report.parts.keys()).collect();
+    // The total alone when the method has a single term of the same value.
+    if names.len() > 1 {
+        for (name, color) in names
+            .into_iter()
+            .zip([BLUE, RED, GREEN, MAGENTA, CYAN].into_iter().cycle())
+        {
+            losses.push((name.clone(), series(&|r| r.report.part(name)), color));
+        }
+    }
     let top = losses
         .iter()
         .flat_map(|(_, s, _)| s.iter().map(|p| p.1))
@@ -154,7 +161,7 @@ pub fn plot(metrics: &Path, png: &Path, font: Option<&Path>) -> anyhow::Result<(
         .background_style(WHITE)
         .border_style(BLACK)
         .draw()?;
-    let speed = series(|r| Some(r.images_per_s));
+    let speed = series(&|r| Some(r.images_per_s));
     let fastest = speed.iter().map(|p| p.1).fold(0.0, f64::max) * 1.1;
     let mut chart = ChartBuilder::on(&right)
         .caption("images/s", ("sans-serif", 22))

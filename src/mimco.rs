@@ -3,12 +3,15 @@
 //! encoder f sees the masked image, the frozen teacher f' the whole one, and two
 //! contrastive reconstruction losses tie them at patch level (Eq. 1) and image level (Eq. 3).
 
+use std::collections::{BTreeMap, HashMap};
+
 use candle_core::{D, Device, Module, Result, Tensor};
 use candle_nn::Linear;
 
 use crate::config::{Config, PatchLoss};
 use crate::functional::l2_normalize;
 use crate::loss::{info_nce, l1_regression};
+use crate::method::{Losses, Method, ema};
 use crate::models::Encoder;
 use crate::models::mlp::{Mlp2, linear};
 use crate::models::vit::Vit;
@@ -55,18 +58,6 @@ impl Heads {
         let k = l2_normalize(&self.p3.forward(zk)?.detach())?;
         Ok((q, k))
     }
-}
-
-/// What one forward pass computed.
-pub struct Losses {
-    /// `w_p * L_patch + w_I * L_image`.
-    pub total: Tensor,
-    /// L_patch (Eq. 1, or the l1 ablation), when on.
-    pub patch: Option<Tensor>,
-    /// L_image (Eq. 3), when on.
-    pub image: Option<Tensor>,
-    patch_keys: Option<Tensor>,
-    image_keys: Option<Tensor>,
 }
 
 /// The method: student, frozen teacher, heads and queues.
@@ -117,7 +108,7 @@ impl MimCo {
             PatchLoss::L1 => Some(linear(
                 trainable.var_builder(device).pp("patch.regressor"),
                 dim,
-                config.teacher.dim,
+                config.teacher.as_ref().map_or(dim, |t| t.dim),
             )?),
             _ => None,
         };
@@ -140,11 +131,6 @@ impl MimCo {
         };
         mimco.update_momentum(0.0)?;
         Ok(mimco)
-    }
-
-    /// The config the model was built from.
-    pub fn config(&self) -> &Config {
-        &self.config
     }
 
     /// Algorithm 1 for one batch. `images`: `(B, 3, H, W)` normalised; `mask`: one byte per
@@ -170,57 +156,105 @@ impl MimCo {
                 .index_select(&picked, 0)
         };
 
-        let (mut patch, mut patch_keys) = (None, None);
+        let (mut parts, mut keys) = (Vec::new(), Vec::new());
+        let mut total: Option<Tensor> = None;
+        let mut add = |name, loss: Tensor, weight: f64| -> Result<()> {
+            let weighted = (&loss * weight)?;
+            total = Some(match total.take() {
+                Some(t) => (t + weighted)?,
+                None => weighted,
+            });
+            parts.push((name, loss));
+            Ok(())
+        };
         if let Some(h) = &self.patch {
             let (q, k) = h.qk(&take(&z)?, &zk)?;
-            patch = Some(info_nce(&q, &take(&k)?, self.patch_queue.keys(), o.tau)?);
-            patch_keys = Some(l2_normalize(&k.mean(1)?)?);
+            add(
+                "patch",
+                info_nce(&q, &take(&k)?, self.patch_queue.keys(), o.tau)?,
+                o.patch_weight,
+            )?;
+            keys.push(("patch", l2_normalize(&k.mean(1)?)?));
         } else if let Some(r) = &self.regressor {
-            patch = Some(l1_regression(&r.forward(&take(&z)?)?, &take(&zk)?)?);
+            add(
+                "patch",
+                l1_regression(&r.forward(&take(&z)?)?, &take(&zk)?)?,
+                o.patch_weight,
+            )?;
         }
-        let (mut image, mut image_keys) = (None, None);
         if let Some(h) = &self.image {
             let (q, k) = h.qk(&z.mean(1)?, &zk.mean(1)?)?;
-            image = Some(info_nce(&q, &k, self.image_queue.keys(), o.tau)?);
-            image_keys = Some(k);
+            add(
+                "image",
+                info_nce(&q, &k, self.image_queue.keys(), o.tau)?,
+                o.image_weight,
+            )?;
+            keys.push(("image", k));
         }
-        let total = match (&patch, &image) {
-            (Some(p), Some(i)) => ((p * o.patch_weight)? + (i * o.image_weight)?)?,
-            (Some(p), None) => (p * o.patch_weight)?,
-            (None, Some(i)) => (i * o.image_weight)?,
-            (None, None) => candle_core::bail!("no loss is on"),
+        let Some(total) = total else {
+            candle_core::bail!("no loss is on");
         };
-        Ok(Losses {
-            total,
-            patch,
-            image,
-            patch_keys,
-            image_keys,
-        })
+        Ok(Losses { total, parts, keys })
+    }
+}
+
+impl Method for MimCo {
+    fn config(&self) -> &Config {
+        &self.config
     }
 
-    /// Puts the batch's teacher keys into the queues; call after the loss (the current
-    /// keys are never their own negatives).
-    pub fn enqueue(&mut self, losses: &Losses) -> Result<()> {
-        if let Some(k) = &losses.patch_keys {
-            self.patch_queue.enqueue(k)?;
-        }
-        if let Some(k) = &losses.image_keys {
-            self.image_queue.enqueue(k)?;
+    fn losses(&self, views: &[Tensor], mask: &[u8]) -> Result<Losses> {
+        self.forward(&views[0], mask)
+    }
+
+    /// Puts the batch's teacher keys into the queues, after the loss (the current keys are
+    /// never their own negatives).
+    fn after_loss(&mut self, losses: &Losses) -> Result<()> {
+        for (name, k) in &losses.keys {
+            match *name {
+                "patch" => self.patch_queue.enqueue(k)?,
+                _ => self.image_queue.enqueue(k)?,
+            }
         }
         Ok(())
     }
 
     /// p3 <- m * p3 + (1 - m) * p1 for both head sets (m = 0 copies p1).
-    pub fn update_momentum(&self, m: f64) -> Result<()> {
-        let p1: std::collections::BTreeMap<_, _> = self.trainable.vars().into_iter().collect();
-        for (name, p3) in self.momentum.vars() {
-            let source = name.replacen(".p3.", ".p1.", 1);
-            let Some(p1) = p1.get(&source) else {
-                candle_core::bail!("momentum parameter {name} has no projector {source}");
+    fn update_momentum(&self, m: f64) -> Result<()> {
+        ema(&self.momentum, &self.trainable, m, |name| {
+            name.replacen(".p3.", ".p1.", 1)
+        })
+    }
+
+    fn trainable(&self) -> &ParamStore {
+        &self.trainable
+    }
+
+    fn buffers(&self) -> (BTreeMap<String, Tensor>, BTreeMap<String, usize>) {
+        let mut tensors = self.momentum.tensors();
+        tensors.insert("queue.patch".into(), self.patch_queue.keys().clone());
+        tensors.insert("queue.image".into(), self.image_queue.keys().clone());
+        let counters = BTreeMap::from([
+            ("queue.patch".to_string(), self.patch_queue.ptr()),
+            ("queue.image".to_string(), self.image_queue.ptr()),
+        ]);
+        (tensors, counters)
+    }
+
+    fn load_buffers(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        counters: &BTreeMap<String, usize>,
+    ) -> Result<()> {
+        self.momentum.load(tensors, "")?;
+        for (name, queue) in [
+            ("queue.patch", &mut self.patch_queue),
+            ("queue.image", &mut self.image_queue),
+        ] {
+            let (Some(keys), Some(&ptr)) = (tensors.get(name), counters.get(name)) else {
+                candle_core::bail!("the checkpoint has no {name}");
             };
-            let next = ((p3.as_tensor() * m)? + (p1.as_tensor().detach() * (1.0 - m))?)?;
-            p3.set(&next)?;
+            *queue = KeyQueue::from_parts(keys.to_device(queue.keys().device())?, ptr)?;
         }
         Ok(())
     }

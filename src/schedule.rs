@@ -22,9 +22,10 @@ pub fn momentum(step: u64, total: u64, base: f64) -> f64 {
     1.0 - (1.0 - base) * ((PI * progress).cos() + 1.0) / 2.0
 }
 
-/// The paper's rule for the peak rate: `base_lr * batch / 512`.
-pub fn scaled_lr(base_lr: f64, global_batch: usize) -> f64 {
-    base_lr * global_batch as f64 / 512.0
+/// The linear scaling rule for the peak rate: `base_lr * batch / lr_batch` (MimCo: 512,
+/// MoCo v3: 256).
+pub fn scaled_lr(base_lr: f64, global_batch: usize, lr_batch: usize) -> f64 {
+    base_lr * global_batch as f64 / lr_batch as f64
 }
 
 #[cfg(test)]
@@ -44,7 +45,7 @@ mod tests {
         for s in 10..110 {
             assert!(lr(s + 1) <= lr(s), "non-increasing after warm-up");
         }
-        assert!((scaled_lr(1e-3, 2048) - 4e-3).abs() < 1e-15);
+        assert!((scaled_lr(1e-3, 2048, 512) - 4e-3).abs() < 1e-15);
     }
 
     #[test]

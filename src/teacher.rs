@@ -14,9 +14,14 @@ use crate::models::vit::{PosEmbed, Vit, VitConfig};
 use crate::params::ParamStore;
 
 /// Key prefixes stripped from checkpoint names, first match wins: MoCo v3's base encoder
-/// (its momentum encoder and predictor are ignored), DDP's `module.`, a MimCo checkpoint's
-/// `student.`.
-const PREFIXES: [&str; 3] = ["module.base_encoder.", "module.", "student."];
+/// in a release (its momentum encoder and predictor are ignored), DDP's `module.`, the
+/// base encoder of a `mimco` MoCo v3 run, the student of a MimCo or SimMIM run.
+const PREFIXES: [&str; 4] = [
+    "module.base_encoder.",
+    "module.",
+    "base_encoder.",
+    "student.",
+];
 
 /// Reads every tensor of a safetensors file or a PyTorch zip checkpoint (looking inside
 /// `state_dict` or `model` when the file holds a dict around the weights).

@@ -12,7 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pipeline::{Loader, LoaderState, StoreOptions, Topology};
 
 use crate::checkpoint;
-use crate::config::Config;
+use crate::config::{Config, MethodKind};
+use crate::method;
 use crate::metrics::{MetricsLog, Record};
 use crate::teacher;
 use crate::trainer::{StepReport, Trainer};
@@ -39,8 +40,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Continue from `out/last.safetensors`.
     pub resume: bool,
-    /// The frozen teacher.
-    pub teacher: TeacherSource,
+    /// MimCo's frozen teacher (other methods take none).
+    pub teacher: Option<TeacherSource>,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Set (by Ctrl-C) to checkpoint and stop after the current step.
@@ -91,6 +92,15 @@ pub fn last_checkpoint(out: &Path) -> PathBuf {
 /// Trains `config` on `opts.data` until the schedule, `max_steps` or a stop request ends it.
 pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     let device = Device::Cpu;
+    match (config.method, &opts.teacher) {
+        (MethodKind::Mimco, None) => bail!(
+            "MimCo needs its teacher: pass --teacher FILE (or --random-teacher for a smoke test)"
+        ),
+        (MethodKind::Mimco, Some(_)) | (_, None) => {}
+        (method, Some(_)) => {
+            bail!("method {method:?} trains without a teacher: drop --teacher/--random-teacher")
+        }
+    }
     let ckpt_path = last_checkpoint(&opts.out);
     if !opts.resume && ckpt_path.exists() {
         bail!(
@@ -133,20 +143,20 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     }
     let size = config.data.transform.size as usize;
     let teacher = match &opts.teacher {
-        TeacherSource::File(path) => teacher::load(path, &config.teacher, size, &device)?,
-        TeacherSource::Random => {
-            teacher::random(&config.teacher, size, config.train.seed, &device)?
+        Some(TeacherSource::File(path)) => {
+            Some(teacher::load(path, config.teacher()?, size, &device)?)
         }
+        Some(TeacherSource::Random) => Some(teacher::random(
+            config.teacher()?,
+            size,
+            config.train.seed,
+            &device,
+        )?),
+        None => None,
     };
+    let model = method::build(config, teacher, &device)?;
     let steps_per_epoch = batches_per_epoch as f64 / accumulation as f64;
-    let mut trainer = Trainer::new(
-        config,
-        teacher,
-        total_steps,
-        steps_per_epoch,
-        accumulation,
-        &device,
-    )?;
+    let mut trainer = Trainer::new(model, total_steps, steps_per_epoch, accumulation, &device)?;
     let mut state = LoaderState::default();
     if opts.resume {
         let (tensors, meta) = checkpoint::load(&ckpt_path, &device)?;
@@ -187,14 +197,14 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             let step = report.step;
             if step % config.train.log_every.max(1) == 0 || step == max_steps {
                 let record = window.record(&report, state.epoch, started.elapsed());
-                let part = |name: &str, v: Option<f64>| {
-                    v.map_or(String::new(), |v| format!(" {name} {v:.3}"))
-                };
+                let parts: String = report
+                    .parts
+                    .iter()
+                    .map(|(name, v)| format!(" {name} {v:.3}"))
+                    .collect();
                 bar.set_message(format!(
-                    "loss {:.4}{}{} lr {:.2e} {:.0} img/s data wait {:.0}%",
+                    "loss {:.4}{parts} lr {:.2e} {:.0} img/s data wait {:.0}%",
                     report.loss,
-                    part("patch", report.patch),
-                    part("image", report.image),
                     report.lr,
                     record.images_per_s,
                     100.0 * record.data_wait

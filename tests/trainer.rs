@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::train::tiny_config;
 use mimco::Config;
+use mimco::method::Method;
 use mimco::mimco::MimCo;
 use mimco::models::Encoder;
 use mimco::train::{Outcome, RunOptions, TeacherSource, run};
@@ -27,7 +28,7 @@ fn random_images(b: usize, size: usize, seed: u32) -> Tensor {
 }
 
 fn model(config: &Config) -> MimCo {
-    let teacher = mimco::teacher::random(&config.teacher, 32, 1, &Device::Cpu).unwrap();
+    let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 1, &Device::Cpu).unwrap();
     MimCo::new(config, teacher, &Device::Cpu).unwrap()
 }
 
@@ -167,8 +168,15 @@ fn p3_starts_as_p1_and_follows_it_by_ema() {
 #[test]
 fn weight_decay_groups_of_the_real_model() {
     let config = tiny_config(4, 1);
-    let teacher = mimco::teacher::random(&config.teacher, 32, 1, &Device::Cpu).unwrap();
-    let t = Trainer::new(&config, teacher, 10, 5.0, 1, &Device::Cpu).unwrap();
+    let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 1, &Device::Cpu).unwrap();
+    let t = Trainer::new(
+        Box::new(MimCo::new(&config, teacher, &Device::Cpu).unwrap()),
+        10,
+        5.0,
+        1,
+        &Device::Cpu,
+    )
+    .unwrap();
     let (decayed, plain) = t.optimizer().groups();
     for name in &plain {
         assert!(
@@ -199,11 +207,18 @@ fn weight_decay_groups_of_the_real_model() {
 #[test]
 fn nan_stops_training_before_any_update() {
     let config = tiny_config(4, 1);
-    let teacher = mimco::teacher::random(&config.teacher, 32, 1, &Device::Cpu).unwrap();
-    let mut t = Trainer::new(&config, teacher, 10, 5.0, 1, &Device::Cpu).unwrap();
+    let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 1, &Device::Cpu).unwrap();
+    let mut t = Trainer::new(
+        Box::new(MimCo::new(&config, teacher, &Device::Cpu).unwrap()),
+        10,
+        5.0,
+        1,
+        &Device::Cpu,
+    )
+    .unwrap();
     let before = t.checkpoint(Default::default()).unwrap().0;
     let nan = (random_images(4, 32, 0) * f64::NAN).unwrap();
-    let err = t.micro_batch(&nan, &masks(4)).unwrap_err().to_string();
+    let err = t.micro_batch(&[nan], &masks(4)).unwrap_err().to_string();
     // ReLU in the heads turns NaN features into finite losses; the gradient norm
     // still catches them.
     assert!(
@@ -238,7 +253,7 @@ fn options(data: &Path, out: &Path, resume: bool) -> RunOptions {
         topology: Topology::default(),
         out: out.to_path_buf(),
         resume,
-        teacher: TeacherSource::Random,
+        teacher: Some(TeacherSource::Random),
         progress: false,
         stop: Arc::new(AtomicBool::new(false)),
     }
@@ -299,8 +314,15 @@ fn resume_continues_exactly_and_checkpoints_round_trip_bit_for_bit() {
 
     // Round trip: restore the step-4 checkpoint into a fresh trainer and take it again.
     config.train.max_steps = 4;
-    let teacher = mimco::teacher::random(&config.teacher, 32, 0, &Device::Cpu).unwrap();
-    let mut fresh = Trainer::new(&config, teacher, 24, 6.0, 2, &Device::Cpu).unwrap();
+    let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 0, &Device::Cpu).unwrap();
+    let mut fresh = Trainer::new(
+        Box::new(MimCo::new(&config, teacher, &Device::Cpu).unwrap()),
+        24,
+        6.0,
+        2,
+        &Device::Cpu,
+    )
+    .unwrap();
     let state = fresh.restore(&t1, &meta1).unwrap();
     let (again, meta_again) = fresh.checkpoint(state).unwrap();
     let again: HashMap<String, Tensor> = again.into_iter().collect();
@@ -414,19 +436,20 @@ fn bad_configs_and_teachers_get_clear_errors() {
     let err = Config::from_toml(&text.replace("mask_unit = 8", "mask_unit = 12")).unwrap_err();
     assert!(format!("{err:#}").contains("mask_unit"), "{err:#}");
     let mut wrong = config.clone();
-    wrong.teacher.dim = 48;
+    wrong.teacher.as_mut().unwrap().dim = 48;
     let err = wrong.check().unwrap_err().to_string();
     assert!(err.contains("dim 32") && err.contains("dim 48"), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
     let garbage = dir.path().join("teacher.pth");
     std::fs::write(&garbage, b"not a zip").unwrap();
-    let err = mimco::teacher::load(&garbage, &config.teacher, 32, &Device::Cpu).unwrap_err();
+    let err =
+        mimco::teacher::load(&garbage, config.teacher().unwrap(), 32, &Device::Cpu).unwrap_err();
     assert!(format!("{err:#}").contains("PyTorch checkpoint"), "{err:#}");
     assert!(
         mimco::teacher::load(
             &dir.path().join("missing.safetensors"),
-            &config.teacher,
+            config.teacher().unwrap(),
             32,
             &Device::Cpu
         )
@@ -436,7 +459,7 @@ fn bad_configs_and_teachers_get_clear_errors() {
     // A MoCo v3-style file (module.base_encoder.*) of the wrong depth and width: every
     // mismatch is listed.
     let store = mimco::params::ParamStore::new(0);
-    let mut other = config.teacher.clone();
+    let mut other = config.teacher().unwrap().clone();
     other.dim = 48;
     other.depth = 3;
     mimco::models::vit::Vit::new(store.var_builder(&Device::Cpu), &other, 32, false).unwrap();
@@ -453,7 +476,7 @@ fn bad_configs_and_teachers_get_clear_errors() {
     candle_core::safetensors::save(&tensors, &file).unwrap();
     let err = format!(
         "{:#}",
-        mimco::teacher::load(&file, &config.teacher, 32, &Device::Cpu).unwrap_err()
+        mimco::teacher::load(&file, config.teacher().unwrap(), 32, &Device::Cpu).unwrap_err()
     );
     assert!(err.contains("module.base_encoder."), "{err}");
     assert!(
@@ -472,8 +495,13 @@ fn a_mocov3_pth_checkpoint_loads_as_teacher() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_config(4, 1);
     let store = mimco::params::ParamStore::new(4);
-    mimco::models::vit::Vit::new(store.var_builder(&Device::Cpu), &config.teacher, 32, false)
-        .unwrap();
+    mimco::models::vit::Vit::new(
+        store.var_builder(&Device::Cpu),
+        config.teacher().unwrap(),
+        32,
+        false,
+    )
+    .unwrap();
     let st = dir.path().join("teacher.safetensors");
     candle_core::safetensors::save(&store.tensors().into_iter().collect(), &st).unwrap();
     let pth = dir.path().join("vit-s-300ep.pth.tar");
@@ -495,8 +523,8 @@ fn a_mocov3_pth_checkpoint_loads_as_teacher() {
         let _ = std::fs::write(tmp.join("SKIPPED-pth.txt"), format!("{why}\n"));
         return;
     }
-    let from_pth = mimco::teacher::load(&pth, &config.teacher, 32, &Device::Cpu).unwrap();
-    let from_st = mimco::teacher::load(&st, &config.teacher, 32, &Device::Cpu).unwrap();
+    let from_pth = mimco::teacher::load(&pth, config.teacher().unwrap(), 32, &Device::Cpu).unwrap();
+    let from_st = mimco::teacher::load(&st, config.teacher().unwrap(), 32, &Device::Cpu).unwrap();
     let x = random_images(2, 32, 8);
     let a = from_pth.forward(&x, None).unwrap().patches;
     let b = from_st.forward(&x, None).unwrap().patches;
@@ -521,8 +549,8 @@ fn forward_losses_match_an_f64_reference() {
     let images = random_images(2, 32, 11);
     let mask = masks(2);
     let losses = m.forward(&images, &mask).unwrap();
-    let got_patch = losses.patch.as_ref().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let got_image = losses.image.as_ref().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let got_patch = losses.part("patch").unwrap().to_scalar::<f32>().unwrap() as f64;
+    let got_image = losses.part("image").unwrap().to_scalar::<f32>().unwrap() as f64;
 
     let rows = |t: &Tensor| -> Vec<Vec<f64>> {
         let t = t.to_dtype(DType::F64).unwrap();
@@ -535,7 +563,7 @@ fn forward_losses_match_an_f64_reference() {
         .reshape((2, 16))
         .unwrap();
     let z = rows(&m.student.forward(&images, Some(&mask_t)).unwrap().patches); // 32 rows
-    let teacher = mimco::teacher::random(&config.teacher, 32, 1, &Device::Cpu).unwrap();
+    let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 1, &Device::Cpu).unwrap();
     let zk = rows(&teacher.forward(&images, None).unwrap().patches);
     let weights: HashMap<String, Tensor> = m
         .trainable
@@ -618,7 +646,7 @@ fn forward_losses_match_an_f64_reference() {
     // After the loss, each image's mean unit patch key (renormalised) joins the patch
     // queue, and its image key the image queue, at the front of the FIFO.
     let mut m = m;
-    m.enqueue(&losses).unwrap();
+    m.after_loss(&losses).unwrap();
     let (pq, iq) = (rows(m.patch_queue.keys()), rows(m.image_queue.keys()));
     for b in 0..2 {
         let keys: Vec<Vec<f64>> = (b * 16..b * 16 + 16)
@@ -662,7 +690,7 @@ fn ablations_train() {
         assert_eq!(s.steps, 3, "{name}");
         for r in &s.reports {
             assert_eq!(
-                (r.patch.is_some(), r.image.is_some()),
+                (r.part("patch").is_some(), r.part("image").is_some()),
                 (patch, image),
                 "{name}"
             );

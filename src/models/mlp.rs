@@ -7,6 +7,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
+use crate::functional::batch_norm;
+
 /// `Linear(in, hidden) -> ReLU -> Linear(hidden, out)`, named `fc1`, `fc2`.
 #[derive(Clone, Debug)]
 pub struct Mlp2 {
@@ -38,5 +40,66 @@ impl Mlp2 {
 impl Module for Mlp2 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(x)?.relu()?)
+    }
+}
+
+/// MoCo v3's MLP (`_build_mlp` in its `builder.py`): `num_layers` bias-free Linears, each
+/// but the last followed by BatchNorm and ReLU, the last by an affine-free BatchNorm when
+/// `last_bn`. Names follow the `nn.Sequential` indices (`0` Linear, `1` BN, `3` Linear, ...).
+#[derive(Clone, Debug)]
+pub struct MocoMlp {
+    layers: Vec<(Tensor, Option<(Tensor, Tensor)>)>,
+    last_bn: bool,
+}
+
+impl MocoMlp {
+    /// Builds the MLP under `vb`: `input -> mlp_dim -> ... -> output`.
+    pub fn new(
+        vb: VarBuilder,
+        num_layers: usize,
+        input: usize,
+        mlp_dim: usize,
+        output: usize,
+        last_bn: bool,
+    ) -> Result<MocoMlp> {
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let mut layers = Vec::with_capacity(num_layers);
+        for l in 0..num_layers {
+            let (d1, d2) = (
+                if l == 0 { input } else { mlp_dim },
+                if l + 1 == num_layers { output } else { mlp_dim },
+            );
+            let w = vb.get_with_hints((d2, d1), &format!("{}.weight", 3 * l), init)?;
+            let bn = if l + 1 < num_layers {
+                let bn = vb.pp((3 * l + 1).to_string());
+                Some((
+                    bn.get_with_hints(d2, "weight", Init::Const(1.0))?,
+                    bn.get_with_hints(d2, "bias", Init::Const(0.0))?,
+                ))
+            } else {
+                None
+            };
+            layers.push((w, bn));
+        }
+        Ok(MocoMlp { layers, last_bn })
+    }
+}
+
+impl Module for MocoMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        let last = self.layers.len() - 1;
+        for (l, (w, bn)) in self.layers.iter().enumerate() {
+            x = x.matmul(&w.t()?)?;
+            if let Some((g, b)) = bn {
+                x = batch_norm(&x, Some((g, b)), 1e-5)?.relu()?;
+            } else if l == last && self.last_bn {
+                x = batch_norm(&x, None, 1e-5)?;
+            }
+        }
+        Ok(x)
     }
 }

@@ -284,17 +284,17 @@ impl Vit {
     pub fn pos_embed(&self) -> &Tensor {
         &self.pos_embed
     }
+}
 
-    /// `(B, 3, H, W)` -> `(B, N, 3*p*p)`, each row one patch in (channel, y, x) order,
-    /// which is the layout of the convolution's weight.
-    fn patchify(&self, images: &Tensor) -> Result<Tensor> {
-        let (b, c, _, _) = images.dims4()?;
-        let (g, p) = (self.grid, self.config.patch_size);
-        images
-            .reshape((b, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, g * g, c * p * p))
-    }
+/// `(B, 3, H, W)` -> `(B, N, 3*p*p)`: each row one `p` x `p` patch in (channel, row, column)
+/// order, the layout of the stride-p convolution's weight (and of SimMIM's PixelShuffle).
+pub fn patchify(images: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, c, h, w) = images.dims4()?;
+    let (gh, gw) = (h / p, w / p);
+    images
+        .reshape((b, c, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b, gh * gw, c * p * p))
 }
 
 impl Encoder for Vit {
@@ -312,8 +312,7 @@ impl Encoder for Vit {
         if h != expected || w != expected {
             candle_core::bail!("images are {h}x{w}, this ViT was built for {expected}x{expected}");
         }
-        let mut x = self
-            .patchify(images)?
+        let mut x = patchify(images, self.config.patch_size)?
             .broadcast_matmul(&self.patch_weight.t()?)?
             .broadcast_add(&self.patch_bias)?;
         if let (Some(mask), Some(token)) = (mask, &self.mask_token) {

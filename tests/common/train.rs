@@ -46,3 +46,22 @@ mask_unit = 8
     );
     Config::from_toml(&text).unwrap()
 }
+
+/// [`tiny_config`] for MoCo v3 (two views, small heads) or SimMIM, without a teacher.
+pub fn tiny_stage1_config(method: &str, batch: usize) -> Config {
+    let mut c = tiny_config(batch, 1);
+    c.method = toml::from_str::<std::collections::HashMap<String, mimco::config::MethodKind>>(
+        &format!("m = \"{method}\""),
+    )
+    .unwrap()["m"];
+    c.teacher = None;
+    c.mocov3.dim = 32;
+    c.mocov3.mlp_dim = 64;
+    if method == "mocov3" {
+        c.data.transform.set = pipeline::config::TransformSet::Mocov3;
+        c.data.transform.scale = [0.08, 1.0];
+        c.data.transform.blur_sigma = [0.1, 0.3];
+    }
+    c.check().unwrap();
+    c
+}
