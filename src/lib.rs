@@ -20,6 +20,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod export;
 pub mod functional;
 pub mod loss;

@@ -53,7 +53,12 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Write the student encoder of a checkpoint alone, with timm's parameter names.
+    /// Evaluate an encoder on frozen features of labelled shards: k-NN or a linear probe.
+    Eval {
+        #[command(subcommand)]
+        kind: EvalKind,
+    },
+    /// Write the pre-trained encoder of a checkpoint alone, with timm's parameter names.
     Export {
         /// A checkpoint (e.g. runs/mimco/last.safetensors).
         checkpoint: PathBuf,
@@ -81,6 +86,68 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         steps: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum EvalKind {
+    /// Weighted k-NN (DINO): cosine similarity, k nearest vote with exp(sim / T).
+    Knn {
+        #[command(flatten)]
+        common: EvalArgs,
+        /// Neighbours.
+        #[arg(long, default_value_t = 20)]
+        k: usize,
+        /// Temperature of the votes.
+        #[arg(long, default_value_t = 0.07)]
+        temperature: f64,
+    },
+    /// Linear probe: SGD (momentum 0.9, cosine) on standardised frozen features.
+    Linear {
+        #[command(flatten)]
+        common: EvalArgs,
+        /// Passes over the training features.
+        #[arg(long, default_value_t = 50)]
+        epochs: usize,
+        /// Samples per step.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 0.1)]
+        lr: f64,
+    },
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Shards of the labelled training split (folder or URL).
+    #[arg(long)]
+    train: String,
+    /// Shards of the labelled validation split.
+    #[arg(long)]
+    val: String,
+    /// Weights: a mimco checkpoint (brings its config), an export, a MoCo v3 release or a
+    /// timm state dict. Without it, a randomly initialised encoder (needs --config).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Config whose [student] is the architecture and [data] the image size; taken from
+    /// the checkpoint when omitted.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Image feature: the CLS token or the mean patch token after the final norm.
+    #[arg(long, value_enum, default_value = "cls")]
+    feature: FeatureArg,
+    /// Name of the run in the results file (by default, the weights' file name).
+    #[arg(long)]
+    label: Option<String>,
+    /// JSON-lines file the result is appended to.
+    #[arg(long, default_value = "eval-results.jsonl")]
+    results: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FeatureArg {
+    Cls,
+    Mean,
 }
 
 fn main() -> ExitCode {
@@ -124,6 +191,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             train(&config, data, teacher, out, resume, !quiet)
         }
+        Command::Eval { kind } => evaluate(kind),
         Command::Export { checkpoint, out } => {
             let n = mimco::export::export(&checkpoint, &out)?;
             println!(
@@ -297,4 +365,87 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
         Err(e) => println!("== 5. no plot: {e:#}"),
     }
     Ok(code)
+}
+
+fn evaluate(kind: EvalKind) -> Result<ExitCode> {
+    use mimco::eval::{self, EvalResult, Feature};
+    let common = match &kind {
+        EvalKind::Knn { common, .. } | EvalKind::Linear { common, .. } => common,
+    };
+    let config = match &common.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(Config::from_toml(&text).with_context(|| format!("config {}", path.display()))?)
+        }
+        None => None,
+    };
+    let subject = eval::load_subject(common.weights.as_deref(), config)?;
+    let feature = match common.feature {
+        FeatureArg::Cls => Feature::Cls,
+        FeatureArg::Mean => Feature::Mean,
+    };
+    let store = StoreOptions::from_vars(std::env::vars());
+    let normalise = matches!(kind, EvalKind::Knn { .. });
+    let train = eval::extract(&subject, &common.train, &store, feature, normalise)?;
+    let val = eval::extract(&subject, &common.val, &store, feature, normalise)?;
+    eval::same_classes(&train, &val)?;
+    let classes = train.classes.len();
+    let (name, accuracy, settings) = match kind {
+        EvalKind::Knn { k, temperature, .. } => {
+            let a = eval::knn::knn(
+                &train.values,
+                &train.labels,
+                &val.values,
+                &val.labels,
+                train.dim,
+                classes,
+                k,
+                temperature,
+            )?;
+            ("knn", a, format!("k={k}, T={temperature}"))
+        }
+        EvalKind::Linear {
+            epochs, batch, lr, ..
+        } => {
+            let settings = eval::linear::ProbeSettings {
+                epochs,
+                batch,
+                lr,
+                seed: 0,
+            };
+            let a = eval::linear::linear_probe(
+                &train.values,
+                &train.labels,
+                &val.values,
+                &val.labels,
+                train.dim,
+                classes,
+                settings,
+            )?;
+            (
+                "linear",
+                a,
+                format!("{epochs} epochs, batch {batch}, lr {lr}"),
+            )
+        }
+    };
+    let weights = common
+        .weights
+        .as_ref()
+        .map_or("random-init".to_string(), |w| w.display().to_string());
+    let result = EvalResult {
+        eval: name.into(),
+        label: common.label.clone().unwrap_or_else(|| weights.clone()),
+        weights,
+        feature,
+        top1: accuracy.top1,
+        top5: accuracy.top5,
+        train_samples: train.labels.len(),
+        val_samples: val.labels.len(),
+        settings,
+    };
+    println!("{}", result.line());
+    result.append_to(&common.results)?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -211,3 +211,122 @@ fn shipped_configs_are_valid() {
     }
     assert!(n >= 3);
 }
+
+/// `mimco eval knn|linear` on a checkpoint, an export and a random init append one line
+/// each to the results file; weights that do not fit the config's architecture are refused
+/// with the names listed.
+#[test]
+fn eval_knn_and_linear() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 3, 8, false, 4)
+        .display()
+        .to_string();
+    let mut config = tiny_config(4, 1);
+    config.train.max_steps = 2;
+    std::fs::write(
+        dir.path().join("tiny.toml"),
+        toml::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let args = [
+        "train",
+        "--config",
+        "tiny.toml",
+        "--data",
+        &data,
+        "--random-teacher",
+        "--out",
+        "run",
+        "--quiet",
+    ];
+    let o = mimco(&args, dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mimco(
+        &["export", "run/last.safetensors", "student.safetensors"],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let split = [
+        "--train",
+        &data,
+        "--val",
+        &data,
+        "--results",
+        "results.jsonl",
+    ];
+    let runs: [&[&str]; 4] = [
+        &[
+            "eval",
+            "knn",
+            "--weights",
+            "run/last.safetensors",
+            "--label",
+            "ckpt",
+        ],
+        &[
+            "eval",
+            "linear",
+            "--weights",
+            "student.safetensors",
+            "--config",
+            "tiny.toml",
+            "--epochs",
+            "3",
+            "--feature",
+            "mean",
+        ],
+        &["eval", "knn", "--config", "tiny.toml", "--label", "random"],
+        &["eval", "linear", "--config", "tiny.toml", "--epochs", "2"],
+    ];
+    for args in runs {
+        let all: Vec<&str> = args.iter().chain(split.iter()).copied().collect();
+        let o = mimco(&all, dir.path());
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains("top-1") && text(&o).contains("24 train / 24 val"),
+            "{}",
+            text(&o)
+        );
+    }
+    let lines = std::fs::read_to_string(dir.path().join("results.jsonl")).unwrap();
+    let records: Vec<mimco::eval::EvalResult> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 4);
+    assert_eq!(
+        (records[0].eval.as_str(), records[0].label.as_str()),
+        ("knn", "ckpt")
+    );
+    assert_eq!(records[3].weights, "random-init");
+    assert!(
+        records
+            .iter()
+            .all(|r| (0.0..=100.0).contains(&r.top1) && r.top5 >= r.top1)
+    );
+
+    let mut wider = config.clone();
+    wider.student.dim = 48;
+    wider.teacher = Some(wider.student.clone());
+    std::fs::write(
+        dir.path().join("wide.toml"),
+        toml::to_string(&wider).unwrap(),
+    )
+    .unwrap();
+    let args = [
+        "eval",
+        "knn",
+        "--weights",
+        "student.safetensors",
+        "--config",
+        "wide.toml",
+    ];
+    let all: Vec<&str> = args.iter().chain(split.iter()).copied().collect();
+    let o = mimco(&all, dir.path());
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("cls_token: shape [1, 1, 32] in the file, [1, 1, 48] expected"),
+        "{}",
+        text(&o)
+    );
+}

@@ -1,0 +1,201 @@
+//! Evaluation of a pre-trained encoder on frozen features from labelled shards: k-NN
+//! ([`knn`]) and a linear probe ([`linear`]). Features are the CLS token or the mean patch
+//! token after the final norm, from one centre crop per image.
+
+pub mod knn;
+pub mod linear;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{Device, Tensor};
+use pipeline::config::TransformSet;
+use pipeline::{Loader, LoaderState, StoreOptions, Topology};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::config::Config;
+use crate::functional::l2_normalize;
+use crate::models::Encoder;
+use crate::models::vit::Vit;
+use crate::params::ParamStore;
+use crate::trainer::{MEAN, STD};
+
+/// Which token stands for an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Feature {
+    /// The CLS token after the final norm.
+    Cls,
+    /// The mean of the patch tokens after the final norm.
+    Mean,
+}
+
+/// The encoder to evaluate and the config that shapes it.
+pub struct Subject {
+    /// The encoder, frozen.
+    pub encoder: Box<dyn Encoder>,
+    /// Its config: `[student]` is the architecture, `[data]` the image size and loader.
+    pub config: Config,
+}
+
+/// Loads the encoder to evaluate: from a mimco checkpoint (its config comes along), from
+/// weights shaped by `config`'s `[student]` (an export, a MoCo v3 release, a timm state
+/// dict), or, with no weights, initialised at random from `config.train.seed` (the
+/// baseline). A file that does not fit the architecture is an error listing every name.
+pub fn load_subject(weights: Option<&Path>, config: Option<Config>) -> anyhow::Result<Subject> {
+    let device = Device::Cpu;
+    let from_checkpoint = weights.and_then(|w| checkpoint::load(w, &device).ok());
+    let config = match (from_checkpoint, config) {
+        (_, Some(c)) => c,
+        (Some((_, meta)), None) => {
+            toml::from_str(&meta.config).context("the checkpoint's config")?
+        }
+        (None, None) => {
+            bail!("pass --config: the weights carry no config to take the architecture from")
+        }
+    };
+    let size = config.data.transform.size as usize;
+    let encoder: Box<dyn Encoder> = match weights {
+        Some(w) => crate::teacher::load(w, &config.student, size, &device)?,
+        None => {
+            let store = ParamStore::new(config.train.seed);
+            Box::new(Vit::new(
+                store.var_builder(&device),
+                &config.student,
+                size,
+                false,
+            )?)
+        }
+    };
+    Ok(Subject { encoder, config })
+}
+
+/// Features of one split.
+pub struct Features {
+    /// Row-major, `dim` wide.
+    pub values: Vec<f32>,
+    /// One class per row.
+    pub labels: Vec<u32>,
+    /// Width of a row.
+    pub dim: usize,
+    /// The split's class names.
+    pub classes: Vec<String>,
+}
+
+/// Encodes every sample of the split at `location` once (centre crop of
+/// `data.transform.size` with `data.transform.center_fraction`), L2-normalised when
+/// `normalise`.
+pub fn extract(
+    subject: &Subject,
+    location: &str,
+    store: &StoreOptions,
+    feature: Feature,
+    normalise: bool,
+) -> anyhow::Result<Features> {
+    let mut data = subject.config.data.clone();
+    data.transform.set = TransformSet::Center;
+    data.drop_last = false;
+    let loader = Loader::open(location, store, Topology::default(), data, None)
+        .with_context(|| format!("opening {location}"))?;
+    let classes = loader.manifest().classes.clone();
+    let (mut values, mut labels, mut dim) = (Vec::new(), Vec::new(), 0);
+    for batch in loader.epoch(LoaderState::default())? {
+        let batch = batch.with_context(|| format!("reading {location}"))?;
+        let s = batch.size as usize;
+        let x = Tensor::from_vec(
+            batch.to_f32_normalized(MEAN, STD),
+            (batch.len(), 3, s, s),
+            &Device::Cpu,
+        )?;
+        let out = subject.encoder.forward(&x, None)?;
+        let mut f = match (feature, out.cls) {
+            (Feature::Cls, Some(cls)) => cls,
+            (Feature::Cls, None) => bail!("this encoder has no CLS token: use --feature mean"),
+            (Feature::Mean, _) => out.patches.mean(1)?,
+        };
+        if normalise {
+            f = l2_normalize(&f)?;
+        }
+        dim = f.dim(1)?;
+        values.extend(f.flatten_all()?.to_vec1::<f32>()?);
+        labels.extend_from_slice(&batch.labels);
+    }
+    if labels.is_empty() {
+        bail!("{location} gave no samples");
+    }
+    Ok(Features {
+        values,
+        labels,
+        dim,
+        classes,
+    })
+}
+
+/// One evaluation's result: a line of the results file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// `"knn"` or `"linear"`.
+    pub eval: String,
+    /// A name for the run being evaluated (`--label`).
+    pub label: String,
+    /// The weights evaluated, or `random-init`.
+    pub weights: String,
+    /// CLS or mean patch token.
+    pub feature: Feature,
+    /// Top-1 accuracy, percent.
+    pub top1: f64,
+    /// Top-5 accuracy, percent.
+    pub top5: f64,
+    /// Training samples.
+    pub train_samples: usize,
+    /// Validation samples.
+    pub val_samples: usize,
+    /// The settings (k and T for k-NN; epochs, batch, lr for the probe).
+    pub settings: String,
+}
+
+impl EvalResult {
+    /// The one-line summary printed after an evaluation.
+    pub fn line(&self) -> String {
+        format!(
+            "{} {}: top-1 {:.2}% top-5 {:.2}% ({} features, {}; {} train / {} val; {})",
+            self.eval,
+            self.label,
+            self.top1,
+            self.top5,
+            match self.feature {
+                Feature::Cls => "CLS",
+                Feature::Mean => "mean-patch",
+            },
+            self.settings,
+            self.train_samples,
+            self.val_samples,
+            self.weights
+        )
+    }
+
+    /// Appends this result to `path` as a JSON line.
+    pub fn append_to(&self, path: &PathBuf) -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(self)?)?;
+        Ok(())
+    }
+}
+
+/// Checks that two splits share their class list.
+pub fn same_classes(train: &Features, val: &Features) -> anyhow::Result<()> {
+    if train.classes != val.classes {
+        bail!(
+            "the train and val splits have different class lists ({} and {} classes): pack val with train's classes",
+            train.classes.len(),
+            val.classes.len()
+        );
+    }
+    Ok(())
+}
