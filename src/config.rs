@@ -172,6 +172,11 @@ pub struct TrainConfig {
     /// Stop after this many optimiser steps (0: run the schedule to its end). The
     /// schedule still spans all epochs. By default, 0.
     pub max_steps: u64,
+    /// Optimiser steps between k-NN checks of the encoder on `--knn-train`/`--knn-val`
+    /// (0: none). By default, 0.
+    pub knn_every: u64,
+    /// Samples of each split the k-NN check uses. By default, 1000.
+    pub knn_samples: usize,
 }
 
 impl Default for TrainConfig {
@@ -181,6 +186,8 @@ impl Default for TrainConfig {
             checkpoint_every: 1000,
             log_every: 10,
             max_steps: 0,
+            knn_every: 0,
+            knn_samples: 1000,
         }
     }
 }
@@ -328,14 +335,16 @@ impl Config {
     }
 
     /// The config with the fields a resumed run may change set to their defaults: how
-    /// long to run, how often to log and checkpoint, and the loader's threads and I/O
-    /// sizes (none of them changes a batch or a step).
+    /// long to run, how often to log, check and checkpoint, and the loader's threads and
+    /// I/O sizes (none of them changes a batch or a step).
     pub fn run_identity(&self) -> Config {
         let (train, data) = (TrainConfig::default(), pipeline::LoaderConfig::default());
         let mut c = self.clone();
         c.train.max_steps = train.max_steps;
         c.train.checkpoint_every = train.checkpoint_every;
         c.train.log_every = train.log_every;
+        c.train.knn_every = train.knn_every;
+        c.train.knn_samples = train.knn_samples;
         c.data.workers = data.workers;
         c.data.readers = data.readers;
         c.data.chunk_bytes = data.chunk_bytes;

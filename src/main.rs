@@ -52,6 +52,12 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Labelled shards for the k-NN check every `train.knn_every` steps (neighbours).
+        #[arg(long, requires = "knn_val")]
+        knn_train: Option<String>,
+        /// Labelled shards the k-NN check classifies.
+        #[arg(long, requires = "knn_train")]
+        knn_val: Option<String>,
     },
     /// Evaluate an encoder on frozen features of labelled shards: k-NN or a linear probe.
     Eval {
@@ -179,6 +185,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             resume,
             quiet,
+            knn_train,
+            knn_val,
         } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
@@ -189,7 +197,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (None, true) => Some(TeacherSource::Random),
                 (None, false) => None,
             };
-            train(&config, data, teacher, out, resume, !quiet)
+            let job = Job {
+                data,
+                teacher,
+                out,
+                resume,
+                progress: !quiet,
+                knn: knn_train.zip(knn_val),
+            };
+            train(&config, job)
         }
         Command::Eval { kind } => evaluate(kind),
         Command::Export { checkpoint, out } => {
@@ -210,15 +226,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn train(
-    config: &Config,
+/// What `mimco train` (or the demo) asks for; [`train`] adds the process's settings.
+struct Job {
     data: String,
     teacher: Option<TeacherSource>,
     out: PathBuf,
     resume: bool,
     progress: bool,
-) -> Result<ExitCode> {
-    if matches!(teacher, Some(TeacherSource::Random)) {
+    /// Labelled train and val shards of the k-NN check.
+    knn: Option<(String, String)>,
+}
+
+fn train(config: &Config, job: Job) -> Result<ExitCode> {
+    if matches!(job.teacher, Some(TeacherSource::Random)) {
         eprintln!(
             "warning: random teacher: the student learns to match random features. Use it for smoke tests and benchmarks only."
         );
@@ -240,15 +260,23 @@ fn train(
         eprintln!("\nCtrl-C: writing a checkpoint after this step (Ctrl-C again to quit at once)");
     })
     .context("installing the Ctrl-C handler")?;
+    let store = StoreOptions::from_vars(std::env::vars());
+    let knn = job.knn.map(|(train, val)| mimco::eval::KnnMonitor {
+        train,
+        val,
+        samples: config.train.knn_samples,
+        store: store.clone(),
+    });
     let opts = RunOptions {
-        data,
-        store: StoreOptions::from_vars(std::env::vars()),
+        data: job.data,
+        store,
         topology,
-        out,
-        resume,
-        teacher,
-        progress,
+        out: job.out,
+        resume: job.resume,
+        teacher: job.teacher,
+        progress: job.progress,
         stop,
+        knn,
     };
     let summary = mimco::train::run(config, &opts)?;
     let first = summary.reports.first().map(|r| r.loss);
@@ -327,14 +355,15 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
         shards.join("train").display(),
         out.display()
     );
-    let code = train(
-        &config,
-        shards.join("train").display().to_string(),
-        Some(TeacherSource::Random),
-        out.clone(),
-        false,
-        true,
-    )?;
+    let job = Job {
+        data: shards.join("train").display().to_string(),
+        teacher: Some(TeacherSource::Random),
+        out: out.clone(),
+        resume: false,
+        progress: true,
+        knn: None,
+    };
+    let code = train(&config, job)?;
     let metrics = out.join("metrics.jsonl");
     let records = mimco::metrics::read(&metrics)?;
     println!("== 4. losses (from {}):", metrics.display());
@@ -387,8 +416,17 @@ fn evaluate(kind: EvalKind) -> Result<ExitCode> {
     };
     let store = StoreOptions::from_vars(std::env::vars());
     let normalise = matches!(kind, EvalKind::Knn { .. });
-    let train = eval::extract(&subject, &common.train, &store, feature, normalise)?;
-    let val = eval::extract(&subject, &common.val, &store, feature, normalise)?;
+    let (encoder, data) = (subject.encoder.as_ref(), &subject.config.data);
+    let train = eval::extract(
+        encoder,
+        data,
+        &common.train,
+        &store,
+        feature,
+        normalise,
+        None,
+    )?;
+    let val = eval::extract(encoder, data, &common.val, &store, feature, normalise, None)?;
     eval::same_classes(&train, &val)?;
     let classes = train.classes.len();
     let (name, accuracy, settings) = match kind {

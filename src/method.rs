@@ -41,6 +41,8 @@ pub trait Method {
     fn update_momentum(&self, _m: f64) -> Result<()> {
         Ok(())
     }
+    /// The encoder being pre-trained (for the k-NN monitor).
+    fn encoder(&self) -> &dyn crate::models::Encoder;
     /// The parameters that receive gradients, created by the method's builders.
     fn trainable(&self) -> &ParamStore;
     /// Whether a trainable-store parameter is kept fixed (not given to the optimiser).

@@ -25,6 +25,9 @@ pub struct Record {
     pub data_wait: f64,
     /// Seconds since the run (or its resumption) started.
     pub elapsed_s: f64,
+    /// k-NN top-1 (%) of the encoder on the monitor's subsets, at the steps it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knn_top1: Option<f64>,
 }
 
 /// Appends records to `metrics.jsonl`.

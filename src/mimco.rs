@@ -226,6 +226,10 @@ impl Method for MimCo {
         })
     }
 
+    fn encoder(&self) -> &dyn Encoder {
+        self.student.as_ref()
+    }
+
     fn trainable(&self) -> &ParamStore {
         &self.trainable
     }

@@ -106,6 +106,10 @@ impl Method for MocoV3 {
         })
     }
 
+    fn encoder(&self) -> &dyn Encoder {
+        &self.base.encoder
+    }
+
     fn trainable(&self) -> &ParamStore {
         &self.trainable
     }

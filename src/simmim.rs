@@ -78,6 +78,10 @@ impl Method for SimMim {
         })
     }
 
+    fn encoder(&self) -> &dyn Encoder {
+        &self.student
+    }
+
     fn trainable(&self) -> &ParamStore {
         &self.trainable
     }

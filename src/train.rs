@@ -13,6 +13,7 @@ use pipeline::{Loader, LoaderState, StoreOptions, Topology};
 
 use crate::checkpoint;
 use crate::config::{Config, MethodKind};
+use crate::eval::KnnMonitor;
 use crate::method;
 use crate::metrics::{MetricsLog, Record};
 use crate::teacher;
@@ -46,6 +47,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Set (by Ctrl-C) to checkpoint and stop after the current step.
     pub stop: Arc<AtomicBool>,
+    /// A k-NN check every `train.knn_every` steps, when given.
+    pub knn: Option<KnnMonitor>,
 }
 
 /// How a run ended.
@@ -92,6 +95,15 @@ pub fn last_checkpoint(out: &Path) -> PathBuf {
 /// Trains `config` on `opts.data` until the schedule, `max_steps` or a stop request ends it.
 pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     let device = Device::Cpu;
+    match (&opts.knn, config.train.knn_every) {
+        (Some(_), 0) => {
+            bail!("--knn-train/--knn-val given: set [train] knn_every to the steps between checks")
+        }
+        (None, n) if n > 0 => {
+            bail!("[train] knn_every = {n}: pass --knn-train and --knn-val (labelled shards)")
+        }
+        _ => {}
+    }
     match (config.method, &opts.teacher) {
         (MethodKind::Mimco, None) => bail!(
             "MimCo needs its teacher: pass --teacher FILE (or --random-teacher for a smoke test)"
@@ -195,15 +207,28 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             };
             micro_since_step = 0;
             let step = report.step;
-            if step % config.train.log_every.max(1) == 0 || step == max_steps {
-                let record = window.record(&report, state.epoch, started.elapsed());
+            let mut knn_top1 = None;
+            if let Some(monitor) = opts
+                .knn
+                .as_ref()
+                .filter(|_| step % config.train.knn_every == 0)
+            {
+                let checked = Instant::now();
+                knn_top1 = Some(monitor.top1(trainer.model.encoder(), &config.data)?);
+                window.start += checked.elapsed(); // not training time
+            }
+            if step % config.train.log_every.max(1) == 0 || step == max_steps || knn_top1.is_some()
+            {
+                let mut record = window.record(&report, state.epoch, started.elapsed());
+                record.knn_top1 = knn_top1;
                 let parts: String = report
                     .parts
                     .iter()
                     .map(|(name, v)| format!(" {name} {v:.3}"))
                     .collect();
+                let knn = knn_top1.map_or(String::new(), |a| format!(" k-NN {a:.1}%"));
                 bar.set_message(format!(
-                    "loss {:.4}{parts} lr {:.2e} {:.0} img/s data wait {:.0}%",
+                    "loss {:.4}{parts}{knn} lr {:.2e} {:.0} img/s data wait {:.0}%",
                     report.loss,
                     report.lr,
                     record.images_per_s,
@@ -277,6 +302,7 @@ impl Window {
             images_per_s: self.images as f64 / secs,
             data_wait: self.wait.as_secs_f64() / secs,
             elapsed_s: elapsed.as_secs_f64(),
+            knn_top1: None,
         }
     }
 }

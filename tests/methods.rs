@@ -34,6 +34,7 @@ fn options(data: &Path, out: &Path, resume: bool, teacher: Option<TeacherSource>
         teacher,
         progress: false,
         stop: Arc::new(AtomicBool::new(false)),
+        knn: None,
     }
 }
 
@@ -183,4 +184,46 @@ fn method_and_augmentation_must_agree() {
     let mut c = tiny_config(4, 1);
     c.teacher = None;
     assert!(format!("{:#}", c.check().unwrap_err()).contains("[teacher]"));
+}
+
+/// The k-NN monitor runs every `knn_every` steps and its result lands in the metrics;
+/// asking for it half-way is an error that says what is missing.
+#[test]
+fn knn_monitor_during_pretraining() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 3, 8, false, 8);
+    let mut config = tiny_stage1_config("simmim", 4);
+    config.train.max_steps = 4;
+    config.train.log_every = 3;
+    config.train.knn_every = 2;
+    config.train.knn_samples = 12;
+    let monitor = mimco::eval::KnnMonitor {
+        train: data.display().to_string(),
+        val: data.display().to_string(),
+        samples: 12,
+        store: StoreOptions::default(),
+    };
+    let mut opts = options(&data, &dir.path().join("run"), false, None);
+    opts.knn = Some(monitor.clone());
+    run(&config, &opts).unwrap();
+    let records = mimco::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();
+    let steps: Vec<(u64, bool)> = records
+        .iter()
+        .map(|r| (r.report.step, r.knn_top1.is_some()))
+        .collect();
+    assert_eq!(steps, vec![(2, true), (3, false), (4, true)]);
+    assert!(
+        records
+            .iter()
+            .filter_map(|r| r.knn_top1)
+            .all(|a| (0.0..=100.0).contains(&a))
+    );
+
+    config.train.knn_every = 0;
+    let err = run(&config, &opts).unwrap_err();
+    assert!(format!("{err:#}").contains("knn_every"), "{err:#}");
+    config.train.knn_every = 2;
+    opts.knn = None;
+    let err = run(&config, &opts).unwrap_err();
+    assert!(format!("{err:#}").contains("--knn-train"), "{err:#}");
 }

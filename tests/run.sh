@@ -18,6 +18,17 @@ if [ -x "$venv/bin/python" ]; then export MIMCO_PYTHON="$PWD/$venv/bin/python"; 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+# The Fashion-MNIST study in miniature: every command of benches/fashion_mnist/run.sh on
+# 300 + 100 images, one epoch each, with the binaries the tests just built. It checks the
+# commands and the results file, not the accuracies.
+if [ -d /usr/share/datasets/fashion-mnist ]; then
+    BIN=target/debug bash benches/fashion_mnist/run.sh --small > target/fashion-mnist-small.log 2>&1 ||
+        { tail -30 target/fashion-mnist-small.log; echo "FAILED: benches/fashion_mnist/run.sh --small"; exit 1; }
+    tail -10 target/fashion-mnist-small.log
+else
+    mkdir -p target/tmp
+    echo "SKIPPED Fashion-MNIST study (--small): apt-get install dataset-fashion-mnist" > target/tmp/SKIPPED-fashion-mnist.txt
+fi
 # Tests that had to skip say so here, not only in captured output.
 for f in target/tmp/SKIPPED-*.txt; do
     if [ -e "$f" ]; then cat "$f"; fi

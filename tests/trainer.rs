@@ -256,6 +256,7 @@ fn options(data: &Path, out: &Path, resume: bool) -> RunOptions {
         teacher: Some(TeacherSource::Random),
         progress: false,
         stop: Arc::new(AtomicBool::new(false)),
+        knn: None,
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use pipeline::config::TransformSet;
-use pipeline::{Loader, LoaderState, StoreOptions, Topology};
+use pipeline::{Loader, LoaderConfig, LoaderState, StoreOptions, Topology};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
@@ -84,17 +84,19 @@ pub struct Features {
     pub classes: Vec<String>,
 }
 
-/// Encodes every sample of the split at `location` once (centre crop of
-/// `data.transform.size` with `data.transform.center_fraction`), L2-normalised when
-/// `normalise`.
+/// Encodes every sample of the split at `location` once, or the first `limit` of this
+/// loader's (seeded) order, from a centre crop of `data.transform.size` with
+/// `data.transform.center_fraction`; L2-normalised when `normalise`.
 pub fn extract(
-    subject: &Subject,
+    encoder: &dyn Encoder,
+    data: &LoaderConfig,
     location: &str,
     store: &StoreOptions,
     feature: Feature,
     normalise: bool,
+    limit: Option<usize>,
 ) -> anyhow::Result<Features> {
-    let mut data = subject.config.data.clone();
+    let mut data = data.clone();
     data.transform.set = TransformSet::Center;
     data.drop_last = false;
     let loader = Loader::open(location, store, Topology::default(), data, None)
@@ -109,7 +111,7 @@ pub fn extract(
             (batch.len(), 3, s, s),
             &Device::Cpu,
         )?;
-        let out = subject.encoder.forward(&x, None)?;
+        let out = encoder.forward(&x, None)?;
         let mut f = match (feature, out.cls) {
             (Feature::Cls, Some(cls)) => cls,
             (Feature::Cls, None) => bail!("this encoder has no CLS token: use --feature mean"),
@@ -121,6 +123,11 @@ pub fn extract(
         dim = f.dim(1)?;
         values.extend(f.flatten_all()?.to_vec1::<f32>()?);
         labels.extend_from_slice(&batch.labels);
+        if let Some(limit) = limit.filter(|&l| labels.len() >= l) {
+            labels.truncate(limit);
+            values.truncate(limit * dim);
+            break;
+        }
     }
     if labels.is_empty() {
         bail!("{location} gave no samples");
@@ -198,4 +205,48 @@ pub fn same_classes(train: &Features, val: &Features) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A k-NN check of the encoder being trained, every few steps, on labelled subsets.
+#[derive(Clone, Debug)]
+pub struct KnnMonitor {
+    /// Labelled shards the neighbours come from.
+    pub train: String,
+    /// Labelled shards that are classified.
+    pub val: String,
+    /// Samples taken from each split.
+    pub samples: usize,
+    /// Object-store settings for both.
+    pub store: StoreOptions,
+}
+
+impl KnnMonitor {
+    /// k-NN top-1 (k = 20, T = 0.07, mean patch token) of `encoder` on the subsets.
+    pub fn top1(&self, encoder: &dyn Encoder, data: &LoaderConfig) -> anyhow::Result<f64> {
+        let get = |location: &str| {
+            extract(
+                encoder,
+                data,
+                location,
+                &self.store,
+                Feature::Mean,
+                true,
+                Some(self.samples),
+            )
+        };
+        let (train, val) = (get(&self.train)?, get(&self.val)?);
+        same_classes(&train, &val)?;
+        let classes = train.classes.len();
+        let a = knn::knn(
+            &train.values,
+            &train.labels,
+            &val.values,
+            &val.labels,
+            train.dim,
+            classes,
+            20,
+            0.07,
+        )?;
+        Ok(a.top1)
+    }
 }
