@@ -428,19 +428,9 @@ fn evaluate(kind: EvalKind) -> Result<ExitCode> {
     )?;
     let val = eval::extract(encoder, data, &common.val, &store, feature, normalise, None)?;
     eval::same_classes(&train, &val)?;
-    let classes = train.classes.len();
     let (name, accuracy, settings) = match kind {
         EvalKind::Knn { k, temperature, .. } => {
-            let a = eval::knn::knn(
-                &train.values,
-                &train.labels,
-                &val.values,
-                &val.labels,
-                train.dim,
-                classes,
-                k,
-                temperature,
-            )?;
+            let a = eval::knn::knn(&train, &val, k, temperature)?;
             ("knn", a, format!("k={k}, T={temperature}"))
         }
         EvalKind::Linear {
@@ -452,15 +442,7 @@ fn evaluate(kind: EvalKind) -> Result<ExitCode> {
                 lr,
                 seed: 0,
             };
-            let a = eval::linear::linear_probe(
-                &train.values,
-                &train.labels,
-                &val.values,
-                &val.labels,
-                train.dim,
-                classes,
-                settings,
-            )?;
+            let a = eval::linear::linear_probe(&train, &val, settings)?;
             (
                 "linear",
                 a,

@@ -3,39 +3,15 @@
 
 mod common;
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-
 use candle_core::{DType, Device, Tensor};
 use common::train::{tiny_config, tiny_stage1_config};
 use mimco::Config;
 use mimco::method::{self, Method};
-use mimco::train::{RunOptions, TeacherSource, run};
-use pipeline::{StoreOptions, Topology};
+use mimco::train::{TeacherSource, run};
+use pipeline::StoreOptions;
 
 fn images(b: usize, seed: u32) -> Tensor {
-    let n = b * 3 * 32 * 32;
-    let v: Vec<f32> = (0..n as u32)
-        .map(|i| {
-            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, (b, 3, 32, 32), &Device::Cpu).unwrap()
-}
-
-fn options(data: &Path, out: &Path, resume: bool, teacher: Option<TeacherSource>) -> RunOptions {
-    RunOptions {
-        data: data.display().to_string(),
-        store: StoreOptions::default(),
-        topology: Topology::default(),
-        out: out.to_path_buf(),
-        resume,
-        teacher,
-        progress: false,
-        stop: Arc::new(AtomicBool::new(false)),
-        knn: None,
-    }
+    common::train::test_images(b, 32, seed)
 }
 
 /// Every parameter the optimiser updates gets a finite, non-zero gradient; MoCo v3's
@@ -94,19 +70,19 @@ fn stage1_teacher_then_mimco_and_the_simmim_baseline() {
     moco.train.max_steps = 5;
     let straight = run(
         &moco,
-        &options(&data, &dir.path().join("moco-a"), false, None),
+        &common::train::run_options(&data, &dir.path().join("moco-a"), false, None),
     )
     .unwrap();
     moco.train.max_steps = 2;
     let first = run(
         &moco,
-        &options(&data, &dir.path().join("moco-b"), false, None),
+        &common::train::run_options(&data, &dir.path().join("moco-b"), false, None),
     )
     .unwrap();
     moco.train.max_steps = 5;
     let rest = run(
         &moco,
-        &options(&data, &dir.path().join("moco-b"), true, None),
+        &common::train::run_options(&data, &dir.path().join("moco-b"), true, None),
     )
     .unwrap();
     let resumed: Vec<f64> = first
@@ -131,7 +107,7 @@ fn stage1_teacher_then_mimco_and_the_simmim_baseline() {
     let teacher = Some(TeacherSource::File(straight.checkpoint.clone()));
     let s = run(
         &mimco,
-        &options(&data, &dir.path().join("mimco"), false, teacher),
+        &common::train::run_options(&data, &dir.path().join("mimco"), false, teacher),
     )
     .unwrap();
     assert_eq!(s.steps, 3);
@@ -139,7 +115,7 @@ fn stage1_teacher_then_mimco_and_the_simmim_baseline() {
     let teacher = Some(TeacherSource::File(straight.checkpoint.clone()));
     let err = run(
         &moco,
-        &options(&data, &dir.path().join("moco-c"), false, teacher),
+        &common::train::run_options(&data, &dir.path().join("moco-c"), false, teacher),
     )
     .unwrap_err();
     assert!(format!("{err:#}").contains("without a teacher"), "{err:#}");
@@ -148,7 +124,7 @@ fn stage1_teacher_then_mimco_and_the_simmim_baseline() {
     simmim.train.max_steps = 3;
     let sim = run(
         &simmim,
-        &options(&data, &dir.path().join("simmim"), false, None),
+        &common::train::run_options(&data, &dir.path().join("simmim"), false, None),
     )
     .unwrap();
     assert!(
@@ -203,7 +179,7 @@ fn knn_monitor_during_pretraining() {
         samples: 12,
         store: StoreOptions::default(),
     };
-    let mut opts = options(&data, &dir.path().join("run"), false, None);
+    let mut opts = common::train::run_options(&data, &dir.path().join("run"), false, None);
     opts.knn = Some(monitor.clone());
     run(&config, &opts).unwrap();
     let records = mimco::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();

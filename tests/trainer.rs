@@ -4,8 +4,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::train::tiny_config;
@@ -15,16 +13,9 @@ use mimco::mimco::MimCo;
 use mimco::models::Encoder;
 use mimco::train::{Outcome, RunOptions, TeacherSource, run};
 use mimco::trainer::Trainer;
-use pipeline::{StoreOptions, Topology};
 
 fn random_images(b: usize, size: usize, seed: u32) -> Tensor {
-    let n = b * 3 * size * size;
-    let v: Vec<f32> = (0..n as u32)
-        .map(|i| {
-            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, (b, 3, size, size), &Device::Cpu).unwrap()
+    common::train::test_images(b, size, seed)
 }
 
 fn model(config: &Config) -> MimCo {
@@ -247,17 +238,7 @@ fn nan_stops_training_before_any_update() {
 }
 
 fn options(data: &Path, out: &Path, resume: bool) -> RunOptions {
-    RunOptions {
-        data: data.display().to_string(),
-        store: StoreOptions::default(),
-        topology: Topology::default(),
-        out: out.to_path_buf(),
-        resume,
-        teacher: Some(TeacherSource::Random),
-        progress: false,
-        stop: Arc::new(AtomicBool::new(false)),
-        knn: None,
-    }
+    common::train::run_options(data, out, resume, Some(TeacherSource::Random))
 }
 
 fn bits(tensors: &HashMap<String, Tensor>) -> Vec<(String, Vec<u32>)> {

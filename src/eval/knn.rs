@@ -4,37 +4,24 @@
 
 use candle_core::{Device, Tensor};
 
-/// Top-1 and top-5 accuracy, in percent.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Accuracy {
-    /// Share of samples whose best class is right.
-    pub top1: f64,
-    /// Share of samples whose right class is among the best five.
-    pub top5: f64,
-}
+use super::{Accuracy, Features};
 
-/// Classifies every row of `val` (unit-length features, `val_labels`) by its `k` nearest
-/// rows of `train` under cosine similarity, votes weighted by `exp(sim / temperature)`.
-/// Features are `dim` wide and row-major; labels are below `classes`.
-#[allow(clippy::too_many_arguments)]
+/// Classifies every row of `val` by its `k` nearest rows of `train` under cosine
+/// similarity (both unit-length), votes weighted by `exp(sim / temperature)`.
 pub fn knn(
-    train: &[f32],
-    train_labels: &[u32],
-    val: &[f32],
-    val_labels: &[u32],
-    dim: usize,
-    classes: usize,
+    train: &Features,
+    val: &Features,
     k: usize,
     temperature: f64,
 ) -> candle_core::Result<Accuracy> {
-    let n = train_labels.len();
-    if n == 0 || val_labels.is_empty() || k == 0 {
+    let (n, dim, classes) = (train.labels.len(), train.dim, train.classes.len());
+    if n == 0 || val.labels.is_empty() || k == 0 {
         candle_core::bail!("k-NN needs training samples, validation samples and k >= 1");
     }
     let k = k.min(n);
-    let train_t = Tensor::from_slice(train, (n, dim), &Device::Cpu)?;
-    let (mut top1, mut top5) = (0usize, 0usize);
-    for (chunk, labels) in val.chunks(256 * dim).zip(val_labels.chunks(256)) {
+    let train_t = Tensor::from_slice(&train.values, (n, dim), &Device::Cpu)?;
+    let mut accuracy = Accuracy::tally();
+    for (chunk, labels) in val.values.chunks(256 * dim).zip(val.labels.chunks(256)) {
         let rows = labels.len();
         let sims: Vec<f32> = Tensor::from_slice(chunk, (rows, dim), &Device::Cpu)?
             .matmul(&train_t.t()?)?
@@ -46,18 +33,12 @@ pub fn knn(
             order.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
             let mut votes = vec![0f64; classes];
             for &i in &order[..k] {
-                votes[train_labels[i] as usize] += (f64::from(row[i]) / temperature).exp();
+                votes[train.labels[i] as usize] += (f64::from(row[i]) / temperature).exp();
             }
-            let better = votes.iter().filter(|&&v| v > votes[label as usize]).count();
-            top1 += usize::from(better == 0);
-            top5 += usize::from(better < 5);
+            accuracy.add(&votes, label);
         }
     }
-    let total = val_labels.len() as f64;
-    Ok(Accuracy {
-        top1: 100.0 * top1 as f64 / total,
-        top5: 100.0 * top5 as f64 / total,
-    })
+    Ok(accuracy.finish())
 }
 
 #[cfg(test)]
@@ -87,13 +68,15 @@ mod tests {
             .map(|i| (i * 7 + i / 13) % classes as u32)
             .collect();
         let val_labels: Vec<u32> = (0..m as u32).map(|i| (i * 3) % classes as u32).collect();
-        let got = knn(
-            &train,
-            &train_labels,
-            &val,
-            &val_labels,
+        let features = |values: &[f32], labels: &[u32]| Features {
+            values: values.to_vec(),
+            labels: labels.to_vec(),
             dim,
-            classes,
+            classes: (0..classes).map(|c| c.to_string()).collect(),
+        };
+        let got = knn(
+            &features(&train, &train_labels),
+            &features(&val, &val_labels),
             k,
             0.07,
         )

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
-use super::knn::Accuracy;
+use super::{Accuracy, Features};
 use crate::functional::logsumexp;
 
 /// How the probe trains.
@@ -22,28 +22,23 @@ pub struct ProbeSettings {
     pub seed: u64,
 }
 
-/// Trains a linear classifier on `train` (`dim`-wide rows) and reports its accuracy on `val`.
-#[allow(clippy::too_many_arguments)]
+/// Trains a linear classifier on `train` and reports its accuracy on `val`.
 pub fn linear_probe(
-    train: &[f32],
-    train_labels: &[u32],
-    val: &[f32],
-    val_labels: &[u32],
-    dim: usize,
-    classes: usize,
+    train: &Features,
+    val: &Features,
     s: ProbeSettings,
 ) -> candle_core::Result<Accuracy> {
     let dev = Device::Cpu;
-    let n = train_labels.len();
-    if n == 0 || val_labels.is_empty() || s.batch == 0 || s.epochs == 0 {
+    let (n, dim, classes) = (train.labels.len(), train.dim, train.classes.len());
+    if n == 0 || val.labels.is_empty() || s.batch == 0 || s.epochs == 0 {
         candle_core::bail!("the probe needs samples, a batch of at least 1 and one epoch");
     }
-    let x = Tensor::from_slice(train, (n, dim), &dev)?;
+    let x = Tensor::from_slice(&train.values, (n, dim), &dev)?;
     let mean = x.mean_keepdim(0)?;
     let std = (x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)? + 1e-6)?.sqrt()?;
     let standardise = |t: &Tensor| t.broadcast_sub(&mean)?.broadcast_div(&std);
     let x = standardise(&x)?;
-    let y = Tensor::from_slice(train_labels, n, &dev)?;
+    let y = Tensor::from_slice(&train.labels, n, &dev)?;
     let w = Var::zeros((dim, classes), DType::F32, &dev)?;
     let b = Var::zeros(classes, DType::F32, &dev)?;
     let (mut vw, mut vb) = (w.zeros_like()?, b.zeros_like()?);
@@ -72,23 +67,22 @@ pub fn linear_probe(
             step += 1;
         }
     }
-    let v = standardise(&Tensor::from_slice(val, (val_labels.len(), dim), &dev)?)?;
+    let v = standardise(&Tensor::from_slice(
+        &val.values,
+        (val.labels.len(), dim),
+        &dev,
+    )?)?;
     let scores: Vec<f32> = v
         .matmul(w.as_tensor())?
         .broadcast_add(b.as_tensor())?
         .flatten_all()?
         .to_vec1()?;
-    let (mut top1, mut top5) = (0usize, 0usize);
-    for (row, &label) in scores.chunks_exact(classes).zip(val_labels) {
-        let better = row.iter().filter(|&&v| v > row[label as usize]).count();
-        top1 += usize::from(better == 0);
-        top5 += usize::from(better < 5);
+    let mut accuracy = Accuracy::tally();
+    for (row, &label) in scores.chunks_exact(classes).zip(&val.labels) {
+        let row: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
+        accuracy.add(&row, label);
     }
-    let m = val_labels.len() as f64;
-    Ok(Accuracy {
-        top1: 100.0 * top1 as f64 / m,
-        top5: 100.0 * top5 as f64 / m,
-    })
+    Ok(accuracy.finish())
 }
 
 #[cfg(test)]
@@ -113,15 +107,20 @@ mod tests {
             }
             (f, l)
         };
-        let (train, train_labels) = make(300);
-        let (val, val_labels) = make(150);
+        let features = |(values, labels): (Vec<f32>, Vec<u32>)| Features {
+            values,
+            labels,
+            dim: 5,
+            classes: vec!["a".into(), "b".into(), "c".into()],
+        };
+        let (train, val) = (features(make(300)), features(make(150)));
         let settings = ProbeSettings {
             epochs: 20,
             batch: 32,
             lr: 0.1,
             seed: 0,
         };
-        let acc = linear_probe(&train, &train_labels, &val, &val_labels, 5, 3, settings).unwrap();
+        let acc = linear_probe(&train, &val, settings).unwrap();
         assert!(acc.top1 > 99.0, "{acc:?}");
         assert_eq!(acc.top5, 100.0);
     }

@@ -72,6 +72,55 @@ pub fn load_subject(weights: Option<&Path>, config: Option<Config>) -> anyhow::R
     Ok(Subject { encoder, config })
 }
 
+/// Top-1 and top-5 accuracy, in percent.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Accuracy {
+    /// Share of samples whose best class is right.
+    pub top1: f64,
+    /// Share of samples whose right class is among the best five.
+    pub top5: f64,
+}
+
+/// Counts top-1 and top-5 hits from per-class scores.
+pub struct Tally {
+    top1: usize,
+    top5: usize,
+    samples: usize,
+}
+
+impl Accuracy {
+    /// An empty count.
+    pub fn tally() -> Tally {
+        Tally {
+            top1: 0,
+            top5: 0,
+            samples: 0,
+        }
+    }
+}
+
+impl Tally {
+    /// One sample: its score for every class and its true class (ties count as hits).
+    pub fn add(&mut self, scores: &[f64], label: u32) {
+        let better = scores
+            .iter()
+            .filter(|&&v| v > scores[label as usize])
+            .count();
+        self.top1 += usize::from(better == 0);
+        self.top5 += usize::from(better < 5);
+        self.samples += 1;
+    }
+
+    /// The accuracies, in percent.
+    pub fn finish(&self) -> Accuracy {
+        let n = self.samples.max(1) as f64;
+        Accuracy {
+            top1: 100.0 * self.top1 as f64 / n,
+            top5: 100.0 * self.top5 as f64 / n,
+        }
+    }
+}
+
 /// Features of one split.
 pub struct Features {
     /// Row-major, `dim` wide.
@@ -236,17 +285,7 @@ impl KnnMonitor {
         };
         let (train, val) = (get(&self.train)?, get(&self.val)?);
         same_classes(&train, &val)?;
-        let classes = train.classes.len();
-        let a = knn::knn(
-            &train.values,
-            &train.labels,
-            &val.values,
-            &val.labels,
-            train.dim,
-            classes,
-            20,
-            0.07,
-        )?;
+        let a = knn::knn(&train, &val, 20, 0.07)?;
         Ok(a.top1)
     }
 }

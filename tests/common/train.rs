@@ -1,5 +1,44 @@
-//! A tiny MimCo config that trains in seconds on the shards of `common::packed`.
+//! A tiny MimCo config that trains in seconds on the shards of `common::packed`, and the
+//! other pieces the trainer tests share.
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{Device, Tensor};
 use mimco::Config;
+use mimco::train::{RunOptions, TeacherSource};
+use pipeline::{StoreOptions, Topology};
+
+/// `b` deterministic pseudo-random normalised images, `size` x `size`.
+pub fn test_images(b: usize, size: usize, seed: u32) -> Tensor {
+    let n = b * 3 * size * size;
+    let v: Vec<f32> = (0..n as u32)
+        .map(|i| {
+            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, (b, 3, size, size), &Device::Cpu).unwrap()
+}
+
+/// Options of a quiet single-process run of the shards at `data` into `out`.
+pub fn run_options(
+    data: &Path,
+    out: &Path,
+    resume: bool,
+    teacher: Option<TeacherSource>,
+) -> RunOptions {
+    RunOptions {
+        data: data.display().to_string(),
+        store: StoreOptions::default(),
+        topology: Topology::default(),
+        out: out.to_path_buf(),
+        resume,
+        teacher,
+        progress: false,
+        stop: Arc::new(AtomicBool::new(false)),
+        knn: None,
+    }
+}
 
 /// 32-px crops, 8-px patches (4x4 tokens), 8-px mask units, width 32, 2 blocks.
 pub fn tiny_config(batch: usize, accumulation: usize) -> Config {
