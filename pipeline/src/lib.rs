@@ -4,8 +4,9 @@
 //! Reading order, one stage per module:
 //! [`source`] (ranged, retried reads through `object_store`) → [`shard`] (tar + zstd to
 //! [`Sample`]s) → [`decode`] (DCT-scaled JPEG decode, crop and resize in one pass) →
-//! [`transform`] (RandomResizedCrop, flip, SimMIM mask: parameters drawn apart from
-//! applying them) → [`batch`] (pooled buffers). [`order`] plans each epoch (shard order,
+//! [`transform`] (RandomResizedCrop, flip, SimMIM mask, or MoCo v3's two views with colour
+//! jitter, greyscale, blur and solarize, or an evaluation centre crop: parameters drawn
+//! apart from applying them) → [`batch`] (pooled buffers). [`order`] plans each epoch (shard order,
 //! rank split, shuffle buffer) before a byte is read, and [`loader`] is the only module
 //! with threads and channels. The shard format itself is [`format`](mod@format), shared
 //! with `shardtool`.
@@ -19,7 +20,7 @@
 //! for epoch in 0..2 {
 //!     for batch in loader.epoch(LoaderState { epoch, ..Default::default() })? {
 //!         let batch = batch?;
-//!         // batch.images(): uint8 NCHW; batch.labels, batch.masks, batch.keys;
+//!         // batch.images(): uint8 (N, views, 3, H, W); batch.labels, batch.masks, batch.keys;
 //!         // batch.state_after goes into the checkpoint to resume exactly here.
 //!     }
 //! }
