@@ -3,7 +3,7 @@
 //! files. A benchmark, not a test: `benches/data.sh` runs it next to the Python baseline.
 //!
 //! ```text
-//! cargo run --release -p pipeline --example throughput -- SPLIT [--workers N] [--epochs E] [--decoders] [--upload-from DIR]
+//! cargo run --release -p pipeline --example throughput -- SPLIT [--workers N] [--epochs E] [--two-views] [--decoders] [--upload-from DIR]
 //! ```
 //! SPLIT is a split folder or `s3://bucket/prefix` (with the AWS_* variables set);
 //! `--upload-from DIR` first copies the split in local folder DIR there.
@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let split = args
         .first()
-        .ok_or("usage: throughput SPLIT [--workers N] [--epochs E] [--decoders]")?;
+        .ok_or("usage: throughput SPLIT [--workers N] [--epochs E] [--two-views] [--decoders]")?;
     let flag = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -28,11 +28,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let workers = flag("--workers").transpose()?.unwrap_or(0);
     let epochs = flag("--epochs").transpose()?.unwrap_or(1);
-    let config = LoaderConfig {
+    let mut config = LoaderConfig {
         workers,
         batch_size: 128,
         ..LoaderConfig::default()
     };
+    // `--two-views`: MoCo v3's set (two views per sample, crop 0.08-1) instead of stage 2.
+    if args.iter().any(|a| a == "--two-views") {
+        config.transform.set = pipeline::config::TransformSet::Mocov3;
+        config.transform.scale = [0.08, 1.0];
+    }
     let threads = config.worker_count();
     let store = StoreOptions::from_vars(std::env::vars());
     if let Some(i) = args.iter().position(|a| a == "--upload-from") {

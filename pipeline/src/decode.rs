@@ -61,11 +61,15 @@ impl Default for CropDecoder {
     }
 }
 
-/// What [`CropDecoder::decode_crop`] did, for statistics.
+/// What [`CropDecoder::decode`] did, for statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeInfo {
     /// The DCT scale denominator used (1 = full size, 2, 4 or 8).
     pub scale: u32,
+    /// Decoded width in pixels.
+    width: u32,
+    /// Decoded height in pixels.
+    height: u32,
 }
 
 impl CropDecoder {
@@ -79,7 +83,38 @@ impl CropDecoder {
         size: u32,
         out: &mut [u8],
     ) -> Result<DecodeInfo, DecodeError> {
-        let (w, h, scale) = self.decode_scaled(bytes, dims, crop, size)?;
+        let info = self.decode(bytes, dims, std::slice::from_ref(crop), size)?;
+        self.crop_resize(&info, crop, size, out)?;
+        Ok(info)
+    }
+
+    /// Decodes `bytes` (source image `dims`) once for all of `crops` (the views of one
+    /// sample): at the coarsest DCT scale that keeps every crop at `size` or more.
+    pub fn decode(
+        &mut self,
+        bytes: &[u8],
+        dims: (u32, u32),
+        crops: &[CropParams],
+        size: u32,
+    ) -> Result<DecodeInfo, DecodeError> {
+        let (width, height, scale) = self.decode_scaled(bytes, dims, crops, size)?;
+        Ok(DecodeInfo {
+            scale,
+            width,
+            height,
+        })
+    }
+
+    /// Cuts `crop` (in source pixels) out of the image [`CropDecoder::decode`] decoded last
+    /// and resizes it to `size` x `size` into `out` (interleaved RGB8).
+    pub fn crop_resize(
+        &mut self,
+        decoded: &DecodeInfo,
+        crop: &CropParams,
+        size: u32,
+        out: &mut [u8],
+    ) -> Result<(), DecodeError> {
+        let (w, h, scale) = (decoded.width, decoded.height, decoded.scale);
         // Decoded pixel i covers source pixels [i * scale, (i + 1) * scale), and the decoded
         // size is ceil(source / scale), so the scaled crop stays inside; the clamp only
         // guards against rounding.
@@ -97,8 +132,7 @@ impl CropDecoder {
             .crop(left, top, width, height);
         self.resizer
             .resize(&src, &mut dst, &options)
-            .map_err(corrupt)?;
-        Ok(DecodeInfo { scale })
+            .map_err(corrupt)
     }
 
     /// Decodes into `self.rgb`; returns the decoded width, height and scale denominator.
@@ -106,12 +140,14 @@ impl CropDecoder {
         &mut self,
         bytes: &[u8],
         dims: (u32, u32),
-        crop: &CropParams,
+        crops: &[CropParams],
         size: u32,
     ) -> Result<(u32, u32, u32), DecodeError> {
-        let denom = [8u32, 4, 2]
-            .into_iter()
-            .find(|d| crop.width / d >= size && crop.height / d >= size);
+        let denom = [8u32, 4, 2].into_iter().find(|d| {
+            crops
+                .iter()
+                .all(|c| c.width / d >= size && c.height / d >= size)
+        });
         // At full size the image crate's decoder (zune-jpeg) is about 1.5x faster than
         // jpeg-decoder (examples/throughput.rs --decoders); jpeg-decoder is used only for
         // its reduced-size IDCT.
@@ -218,6 +254,33 @@ mod tests {
             .sum::<f64>()
             / full.len() as f64;
         assert!(mean_diff < 4.0, "mean abs difference {mean_diff}");
+    }
+
+    /// Two crops decoded once: the scale is the one the smaller crop allows, and each
+    /// crop comes out as when decoded alone at that scale.
+    #[test]
+    fn one_decode_serves_several_crops() {
+        let bytes = jpeg(1024, 768);
+        let big = CropParams {
+            top: 0,
+            left: 0,
+            height: 768,
+            width: 1024,
+        };
+        let mid = CropParams {
+            top: 10,
+            left: 20,
+            height: 300,
+            width: 300,
+        };
+        let mut d = CropDecoder::default();
+        let info = d.decode(&bytes, (1024, 768), &[big, mid], 64).unwrap();
+        assert_eq!(info.scale, 4, "300 / 4 >= 64 but 300 / 8 < 64");
+        let (mut a, mut b) = (vec![0u8; 64 * 64 * 3], vec![0u8; 64 * 64 * 3]);
+        d.crop_resize(&info, &mid, 64, &mut a).unwrap();
+        d.decode_crop(&bytes, (1024, 768), &mid, 64, &mut b)
+            .unwrap();
+        assert_eq!(a, b, "the mid crop alone also decodes at 1/4");
     }
 
     #[test]

@@ -265,30 +265,32 @@ impl DecoderCtx {
                     chw.resize(views * view_bytes, 0);
                     let mut mask = None;
                     let result = dimensions(&sample.image).and_then(|dims| {
-                        for (view, out) in chw.chunks_exact_mut(view_bytes).enumerate() {
-                            let mut rng = seeded_rng(&[
-                                b"sample",
-                                &seed,
-                                &epoch,
-                                sample.key.as_bytes(),
-                                &(view as u64).to_le_bytes(),
-                            ]);
-                            let params = c.augment.sample(view, dims, &mut rng);
-                            let info = decoder.decode_crop(
-                                &sample.image,
-                                dims,
-                                &params.crop,
-                                size,
-                                &mut hwc,
-                            )?;
-                            params.pixels.apply(&mut hwc, size as usize);
-                            to_chw(&hwc, size as usize, params.flip, out);
-                            let scale = info.scale.trailing_zeros().min(3) as usize;
-                            c.metrics.downscaled[scale].fetch_add(1, Ordering::Relaxed);
-                            if let Some(m) = params.mask {
-                                mask.get_or_insert(m.units);
-                            }
+                        let params: Vec<_> = (0..views)
+                            .map(|view| {
+                                let mut rng = seeded_rng(&[
+                                    b"sample",
+                                    &seed,
+                                    &epoch,
+                                    sample.key.as_bytes(),
+                                    &(view as u64).to_le_bytes(),
+                                ]);
+                                c.augment.sample(view, dims, &mut rng)
+                            })
+                            .collect();
+                        let crops: Vec<_> = params.iter().map(|p| p.crop).collect();
+                        let info = decoder.decode(&sample.image, dims, &crops, size)?;
+                        let scale = info.scale.trailing_zeros().min(3) as usize;
+                        c.metrics.downscaled[scale].fetch_add(1, Ordering::Relaxed);
+                        for (p, out) in params.iter().zip(chw.chunks_exact_mut(view_bytes)) {
+                            decoder.crop_resize(&info, &p.crop, size, &mut hwc)?;
+                            p.pixels.apply(&mut hwc, size as usize);
+                            to_chw(&hwc, size as usize, p.flip, out);
                         }
+                        mask = params
+                            .into_iter()
+                            .next()
+                            .and_then(|p| p.mask)
+                            .map(|m| m.units);
                         Ok(())
                     });
                     c.metrics
