@@ -13,6 +13,11 @@
 //!    [`optim::AdamW`] with the rate of [`schedule::learning_rate`]; p3 follows p1 by EMA.
 //! 5. [`train::run`] logs, checkpoints ([`checkpoint`]) and resumes.
 //!
+//! The same loop trains the other objectives behind [`method::Method`]: MoCo v3
+//! ([`mocov3`], stage 1: the teacher, from the pipeline's two-view batches) and SimMIM
+//! ([`simmim`], the MIM baseline). [`eval`] measures an encoder by k-NN and a linear probe
+//! on frozen features; [`export`] writes it with timm's names.
+//!
 //! Differentiable LayerNorm and softmax live in [`functional`]: Candle's fused ones have no
 //! backward. See `configs/` for the reference runs and `mimco --help` for the CLI.
 
