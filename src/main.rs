@@ -1,4 +1,4 @@
-//! `mimco`: train, export, plot, and a self-contained demo.
+//! `mimco`: train (MimCo, MoCo v3, SimMIM), evaluate, export, plot, and a self-contained demo.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Stage-2 MimCo pre-training of a student against a frozen teacher.
+    /// Pre-train the config's `method`: MimCo (stage 2, a student against a frozen
+    /// teacher), MoCo v3 (stage 1, the teacher) or SimMIM.
     Train {
         /// Training config (TOML); see configs/.
         #[arg(long)]
