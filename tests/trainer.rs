@@ -18,6 +18,20 @@ fn random_images(b: usize, size: usize, seed: u32) -> Tensor {
     common::train::test_images(b, size, seed)
 }
 
+/// A MimCo trainer around a random teacher drawn from `teacher_seed`.
+fn mimco_trainer(
+    config: &Config,
+    teacher_seed: u64,
+    total: u64,
+    per_epoch: f64,
+    accumulation: usize,
+) -> Trainer {
+    let teacher =
+        mimco::teacher::random(config.teacher().unwrap(), 32, teacher_seed, &Device::Cpu).unwrap();
+    let method = Box::new(MimCo::new(config, teacher, &Device::Cpu).unwrap());
+    Trainer::new(method, total, per_epoch, accumulation, &Device::Cpu).unwrap()
+}
+
 fn model(config: &Config) -> MimCo {
     let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 1, &Device::Cpu).unwrap();
     MimCo::new(config, teacher, &Device::Cpu).unwrap()
@@ -159,15 +173,7 @@ fn p3_starts_as_p1_and_follows_it_by_ema() {
 #[test]
 fn weight_decay_groups_of_the_real_model() {
     let config = tiny_config(4, 1);
-    let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 1, &Device::Cpu).unwrap();
-    let t = Trainer::new(
-        Box::new(MimCo::new(&config, teacher, &Device::Cpu).unwrap()),
-        10,
-        5.0,
-        1,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let t = mimco_trainer(&config, 1, 10, 5.0, 1);
     let (decayed, plain) = t.optimizer().groups();
     for name in &plain {
         assert!(
@@ -198,15 +204,7 @@ fn weight_decay_groups_of_the_real_model() {
 #[test]
 fn nan_stops_training_before_any_update() {
     let config = tiny_config(4, 1);
-    let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 1, &Device::Cpu).unwrap();
-    let mut t = Trainer::new(
-        Box::new(MimCo::new(&config, teacher, &Device::Cpu).unwrap()),
-        10,
-        5.0,
-        1,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut t = mimco_trainer(&config, 1, 10, 5.0, 1);
     let before = t.checkpoint(Default::default()).unwrap().0;
     let nan = (random_images(4, 32, 0) * f64::NAN).unwrap();
     let err = t.micro_batch(&[nan], &masks(4)).unwrap_err().to_string();
@@ -296,15 +294,7 @@ fn resume_continues_exactly_and_checkpoints_round_trip_bit_for_bit() {
 
     // Round trip: restore the step-4 checkpoint into a fresh trainer and take it again.
     config.train.max_steps = 4;
-    let teacher = mimco::teacher::random(config.teacher().unwrap(), 32, 0, &Device::Cpu).unwrap();
-    let mut fresh = Trainer::new(
-        Box::new(MimCo::new(&config, teacher, &Device::Cpu).unwrap()),
-        24,
-        6.0,
-        2,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut fresh = mimco_trainer(&config, 0, 24, 6.0, 2);
     let state = fresh.restore(&t1, &meta1).unwrap();
     let (again, meta_again) = fresh.checkpoint(state).unwrap();
     let again: HashMap<String, Tensor> = again.into_iter().collect();
