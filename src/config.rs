@@ -177,6 +177,48 @@ pub struct TrainConfig {
     pub knn_every: u64,
     /// Samples of each split the k-NN check uses. By default, 1000.
     pub knn_samples: usize,
+    /// `"f32"`, `"tf32"` (f32 with TensorFloat-32 matmuls, CUDA) or `"bf16"` (mixed
+    /// precision: bf16 matmuls and attention with f32 accumulation; f32 weights, optimiser
+    /// state, residual stream, norms' statistics and losses). By default, "f32".
+    pub precision: Precision,
+}
+
+/// Arithmetic of the encoders and heads (`[train] precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// f32 tensors, TensorFloat-32 matmuls on CUDA (as `torch.backends.cuda.matmul.allow_tf32`).
+    Tf32,
+    /// bf16 matmuls and attention, f32 elsewhere (as `torch.autocast(dtype=torch.bfloat16)`).
+    Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Precision {
+    /// The dtype matmuls run in.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 | Precision::Tf32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// Sets Candle's process-wide TF32 switch for this precision.
+    pub fn apply_to_matmuls(self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self == Precision::Tf32);
+    }
 }
 
 impl Default for TrainConfig {
@@ -188,6 +230,7 @@ impl Default for TrainConfig {
             max_steps: 0,
             knn_every: 0,
             knn_samples: 1000,
+            precision: Precision::F32,
         }
     }
 }

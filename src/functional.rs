@@ -2,10 +2,68 @@
 //!
 //! Candle's fused layer-norm, last-dimension softmax and RMS-norm kernels have no backward pass:
 //! gradients stop at them without an error. Every normalisation and softmax on a
-//! training path goes through this module instead (the CUDA work fuses these with a
-//! backward of their own).
+//! training path goes through this module instead. The model calls [`layer_norm_to`] and
+//! [`softmax_scaled`]: with the `cuda` feature, CUDA tensors take the fused kernels of
+//! `mimco::cuda` (forward and backward), everything else the composed ops below, which are
+//! the reference the kernels are checked against.
 
-use candle_core::{D, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{D, DType, Result, Tensor};
+
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Whether CUDA tensors take the fused kernels (the default). `mimco bench train --kernels
+/// stock` turns them off to measure what they buy.
+pub fn set_fused_kernels(on: bool) {
+    FUSED.store(on, Ordering::Relaxed);
+}
+
+/// Whether `x`, with rows of `row` elements, goes to a fused kernel.
+#[cfg(feature = "cuda")]
+fn fused(x: &Tensor, row: usize) -> bool {
+    x.device().is_cuda() && FUSED.load(Ordering::Relaxed) && row <= crate::cuda::MAX_ROW
+}
+
+/// [`layer_norm`] of an f32 `x`, returned in `out` (the compute dtype of the layer that
+/// follows). Fused on CUDA.
+pub fn layer_norm_to(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    out: DType,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x, x.dim(D::Minus1)?) && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        return crate::cuda::layer_norm(x, weight, bias, eps, out);
+    }
+    layer_norm(x, weight, bias, eps)?.to_dtype(out)
+}
+
+/// `x + bias` over the last dimension, then GELU (erf) when `gelu`, in the dtype of `x`
+/// (`bias` is f32). Fused on CUDA, with the bias gradient summed in f32.
+pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x, 0) && bias.dtype() == DType::F32 {
+        return crate::cuda::bias_act(x, bias, gelu);
+    }
+    let y = x.broadcast_add(&bias.to_dtype(x.dtype())?)?;
+    match gelu {
+        true => y.gelu_erf(),
+        false => Ok(y),
+    }
+}
+
+/// `softmax(scale * x)` over the last dimension, computed in f32 and returned in the dtype
+/// of `x` (the attention probabilities). Fused on CUDA.
+pub fn softmax_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x, x.dim(D::Minus1)?) {
+        return crate::cuda::softmax(x, scale);
+    }
+    softmax(&(x.to_dtype(DType::F32)? * scale)?)?.to_dtype(x.dtype())
+}
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`
 /// (biased variance, as `torch.nn.LayerNorm`).
@@ -132,6 +190,41 @@ mod tests {
         check_grad(l2_normalize, &[4, 3]);
         check_grad(|x| x.gelu_erf(), &[2, 5]);
         check_grad(|x| batch_norm(x, None, 1e-5), &[4, 3]);
+    }
+
+    #[test]
+    fn dispatching_forms_match_the_composed_ops_on_the_cpu() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, -2.0, 3.5, 0.25], [0.5, 0.0, -1.0, 2.0]], &dev).unwrap();
+        let w = Tensor::new(&[0.5f32, -1.5, 2.0, 1.0], &dev).unwrap();
+        let b = Tensor::new(&[0.1f32, 0.0, -0.2, 0.3], &dev).unwrap();
+        let diff = |a: Tensor, b: Tensor| -> f32 {
+            let a = a.to_dtype(DType::F32).unwrap();
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let ln = layer_norm(&x, &w, &b, 1e-6).unwrap();
+        assert_eq!(
+            diff(
+                layer_norm_to(&x, &w, &b, 1e-6, DType::F32).unwrap(),
+                ln.clone()
+            ),
+            0.0
+        );
+        let ln16 = layer_norm_to(&x, &w, &b, 1e-6, DType::BF16).unwrap();
+        assert_eq!(ln16.dtype(), DType::BF16);
+        assert!(diff(ln16, ln) < 2e-2);
+        let sm = softmax(&(&x * 0.125).unwrap()).unwrap();
+        assert!(diff(softmax_scaled(&x, 0.125).unwrap(), sm.clone()) < 1e-7);
+        let sm16 = softmax_scaled(&x.to_dtype(DType::BF16).unwrap(), 0.125).unwrap();
+        assert_eq!(sm16.dtype(), DType::BF16);
+        assert!(diff(sm16, sm) < 1e-2);
     }
 
     #[test]

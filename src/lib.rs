@@ -23,8 +23,12 @@
 
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod eval;
 pub mod export;
 pub mod functional;

@@ -59,6 +59,15 @@ enum Command {
         /// Labelled shards the k-NN check classifies.
         #[arg(long, requires = "knn_train")]
         knn_val: Option<String>,
+        /// cpu, cuda, cuda:N, or auto (the first GPU if this build has CUDA, else the CPU).
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Measure training speed (images/s, step time, TFLOP/s, MFU, peak memory, data wait),
+    /// or check the fused CUDA kernels against the composed ops.
+    Bench {
+        #[command(subcommand)]
+        kind: BenchKind,
     },
     /// Evaluate an encoder on frozen features of labelled shards: k-NN or a linear probe.
     Eval {
@@ -93,6 +102,60 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         steps: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// Timed optimiser steps of a config on synthetic uint8 batches (or real shards with
+    /// --data), with a random teacher. Prints one Markdown table row.
+    Train {
+        /// Training config (TOML); see configs/.
+        #[arg(long)]
+        config: PathBuf,
+        /// Images per step (overrides data.batch_size and optim.batch_size).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Overrides [train] precision: f32, tf32 or bf16.
+        #[arg(long)]
+        precision: Option<String>,
+        /// Timed steps.
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Shards to stream batches from instead of synthetic ones (folder or URL).
+        #[arg(long)]
+        data: Option<String>,
+        /// `fused`: mimco's CUDA kernels; `stock`: Candle's composed ops only (to compare).
+        #[arg(long, value_enum, default_value = "fused")]
+        kernels: KernelsArg,
+        /// cpu, cuda, cuda:N, or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Peak dense TFLOP/s of the device for MFU (989 = H100/H200 SXM bf16).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+        /// Print the table header before the row.
+        #[arg(long)]
+        header: bool,
+    },
+    /// Check every fused CUDA kernel (forward and backward) against the composed ops in
+    /// f64 on random inputs of several shapes; prints a table, fails on any miss.
+    Kernels {
+        /// cuda or cuda:N.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KernelsArg {
+    Fused,
+    Stock,
 }
 
 #[derive(Subcommand)]
@@ -188,6 +251,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             quiet,
             knn_train,
             knn_val,
+            device,
         } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
@@ -205,9 +269,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 resume,
                 progress: !quiet,
                 knn: knn_train.zip(knn_val),
+                device: mimco::device::parse(&device)?,
             };
             train(&config, job)
         }
+        Command::Bench { kind } => bench(kind),
         Command::Eval { kind } => evaluate(kind),
         Command::Export { checkpoint, out } => {
             let n = mimco::export::export(&checkpoint, &out)?;
@@ -236,6 +302,7 @@ struct Job {
     progress: bool,
     /// Labelled train and val shards of the k-NN check.
     knn: Option<(String, String)>,
+    device: candle_core::Device,
 }
 
 fn train(config: &Config, job: Job) -> Result<ExitCode> {
@@ -278,6 +345,7 @@ fn train(config: &Config, job: Job) -> Result<ExitCode> {
         progress: job.progress,
         stop,
         knn,
+        device: job.device,
     };
     let summary = mimco::train::run(config, &opts)?;
     let first = summary.reports.first().map(|r| r.loss);
@@ -363,6 +431,7 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
         resume: false,
         progress: true,
         knn: None,
+        device: candle_core::Device::Cpu,
     };
     let code = train(&config, job)?;
     let metrics = out.join("metrics.jsonl");
@@ -395,6 +464,122 @@ fn demo(dir: &Path, steps: u64) -> Result<ExitCode> {
         Err(e) => println!("== 5. no plot: {e:#}"),
     }
     Ok(code)
+}
+
+fn bench(kind: BenchKind) -> Result<ExitCode> {
+    match kind {
+        BenchKind::Train {
+            config: path,
+            batch,
+            precision,
+            steps,
+            warmup,
+            data,
+            kernels,
+            device,
+            peak_tflops,
+            header,
+        } => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut config =
+                Config::from_toml(&text).with_context(|| format!("config {}", path.display()))?;
+            if let Some(b) = batch {
+                config.data.batch_size = b;
+                config.optim.batch_size = b;
+            }
+            if let Some(p) = precision {
+                config.train.precision = toml::Value::String(p.clone())
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("--precision {p}: expected f32, tf32 or bf16"))?;
+            }
+            mimco::functional::set_fused_kernels(kernels == KernelsArg::Fused);
+            let device = mimco::device::parse(&device)?;
+            let opts = mimco::bench::BenchOptions {
+                device: device.clone(),
+                steps,
+                warmup,
+                data: data.clone(),
+                store: StoreOptions::from_vars(std::env::vars()),
+                peak_tflops,
+            };
+            let r = mimco::bench::train(&config, &opts)?;
+            if header {
+                println!(
+                    "| config | device | precision | kernels | data | batch | images/s | step ms (median) | TFLOP/s | MFU | peak memory GiB | data wait |"
+                );
+                println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+            }
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1}% | {} | {:.1}% |",
+                path.file_stem().map_or("-".into(), |s| s.to_string_lossy()),
+                mimco::device::describe(&device),
+                config.train.precision,
+                match kernels {
+                    KernelsArg::Fused => "fused",
+                    KernelsArg::Stock => "stock",
+                },
+                data.as_deref().map_or("synthetic", |_| "shards"),
+                r.batch,
+                r.images_per_s,
+                r.step_ms,
+                r.tflops,
+                100.0 * r.mfu,
+                r.peak_memory_gib.map_or("-".into(), |g| format!("{g:.1}")),
+                r.data_wait_pct,
+            );
+            let phases: Vec<String> = r
+                .phase_ms
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1} ms"))
+                .collect();
+            eprintln!(
+                "phases per step (profiled, synchronised): {}",
+                phases.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchKind::Kernels { device, seed } => kernels(&device, seed),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn kernels(device: &str, seed: u64) -> Result<ExitCode> {
+    let device = mimco::device::parse(device)?;
+    if !device.is_cuda() {
+        bail!("the kernel checks need a CUDA device: pass --device cuda");
+    }
+    let rows = mimco::cuda::check::run(&device, seed)?;
+    println!("| check | shape | dtype | relative error | tolerance | |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.2e} | {:.0e} | {} |",
+            r.what,
+            r.shape,
+            r.dtype,
+            r.error,
+            r.tolerance,
+            if r.passed() { "ok" } else { "FAIL" }
+        );
+    }
+    let failed = rows.iter().filter(|r| !r.passed()).count();
+    println!(
+        "kernel checks: {} passed, {failed} failed",
+        rows.len() - failed
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernels(_device: &str, _seed: u64) -> Result<ExitCode> {
+    bail!(
+        "this mimco was built without CUDA: the kernel checks need `cargo build --release --features cuda` and a GPU"
+    )
 }
 
 fn evaluate(kind: EvalKind) -> Result<ExitCode> {

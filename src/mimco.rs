@@ -5,15 +5,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{D, Device, Module, Result, Tensor};
-use candle_nn::Linear;
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 
 use crate::config::{Config, PatchLoss};
 use crate::functional::l2_normalize;
 use crate::loss::{info_nce, l1_regression};
 use crate::method::{Losses, Method, ema};
 use crate::models::Encoder;
-use crate::models::mlp::{Mlp2, linear};
+use crate::models::mlp::{Dense, Mlp2, linear};
 use crate::models::vit::Vit;
 use crate::params::ParamStore;
 use crate::queue::KeyQueue;
@@ -52,11 +51,15 @@ impl Heads {
         })
     }
 
-    /// `q = p2(p1(z))` and the detached, unit-length `k = p3(z_k)`.
-    fn qk(&self, z: &Tensor, zk: &Tensor) -> Result<(Tensor, Tensor)> {
-        let q = self.p2.forward(&self.p1.forward(z)?)?;
-        let k = l2_normalize(&self.p3.forward(zk)?.detach())?;
-        Ok((q, k))
+    /// `q = p2(p1(z))` and the detached, unit-length `k = p3(z_k)`, computed in
+    /// `compute` and returned in f32 for the losses.
+    fn qk(&self, z: &Tensor, zk: &Tensor, compute: DType) -> Result<(Tensor, Tensor)> {
+        let q = self.p2.forward(&self.p1.forward(&z.to_dtype(compute)?)?)?;
+        let k = self.p3.forward(&zk.to_dtype(compute)?)?.detach();
+        Ok((
+            q.to_dtype(DType::F32)?,
+            l2_normalize(&k.to_dtype(DType::F32)?)?,
+        ))
     }
 }
 
@@ -68,7 +71,7 @@ pub struct MimCo {
     teacher: Box<dyn Encoder>,
     patch: Option<Heads>,
     /// `patch.regressor`: the l1 ablation's linear head (student width -> teacher width).
-    regressor: Option<Linear>,
+    regressor: Option<Dense>,
     image: Option<Heads>,
     /// Negatives of Eq. 1: per image, the mean of its teacher patch keys.
     pub patch_queue: KeyQueue,
@@ -83,17 +86,20 @@ pub struct MimCo {
 impl MimCo {
     /// Builds the student and heads from `config.train.seed` around a loaded `teacher`;
     /// p3 starts as a copy of p1.
-    pub fn new(config: &Config, teacher: Box<dyn Encoder>, device: &Device) -> Result<MimCo> {
+    pub fn new(config: &Config, mut teacher: Box<dyn Encoder>, device: &Device) -> Result<MimCo> {
         let (o, seed) = (&config.objective, config.train.seed);
         let trainable = ParamStore::new(seed);
         let momentum = ParamStore::new(seed);
         let size = config.data.transform.size as usize;
-        let student = Box::new(Vit::new(
+        let mut student = Box::new(Vit::new(
             trainable.var_builder(device).pp("student"),
             &config.student,
             size,
             true,
         )?);
+        let compute = config.train.precision.compute_dtype();
+        student.set_compute(compute);
+        teacher.set_compute(compute);
         let dim = config.student.dim;
         let heads = |name| {
             Heads::new(
@@ -138,6 +144,7 @@ impl MimCo {
     /// loss then covers every token).
     pub fn forward(&self, images: &Tensor, mask: &[u8]) -> Result<Losses> {
         let o = &self.config.objective;
+        let compute = self.config.train.precision.compute_dtype();
         let (b, n) = (images.dim(0)?, mask.len() / images.dim(0)?.max(1));
         let mask_t = Tensor::from_iter(mask.iter().map(|&m| f32::from(m)), images.device())?
             .reshape((b, n))?;
@@ -168,7 +175,7 @@ impl MimCo {
             Ok(())
         };
         if let Some(h) = &self.patch {
-            let (q, k) = h.qk(&take(&z)?, &zk)?;
+            let (q, k) = h.qk(&take(&z)?, &zk, compute)?;
             add(
                 "patch",
                 info_nce(&q, &take(&k)?, self.patch_queue.keys(), o.tau)?,
@@ -183,7 +190,7 @@ impl MimCo {
             )?;
         }
         if let Some(h) = &self.image {
-            let (q, k) = h.qk(&z.mean(1)?, &zk.mean(1)?)?;
+            let (q, k) = h.qk(&z.mean(1)?, &zk.mean(1)?, compute)?;
             add(
                 "image",
                 info_nce(&q, &k, self.image_queue.keys(), o.tau)?,

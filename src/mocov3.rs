@@ -26,7 +26,8 @@ impl Branch {
         let vb = store.var_builder(device).pp(prefix);
         let m = &config.mocov3;
         let size = config.data.transform.size as usize;
-        let encoder = Vit::new(vb.clone(), &config.student, size, false)?;
+        let mut encoder = Vit::new(vb.clone(), &config.student, size, false)?;
+        encoder.set_compute(config.train.precision.compute_dtype());
         let head = MocoMlp::new(vb.pp("head"), 3, config.student.dim, m.mlp_dim, m.dim, true)?;
         Ok(Branch { encoder, head })
     }

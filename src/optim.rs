@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, IndexOp, Result, Tensor, Var};
 
 /// Whether a parameter is decayed: not biases and norm weights (rank 1), nor the position
 /// embedding and the CLS and mask tokens (timm's `no_weight_decay`).
@@ -29,8 +29,8 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    m: Tensor,
-    v: Tensor,
+    /// The moments `m` and `v`, stacked: `(2, *var.shape)`.
+    state: Tensor,
 }
 
 /// AdamW over named variables, in PyTorch's formulation:
@@ -49,10 +49,10 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
+                let zeros = var.zeros_like()?;
                 Ok(Slot {
                     decay: decays(&name, var.rank()),
-                    m: var.zeros_like()?,
-                    v: var.zeros_like()?,
+                    state: Tensor::stack(&[&zeros, &zeros], 0)?,
                     name,
                     var,
                 })
@@ -82,8 +82,9 @@ impl AdamW {
         self.steps
     }
 
-    /// One update with rate `lr` from `grads`, given in the order of the variables.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with rate `lr` from `grads`, given in the order of the variables. On CUDA
+    /// each parameter is one fused launch (`mimco::cuda::adamw`).
+    pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
         let AdamWParams {
             betas: (b1, b2),
             eps,
@@ -92,15 +93,37 @@ impl AdamW {
         self.steps += 1;
         let t = self.steps as i32;
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        for (slot, g) in self.slots.iter_mut().zip(grads) {
-            slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?;
-            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let mut p = slot.var.as_tensor().detach();
-            if slot.decay && weight_decay > 0.0 {
-                p = (&p * (1.0 - lr * weight_decay))?;
+        for (slot, g) in self.slots.iter_mut().zip(&grads.sums) {
+            let decay = match slot.decay {
+                true => 1.0 - lr * weight_decay,
+                false => 1.0,
+            };
+            #[cfg(feature = "cuda")]
+            if g.device().is_cuda() && g.dtype() == DType::F32 {
+                let step = crate::cuda::AdamWStep {
+                    lr: lr as f32,
+                    betas: (b1 as f32, b2 as f32),
+                    eps: eps as f32,
+                    decay: decay as f32,
+                    corrections: (c1 as f32, c2 as f32),
+                    grad_scale: grads.scale as f32,
+                };
+                let out = crate::cuda::adamw(slot.var.as_tensor(), g, &slot.state, step)?;
+                slot.var.set(&out.i(0)?)?;
+                slot.state = out.narrow(0, 1, 2)?;
+                continue;
             }
-            let update = ((&slot.m / c1)? / ((&slot.v / c2)?.sqrt()? + eps)?)?;
+            let g = if grads.scale == 1.0 {
+                g.clone()
+            } else {
+                (g * grads.scale)?
+            };
+            let m = ((slot.state.i(0)? * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((slot.state.i(1)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let p = (slot.var.as_tensor().detach() * decay)?;
+            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + eps)?)?;
             slot.var.set(&(p - (update * lr)?)?)?;
+            slot.state = Tensor::stack(&[&m, &v], 0)?;
         }
         Ok(())
     }
@@ -109,8 +132,10 @@ impl AdamW {
     pub fn state(&self) -> (BTreeMap<String, Tensor>, u64) {
         let mut out = BTreeMap::new();
         for s in &self.slots {
-            out.insert(format!("optim.m.{}", s.name), s.m.clone());
-            out.insert(format!("optim.v.{}", s.name), s.v.clone());
+            for (i, kind) in ["m", "v"].into_iter().enumerate() {
+                let moment = s.state.i(i).expect("the state holds two moments");
+                out.insert(format!("optim.{kind}.{}", s.name), moment);
+            }
         }
         (out, self.steps)
     }
@@ -118,16 +143,20 @@ impl AdamW {
     /// Restores what [`AdamW::state`] saved.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
         for s in &mut self.slots {
-            for (kind, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
+            let mut moments = Vec::with_capacity(2);
+            for kind in ["m", "v"] {
                 let key = format!("optim.{kind}.{}", s.name);
                 match tensors.get(&key) {
-                    Some(t) if t.dims() == s.var.dims() => *dst = t.to_device(s.var.device())?,
+                    Some(t) if t.dims() == s.var.dims() => {
+                        moments.push(t.to_device(s.var.device())?.to_dtype(s.var.dtype())?)
+                    }
                     _ => candle_core::bail!(
                         "checkpoint has no optimiser state {key} of shape {:?}",
                         s.var.dims()
                     ),
                 }
             }
+            s.state = Tensor::stack(&moments, 0)?;
         }
         self.steps = steps;
         Ok(())
@@ -177,41 +206,56 @@ impl GradAccumulator {
         Ok(())
     }
 
-    /// The mean gradient per variable (zeros where none arrived), clipped to a global L2
-    /// norm of `max_norm` as `torch.nn.utils.clip_grad_norm_` does; returns the gradients
-    /// and their norm before clipping. Resets the accumulator.
+    /// The accumulated gradients, to be averaged and clipped to a global L2 norm of
+    /// `max_norm` as `torch.nn.utils.clip_grad_norm_` does: both are folded into
+    /// [`Gradients::scale`] (the optimiser applies it). Zeros where no gradient arrived.
+    /// Reads the norm back from the device once. Resets the accumulator.
     pub fn take<'a>(
         &mut self,
         vars: impl Iterator<Item = &'a Var>,
         max_norm: f64,
-    ) -> Result<(Vec<Tensor>, f64)> {
-        let scale = 1.0 / self.micro.max(1) as f64;
-        let grads = self
+    ) -> Result<Gradients> {
+        let mean = 1.0 / self.micro.max(1) as f64;
+        let sums = self
             .sums
             .iter_mut()
             .zip(vars)
             .map(|(sum, var)| match sum.take() {
-                Some(s) => s * scale,
+                Some(s) => Ok(s),
                 None => var.zeros_like(),
             })
             .collect::<Result<Vec<_>>>()?;
         self.micro = 0;
-        let mut total = 0f64;
-        for g in &grads {
-            total += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-        let norm = total.sqrt();
+        let squares = sums
+            .iter()
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<Result<Vec<_>>>()?;
+        let total = match squares.is_empty() {
+            true => 0.0,
+            false => Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?,
+        };
+        let norm = total.sqrt() * mean;
         let coef = max_norm / (norm + 1e-6);
-        if max_norm > 0.0 && coef < 1.0 {
-            let clipped = grads.iter().map(|g| g * coef).collect::<Result<_>>()?;
-            return Ok((clipped, norm));
-        }
-        Ok((grads, norm))
+        let clip = match max_norm > 0.0 && coef < 1.0 {
+            true => coef,
+            false => 1.0,
+        };
+        Ok(Gradients {
+            sums,
+            scale: mean * clip,
+            norm,
+        })
     }
+}
+
+/// One optimiser step's gradients: variable `i`'s is `sums[i] * scale`.
+pub struct Gradients {
+    /// Sums over the micro-batches, in the order of the variables.
+    pub sums: Vec<Tensor>,
+    /// `1 / micro-batches`, times the clipping coefficient where clipping applies.
+    pub scale: f64,
+    /// Global L2 norm of the mean gradient, before clipping.
+    pub norm: f64,
 }
 
 #[cfg(test)]
@@ -256,7 +300,12 @@ mod tests {
         for g in gs {
             let gw = Tensor::new(&[g], &dev).unwrap();
             let gb = Tensor::new(&g, &dev).unwrap();
-            opt.step(&[gw, gb], 0.1).unwrap();
+            let grads = Gradients {
+                sums: vec![gw, gb],
+                scale: 1.0,
+                norm: 0.0,
+            };
+            opt.step(&grads, 0.1).unwrap();
         }
         // The same two steps by hand.
         let reference = |decay: f64| {
@@ -297,9 +346,9 @@ mod tests {
         }
         assert_eq!(acc.micro_batches(), 2);
         // Mean gradient (3, 3): norm 4.2426 > 1, clipped to norm 1.
-        let (g, norm) = acc.take([&a].into_iter(), 1.0).unwrap();
-        assert!((norm - 18f64.sqrt()).abs() < 1e-12);
-        let g: Vec<f64> = g[0].to_vec1().unwrap();
+        let grads = acc.take([&a].into_iter(), 1.0).unwrap();
+        assert!((grads.norm - 18f64.sqrt()).abs() < 1e-12);
+        let g: Vec<f64> = (&grads.sums[0] * grads.scale).unwrap().to_vec1().unwrap();
         let expected = 3.0 / (18f64.sqrt() + 1e-6);
         assert!(g.iter().all(|v| (v - expected).abs() < 1e-12), "{g:?}");
         assert_eq!(acc.micro_batches(), 0);

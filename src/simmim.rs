@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::Linear;
 
 use crate::config::Config;
 use crate::loss::l1_regression;
@@ -21,7 +20,7 @@ pub struct SimMim {
     config: Config,
     /// The encoder.
     pub student: Vit,
-    decoder: Linear,
+    decoder: crate::models::mlp::Dense,
     /// Every parameter.
     pub trainable: ParamStore,
 }
@@ -33,8 +32,10 @@ impl SimMim {
         let vb = trainable.var_builder(device);
         let size = config.data.transform.size as usize;
         let s = &config.student;
+        let mut student = Vit::new(vb.pp("student"), s, size, true)?;
+        student.set_compute(config.train.precision.compute_dtype());
         Ok(SimMim {
-            student: Vit::new(vb.pp("student"), s, size, true)?,
+            student,
             decoder: linear(vb.pp("decoder"), s.dim, 3 * s.patch_size * s.patch_size)?,
             config: config.clone(),
             trainable,

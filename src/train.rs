@@ -49,6 +49,8 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// A k-NN check every `train.knn_every` steps, when given.
     pub knn: Option<KnnMonitor>,
+    /// Where the model trains (see [`crate::device::parse`]).
+    pub device: Device,
 }
 
 /// How a run ended.
@@ -94,7 +96,8 @@ pub fn last_checkpoint(out: &Path) -> PathBuf {
 
 /// Trains `config` on `opts.data` until the schedule, `max_steps` or a stop request ends it.
 pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
-    let device = Device::Cpu;
+    let device = opts.device.clone();
+    config.train.precision.apply_to_matmuls();
     match (&opts.knn, config.train.knn_every) {
         (Some(_), 0) => {
             bail!("--knn-train/--knn-val given: set [train] knn_every to the steps between checks")

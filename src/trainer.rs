@@ -19,6 +19,18 @@ pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// See [`MEAN`].
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
+/// `(B, views, 3, H, W)` uint8 -> f32 `(x / 255 - MEAN) / STD`, on the tensor's device.
+pub fn normalize(images: &Tensor) -> candle_core::Result<Tensor> {
+    let dev = images.device();
+    let scale: Vec<f32> = STD.iter().map(|s| 1.0 / (255.0 * s)).collect();
+    let shift: Vec<f32> = MEAN.iter().zip(STD).map(|(m, s)| -m / s).collect();
+    let per_channel = |v: Vec<f32>| Tensor::from_vec(v, (1, 1, 3, 1, 1), dev);
+    images
+        .to_dtype(candle_core::DType::F32)?
+        .broadcast_mul(&per_channel(scale)?)?
+        .broadcast_add(&per_channel(shift)?)
+}
+
 /// What one optimiser step did (losses are means over its micro-batches).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
@@ -57,6 +69,8 @@ pub struct Trainer {
     peak_lr: f64,
     sums: BTreeMap<String, f64>,
     device: Device,
+    /// Wall time per phase of the step, when profiling.
+    phases: Option<BTreeMap<&'static str, std::time::Duration>>,
 }
 
 impl Trainer {
@@ -97,7 +111,27 @@ impl Trainer {
             peak_lr,
             sums: BTreeMap::new(),
             device: device.clone(),
+            phases: None,
         })
+    }
+
+    /// Starts (or restarts) timing the phases of each step: `forward` (to the loss read
+    /// back), `backward` (to the gradient norm read back) and `update` (AdamW and EMA, with
+    /// a device synchronisation added at its end).
+    pub fn profile_phases(&mut self) {
+        self.phases = Some(BTreeMap::new());
+    }
+
+    /// Wall time per phase since [`Trainer::profile_phases`].
+    pub fn phase_times(&self) -> Option<&BTreeMap<&'static str, std::time::Duration>> {
+        self.phases.as_ref()
+    }
+
+    fn lap(&mut self, phase: &'static str, since: &mut std::time::Instant) {
+        if let Some(p) = &mut self.phases {
+            *p.entry(phase).or_default() += since.elapsed();
+        }
+        *since = std::time::Instant::now();
     }
 
     /// Optimiser steps taken.
@@ -113,16 +147,29 @@ impl Trainer {
     /// Feeds one batch from the pipeline; see [`Trainer::micro_batch`].
     pub fn feed(&mut self, batch: &Batch) -> anyhow::Result<Option<StepReport>> {
         let (size, views) = (batch.size as usize, batch.views);
-        let all = Tensor::from_vec(
-            batch.to_f32_normalized(MEAN, STD),
+        let grid = size / self.model.config().student.patch_size;
+        let images = Tensor::from_slice(
+            batch.images(),
             (batch.len(), views, 3, size, size),
             &self.device,
         )?;
+        self.feed_uint8(&images, &batch.token_masks(grid))
+    }
+
+    /// Feeds `(B, views, 3, H, W)` uint8 `images` already on the trainer's device, with the
+    /// token `mask` (`B x N` bytes): they are normalised there (the host sends 1 byte per
+    /// value, not 4).
+    pub fn feed_uint8(
+        &mut self,
+        images: &Tensor,
+        mask: &[u8],
+    ) -> anyhow::Result<Option<StepReport>> {
+        let views = images.dim(1)?;
+        let all = normalize(images)?;
         let views = (0..views)
             .map(|v| all.i((.., v))?.contiguous())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let grid = size / self.model.config().student.patch_size;
-        self.micro_batch(&views, &batch.token_masks(grid))
+        self.micro_batch(&views, mask)
     }
 
     /// Forward and backward of one micro-batch; after `accumulation` of them, one AdamW
@@ -133,8 +180,10 @@ impl Trainer {
         views: &[Tensor],
         mask: &[u8],
     ) -> anyhow::Result<Option<StepReport>> {
+        let mut clock = std::time::Instant::now();
         let losses = self.model.losses(views, mask)?;
         let loss = f64::from(losses.total.to_scalar::<f32>()?);
+        self.lap("forward", &mut clock);
         let mut parts = BTreeMap::new();
         for (name, t) in &losses.parts {
             parts.insert(name.to_string(), f64::from(t.to_scalar::<f32>()?));
@@ -153,19 +202,26 @@ impl Trainer {
         }
         let report = match self.acc.micro_batches() < self.accumulation {
             true => None,
-            false => Some(self.apply()?),
+            false => Some(self.apply(&mut clock)?),
         };
         // Last: the batch's keys are not their own negatives, and a step that failed
         // leaves the queues as they were.
         self.model.after_loss(&losses)?;
+        if self.phases.is_some() {
+            self.device.synchronize()?;
+            self.lap("update", &mut clock);
+        }
         Ok(report)
     }
 
     /// Clipping, AdamW and the momentum update with the accumulated gradients.
-    fn apply(&mut self) -> anyhow::Result<StepReport> {
+    fn apply(&mut self, clock: &mut std::time::Instant) -> anyhow::Result<StepReport> {
+        let clip = self.model.config().optim.clip_grad;
+        let grads = self.acc.take(self.opt.vars(), clip)?;
+        self.lap("backward", clock);
         let config = self.model.config();
         let o = &config.optim;
-        let (grads, grad_norm) = self.acc.take(self.opt.vars(), o.clip_grad)?;
+        let grad_norm = grads.norm;
         if !grad_norm.is_finite() {
             bail!(
                 "the gradient norm is {grad_norm} at step {}: training stopped; the last checkpoint is intact",

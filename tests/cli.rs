@@ -330,3 +330,68 @@ fn eval_knn_and_linear() {
         text(&o)
     );
 }
+
+/// `mimco bench train` runs the trainer's own steps on synthetic batches and on shards and
+/// prints one table row; what needs the `cuda` feature says so.
+#[test]
+fn bench_train_prints_a_row_and_cuda_requests_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 2, 8, false, 3);
+    std::fs::write(
+        dir.path().join("tiny.toml"),
+        toml::to_string(&tiny_config(4, 1)).unwrap(),
+    )
+    .unwrap();
+    let data = data.display().to_string();
+    let base = [
+        "bench",
+        "train",
+        "--config",
+        "tiny.toml",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ];
+    for extra in [
+        &["--device", "cpu", "--header", "--precision", "bf16"][..],
+        &["--device", "cpu", "--data", data.as_str(), "--batch", "3"][..],
+    ] {
+        let o = mimco(&[&base[..], extra].concat(), dir.path());
+        assert!(o.status.success(), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let row = out.lines().last().unwrap();
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // | config | device | precision | kernels | data | batch | images/s | ...
+        assert_eq!(cells.len(), 14, "{row}");
+        assert_eq!(cells[1], "tiny");
+        assert_eq!(cells[2], "cpu");
+        let images_per_s: f64 = cells[7].parse().unwrap();
+        assert!(images_per_s > 0.0, "{row}");
+        assert!(text(&o).contains("phases per step"), "{}", text(&o));
+        if extra.contains(&"--header") {
+            assert!(out.starts_with("| config |"), "{out}");
+            assert_eq!(cells[3], "bf16");
+        } else {
+            assert_eq!((cells[5], cells[6]), ("shards", "3"), "{row}");
+        }
+    }
+    if !cfg!(feature = "cuda") {
+        let o = mimco(&["bench", "kernels"], dir.path());
+        assert!(!o.status.success());
+        assert!(text(&o).contains("--features cuda"), "{}", text(&o));
+        let o = mimco(&[&base[..], &["--device", "cuda"][..]].concat(), dir.path());
+        assert!(!o.status.success());
+        assert!(text(&o).contains("built without CUDA"), "{}", text(&o));
+    }
+    let o = mimco(
+        &[&base[..], &["--precision", "f16"][..]].concat(),
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("expected f32, tf32 or bf16"),
+        "{}",
+        text(&o)
+    );
+}

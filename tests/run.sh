@@ -29,6 +29,13 @@ else
     mkdir -p target/tmp
     echo "SKIPPED Fashion-MNIST study (--small): apt-get install dataset-fashion-mnist" > target/tmp/SKIPPED-fashion-mnist.txt
 fi
+# The CUDA build without a GPU: kernels through NVRTC, `--features cuda` through clippy.
+if [ "${MIMCO_SKIP_CUDA_BUILD:-0}" = 1 ]; then
+    mkdir -p target/tmp
+    echo "SKIPPED CUDA build check: MIMCO_SKIP_CUDA_BUILD=1" > target/tmp/SKIPPED-cuda-build.txt
+else
+    bash tests/cuda_build.sh
+fi
 # Tests that had to skip say so here, not only in captured output.
 for f in target/tmp/SKIPPED-*.txt; do
     if [ -e "$f" ]; then cat "$f"; fi

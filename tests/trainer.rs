@@ -46,16 +46,19 @@ fn masks(b: usize) -> Vec<u8> {
 
 #[test]
 fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
-    use mimco::config::PatchLoss;
+    use mimco::config::{PatchLoss, Precision};
     use mimco::models::vit::PosEmbed;
-    // The paper's set-up, and the l1 ablation with a learned position embedding.
-    for (patch_loss, pos_embed) in [
-        (PatchLoss::Contrastive, PosEmbed::Sincos),
-        (PatchLoss::L1, PosEmbed::Learned),
+    // The paper's set-up, in f32 and in mixed precision, and the l1 ablation with a
+    // learned position embedding.
+    for (patch_loss, pos_embed, precision) in [
+        (PatchLoss::Contrastive, PosEmbed::Sincos, Precision::F32),
+        (PatchLoss::Contrastive, PosEmbed::Sincos, Precision::Bf16),
+        (PatchLoss::L1, PosEmbed::Learned, Precision::F32),
     ] {
         let mut config = tiny_config(4, 1);
         config.objective.patch_loss = patch_loss;
         config.student.pos_embed = pos_embed;
+        config.train.precision = precision;
         let m = model(&config);
         let has_pos = m
             .trainable
@@ -89,6 +92,49 @@ fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
             );
         }
     }
+}
+
+/// bf16 matmuls and attention (f32 weights, residual stream, norms' statistics and
+/// losses) give the f32 losses to within bf16 rounding, and gradients that point the
+/// same way.
+#[test]
+fn mixed_precision_agrees_with_f32() {
+    use mimco::config::Precision;
+    let images = random_images(4, 32, 5);
+    let run = |precision| {
+        let mut config = tiny_config(4, 1);
+        config.train.precision = precision;
+        let m = model(&config);
+        let losses = m.forward(&images, &masks(4)).unwrap();
+        let loss = losses.total.to_scalar::<f32>().unwrap();
+        let grads = losses.total.backward().unwrap();
+        let flat: Vec<f32> = m
+            .trainable
+            .vars()
+            .iter()
+            .flat_map(|(_, v)| {
+                let g = grads.get(v.as_tensor()).unwrap();
+                assert_eq!(
+                    g.dtype(),
+                    DType::F32,
+                    "gradients reach the f32 master weights"
+                );
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        (loss, flat)
+    };
+    let (l32, g32) = run(Precision::F32);
+    let (l16, g16) = run(Precision::Bf16);
+    assert!(
+        (l32 - l16).abs() <= 1e-2 * l32.abs(),
+        "f32 {l32}, bf16 {l16}"
+    );
+    let dot: f64 = g32.iter().zip(&g16).map(|(a, b)| f64::from(a * b)).sum();
+    let n32: f64 = g32.iter().map(|a| f64::from(a * a)).sum::<f64>().sqrt();
+    let n16: f64 = g16.iter().map(|a| f64::from(a * a)).sum::<f64>().sqrt();
+    let cosine = dot / (n32 * n16);
+    assert!(cosine > 0.99, "gradient cosine {cosine}");
 }
 
 #[test]

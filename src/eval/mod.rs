@@ -158,7 +158,7 @@ pub fn extract(
         let x = Tensor::from_vec(
             batch.to_f32_normalized(MEAN, STD),
             (batch.len(), 3, s, s),
-            &Device::Cpu,
+            encoder.device(),
         )?;
         let out = encoder.forward(&x, None)?;
         let mut f = match (feature, out.cls) {

@@ -4,27 +4,56 @@
 //! per-token `Linear -> ReLU -> Linear`, applied to `(B, N, D)`; image-level heads apply
 //! to `(B, D)`. No BatchNorm (DenseCL's dense head; METHOD.md, chosen).
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
 
-use crate::functional::batch_norm;
+use crate::functional::{self, batch_norm};
 
 /// `Linear(in, hidden) -> ReLU -> Linear(hidden, out)`, named `fc1`, `fc2`.
 #[derive(Clone, Debug)]
 pub struct Mlp2 {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
 }
 
-/// A `Linear` with timm's initialisation (weights N(0, 0.02), zero bias).
-pub fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> Result<Linear> {
+/// `x W^T + b` over the last dimension, computed in the dtype of `x`: the f32 weights are
+/// cast to it, so a bf16 input runs the matmul in bf16 (f32 accumulation) while the
+/// optimiser keeps f32 master weights.
+#[derive(Clone, Debug)]
+pub struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    /// `act(x W^T + b)`: GELU (erf) when `gelu`, else the identity.
+    pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        let w = self.weight.to_dtype(x.dtype())?;
+        let mut dims = x.dims().to_vec();
+        let inputs = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / inputs.max(1);
+        let y = x.reshape((rows, inputs))?.matmul(&w.t()?)?;
+        *dims.last_mut().expect("x has a last dimension") = w.dim(0)?;
+        functional::bias_act(&y, &self.bias, gelu)?.reshape(dims)
+    }
+}
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
+    }
+}
+
+/// A [`Dense`] with timm's initialisation (weights N(0, 0.02), zero bias).
+pub fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> Result<Dense> {
     let init = Init::Randn {
         mean: 0.0,
         stdev: 0.02,
     };
-    let w = vb.get_with_hints((outputs, inputs), "weight", init)?;
-    let b = vb.get_with_hints(outputs, "bias", Init::Const(0.0))?;
-    Ok(Linear::new(w, Some(b)))
+    Ok(Dense {
+        weight: vb.get_with_hints((outputs, inputs), "weight", init)?,
+        bias: vb.get_with_hints(outputs, "bias", Init::Const(0.0))?,
+    })
 }
 
 impl Mlp2 {

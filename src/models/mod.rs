@@ -5,7 +5,7 @@
 pub mod mlp;
 pub mod vit;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// What an encoder returns: all patch tokens after the final norm, and the CLS token
 /// where the architecture has one.
@@ -23,6 +23,11 @@ pub trait Encoder: std::fmt::Debug + Send {
     fn dim(&self) -> usize;
     /// Side of the output token grid for a square input of `image_size` pixels.
     fn grid(&self, image_size: usize) -> usize;
+    /// Runs the matmuls and attention in `dtype` (bf16 for mixed precision); parameters,
+    /// the residual stream and the output stay f32. F32 by default.
+    fn set_compute(&mut self, dtype: DType);
+    /// The device its parameters live on (inputs must be there too).
+    fn device(&self) -> &Device;
     /// `images`: `(B, 3, H, W)` normalised f32. `mask`: `(B, N)` with 1 where a patch is
     /// masked (its embedding replaced by the mask token), or `None`.
     fn forward(&self, images: &Tensor, mask: Option<&Tensor>) -> Result<Features>;

@@ -6,11 +6,11 @@
 //! so MoCo v3 and timm checkpoints load without a rename table and exported students load
 //! into `timm.create_model(...)`.
 
-use candle_core::{D, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::mlp::linear;
+use super::mlp::{Dense, linear};
 use super::{Encoder, Features};
 use crate::functional;
 
@@ -148,17 +148,18 @@ impl Norm {
     }
 }
 
-impl Module for Norm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        functional::layer_norm(x, &self.weight, &self.bias, self.eps)
+impl Norm {
+    /// The normalised f32 `x`, in `out` (the dtype of the layer that reads it).
+    pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
+        functional::layer_norm_to(x, &self.weight, &self.bias, self.eps, out)
     }
 }
 
 /// Multi-head self-attention (`attn.qkv`, `attn.proj`).
 #[derive(Clone, Debug)]
 struct Attention {
-    qkv: Linear,
-    proj: Linear,
+    qkv: Dense,
+    proj: Dense,
     heads: usize,
 }
 
@@ -171,10 +172,10 @@ impl Module for Attention {
             .forward(x)?
             .reshape((b, n, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.i(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
+        let q = qkv.i(0)?.contiguous()?;
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
-        let attn = functional::softmax(&q.matmul(&k.t()?)?)?;
+        let attn = functional::softmax_scaled(&q.matmul(&k.t()?)?, (hd as f64).powf(-0.5))?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.proj.forward(&out)
     }
@@ -186,8 +187,8 @@ struct Block {
     norm1: Norm,
     attn: Attention,
     norm2: Norm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
 }
 
 impl Block {
@@ -207,11 +208,15 @@ impl Block {
     }
 }
 
-impl Module for Block {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
-        x + self.fc2.forward(&h)?
+impl Block {
+    /// The residual stream `x` stays f32; each branch computes in `compute`.
+    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        let h = self.attn.forward(&self.norm1.forward_to(x, compute)?)?;
+        let x = (x + h.to_dtype(DType::F32)?)?;
+        let h = self
+            .fc1
+            .forward_act(&self.norm2.forward_to(&x, compute)?, true)?;
+        x + self.fc2.forward(&h)?.to_dtype(DType::F32)?
     }
 }
 
@@ -228,6 +233,8 @@ pub struct Vit {
     mask_token: Option<Tensor>,
     blocks: Vec<Block>,
     norm: Norm,
+    /// Dtype of the matmuls and attention (the residual stream and the output are f32).
+    compute: DType,
 }
 
 impl Vit {
@@ -277,6 +284,7 @@ impl Vit {
                 .map(|i| Block::new(vb.pp(format!("blocks.{i}")), config))
                 .collect::<Result<_>>()?,
             norm: Norm::new(vb.pp("norm"), dim, config.ln_eps)?,
+            compute: DType::F32,
         })
     }
 
@@ -306,15 +314,30 @@ impl Encoder for Vit {
         image_size / self.config.patch_size
     }
 
+    fn set_compute(&mut self, dtype: DType) {
+        self.compute = dtype;
+    }
+
+    fn device(&self) -> &Device {
+        self.cls_token.device()
+    }
+
     fn forward(&self, images: &Tensor, mask: Option<&Tensor>) -> Result<Features> {
         let (b, _, h, w) = images.dims4()?;
         let expected = self.grid * self.config.patch_size;
         if h != expected || w != expected {
             candle_core::bail!("images are {h}x{w}, this ViT was built for {expected}x{expected}");
         }
-        let mut x = patchify(images, self.config.patch_size)?
-            .broadcast_matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?;
+        let c = self.compute;
+        let (w, bias) = (self.patch_weight.to_dtype(c)?, self.patch_bias.to_dtype(c)?);
+        let patches = patchify(&images.to_dtype(c)?, self.config.patch_size)?;
+        let (n, k) = (patches.dim(1)?, patches.dim(2)?);
+        let mut x = patches
+            .reshape((b * n, k))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&bias)?
+            .reshape((b, n, self.config.dim))?
+            .to_dtype(DType::F32)?;
         if let (Some(mask), Some(token)) = (mask, &self.mask_token) {
             // SimMIM: x * (1 - m) + mask_token * m
             let m = mask.to_dtype(x.dtype())?.unsqueeze(D::Minus1)?;
@@ -323,9 +346,9 @@ impl Encoder for Vit {
         let cls = self.cls_token.broadcast_as((b, 1, self.config.dim))?;
         x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
-            x = block.forward(&x)?;
+            x = block.forward(&x, c)?;
         }
-        let x = self.norm.forward(&x)?;
+        let x = self.norm.forward_to(&x, DType::F32)?;
         Ok(Features {
             patches: x.narrow(1, 1, self.grid * self.grid)?,
             cls: Some(x.i((.., 0))?),

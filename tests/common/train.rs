@@ -37,6 +37,7 @@ pub fn run_options(
         progress: false,
         stop: Arc::new(AtomicBool::new(false)),
         knn: None,
+        device: candle_core::Device::Cpu,
     }
 }
 

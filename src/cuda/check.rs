@@ -1,0 +1,291 @@
+//! The fused kernels against the composed ops (`mimco bench kernels`), on fresh random
+//! inputs of several shapes: forward outputs and every gradient, by relative L2 error
+//! `|fused - reference| / |reference|` against the composed ops in f64 on the same GPU.
+//! Before each fused launch the allocator's free memory is filled with NaN, so an output
+//! element the kernel never wrote shows up as NaN, which fails the check.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::functional;
+use crate::optim::{AdamW, AdamWParams, Gradients};
+
+/// One checked case.
+#[derive(Clone, Debug)]
+pub struct CheckRow {
+    /// What was checked (`layer_norm fwd`, `softmax dx`, ...).
+    pub what: String,
+    /// Input shape.
+    pub shape: String,
+    /// Dtype of the fused op's output.
+    pub dtype: &'static str,
+    /// Relative L2 error; NaN if any element was NaN.
+    pub error: f64,
+    /// Largest error that passes.
+    pub tolerance: f64,
+}
+
+impl CheckRow {
+    /// Finite and within tolerance.
+    pub fn passed(&self) -> bool {
+        self.error.is_finite() && self.error <= self.tolerance
+    }
+}
+
+struct Checker {
+    dev: Device,
+    rng: ChaCha8Rng,
+    rows: Vec<CheckRow>,
+}
+
+impl Checker {
+    fn random(&mut self, shape: &[usize], scale: f32, shift: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| self.rng.random_range(-1.0f32..1.0) * scale + shift)
+            .collect();
+        Tensor::from_vec(v, shape, &self.dev)
+    }
+
+    /// Hands the allocator `bytes` of NaN and frees them, so that the next allocations
+    /// start out as NaN.
+    fn poison(&self, elements: usize) -> Result<()> {
+        drop(Tensor::full(f32::NAN, elements, &self.dev)?);
+        Ok(())
+    }
+
+    fn record(
+        &mut self,
+        what: &str,
+        shape: &[usize],
+        dtype: DType,
+        got: &Tensor,
+        want: &Tensor,
+        tolerance: f64,
+    ) -> Result<()> {
+        let got = got.to_dtype(DType::F64)?;
+        let diff = (&got - want)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+        let norm = want.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+        let nans = got
+            .ne(&got)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        let error = match nans > 0.0 {
+            true => f64::NAN,
+            false => diff / norm.max(1e-300),
+        };
+        self.rows.push(CheckRow {
+            what: what.into(),
+            shape: format!("{shape:?}"),
+            dtype: match dtype {
+                DType::BF16 => "bf16",
+                _ => "f32",
+            },
+            error,
+            tolerance,
+        });
+        Ok(())
+    }
+}
+
+/// Runs every check on `dev` (a CUDA device) from `seed`.
+pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
+    let mut c = Checker {
+        dev: dev.clone(),
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        rows: Vec::new(),
+    };
+    for shape in [[3, 64], [788, 384], [50, 768], [7, 1000]] {
+        for dtype in [DType::F32, DType::BF16] {
+            layer_norm(&mut c, &shape, dtype)?;
+        }
+    }
+    for shape in [
+        [2, 6, 197, 197],
+        [1, 3, 50, 50],
+        [4, 1, 5, 1000],
+        [3, 2, 17, 17],
+    ] {
+        for dtype in [DType::F32, DType::BF16] {
+            softmax(&mut c, &shape, dtype)?;
+        }
+    }
+    for shape in [[788, 1536], [50, 384], [3, 1000]] {
+        for dtype in [DType::F32, DType::BF16] {
+            for gelu in [false, true] {
+                bias_act(&mut c, &shape, dtype, gelu)?;
+            }
+        }
+    }
+    adamw(&mut c, &[[384, 1536], [7, 3]])?;
+    Ok(c.rows)
+}
+
+fn tolerances(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::BF16 => (1e-2, 1.5e-2),
+        _ => (1e-5, 1e-4),
+    }
+}
+
+fn layer_norm(c: &mut Checker, shape: &[usize], dtype: DType) -> Result<()> {
+    let d = shape[shape.len() - 1];
+    let x = Var::from_tensor(&c.random(shape, 2.0, 0.5)?)?;
+    let w = Var::from_tensor(&c.random(&[d], 1.0, 1.0)?)?;
+    let b = Var::from_tensor(&c.random(&[d], 0.5, 0.0)?)?;
+    let probe = c.random(shape, 1.0, 0.0)?;
+    c.poison(4 * x.elem_count())?;
+    let y = super::layer_norm(&x, &w, &b, 1e-6, dtype)?;
+    c.poison(4 * x.elem_count())?;
+    let grads = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).and_then(|t| Var::from_tensor(&t));
+    let (x64, w64, b64) = (f64s(&x)?, f64s(&w)?, f64s(&b)?);
+    let y64 = functional::layer_norm(&x64, &w64, &b64, 1e-6)?;
+    let g64 = y64
+        .mul(&probe.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let (fwd, bwd) = tolerances(dtype);
+    c.record("layer_norm y", shape, dtype, &y, &y64, fwd)?;
+    for (name, v, v64) in [("dx", &x, &x64), ("dweight", &w, &w64), ("dbias", &b, &b64)] {
+        let (Some(got), Some(want)) = (grads.get(v), g64.get(v64)) else {
+            candle_core::bail!("layer_norm: no gradient for {name}");
+        };
+        c.record(&format!("layer_norm {name}"), shape, dtype, got, want, bwd)?;
+    }
+    Ok(())
+}
+
+fn softmax(c: &mut Checker, shape: &[usize], dtype: DType) -> Result<()> {
+    let scale = 0.125;
+    let x = Var::from_tensor(&c.random(shape, 24.0, 0.0)?.to_dtype(dtype)?)?;
+    let probe = c.random(shape, 1.0, 0.0)?;
+    c.poison(4 * x.elem_count())?;
+    let y = super::softmax(&x, scale)?;
+    c.poison(4 * x.elem_count())?;
+    let grads = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
+    let x64 = Var::from_tensor(&x.to_dtype(DType::F64)?)?;
+    let y64 = functional::softmax(&(x64.as_tensor() * scale)?)?;
+    let g64 = y64
+        .mul(&probe.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let (fwd, bwd) = tolerances(dtype);
+    c.record("softmax y", shape, dtype, &y, &y64, fwd)?;
+    let (Some(got), Some(want)) = (grads.get(&x), g64.get(&x64)) else {
+        candle_core::bail!("softmax: no gradient for x");
+    };
+    c.record("softmax dx", shape, dtype, got, want, bwd)
+}
+
+fn bias_act(c: &mut Checker, shape: &[usize], dtype: DType, gelu: bool) -> Result<()> {
+    let cols = shape[shape.len() - 1];
+    let x = Var::from_tensor(&c.random(shape, 3.0, 0.0)?.to_dtype(dtype)?)?;
+    let b = Var::from_tensor(&c.random(&[cols], 1.0, 0.0)?)?;
+    let probe = c.random(shape, 1.0, 0.0)?;
+    c.poison(4 * x.elem_count())?;
+    let y = super::bias_act(&x, &b, gelu)?;
+    c.poison(4 * x.elem_count())?;
+    let grads = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
+    let x64 = Var::from_tensor(&x.to_dtype(DType::F64)?)?;
+    let b64 = Var::from_tensor(&b.to_dtype(DType::F64)?)?;
+    let mut y64 = x64.broadcast_add(&b64)?;
+    if gelu {
+        y64 = y64.gelu_erf()?;
+    }
+    let g64 = y64
+        .mul(&probe.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let (fwd, bwd) = tolerances(dtype);
+    let name = if gelu { "bias_gelu" } else { "bias_add" };
+    c.record(&format!("{name} y"), shape, dtype, &y, &y64, fwd)?;
+    for (what, v, v64) in [("dx", &x, &x64), ("dbias", &b, &b64)] {
+        let (Some(got), Some(want)) = (grads.get(v), g64.get(v64)) else {
+            candle_core::bail!("{name}: no gradient for {what}");
+        };
+        c.record(&format!("{name} {what}"), shape, dtype, got, want, bwd)?;
+    }
+    Ok(())
+}
+
+/// Three steps of the fused AdamW against the composed one on the CPU, both in f32, with
+/// one decayed and one undecayed parameter and a gradient scale (averaging, clipping).
+fn adamw(c: &mut Checker, shapes: &[[usize; 2]]) -> Result<()> {
+    let params = AdamWParams {
+        betas: (0.9, 0.95),
+        eps: 1e-8,
+        weight_decay: 0.05,
+    };
+    let names = ["a.weight", "a.bias"];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| c.random(s, 1.0, 0.0))
+        .collect::<Result<_>>()?;
+    let build = |dev: &Device| -> Result<(AdamW, Vec<Var>)> {
+        let vars = init
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(dev)?))
+            .collect::<Result<Vec<_>>>()?;
+        let named = names
+            .iter()
+            .map(|n| n.to_string())
+            .zip(vars.clone())
+            .collect();
+        Ok((AdamW::new(named, params)?, vars))
+    };
+    let (mut fused, fused_vars) = build(&c.dev)?;
+    let (mut cpu, cpu_vars) = build(&Device::Cpu)?;
+    for step in 0..3 {
+        let sums: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| c.random(s, 0.5, 0.1))
+            .collect::<Result<_>>()?;
+        let scale = 0.37 + 0.1 * step as f64;
+        c.poison(3 * init.iter().map(|t| t.elem_count()).sum::<usize>())?;
+        let on = |dev: &Device| -> Result<Gradients> {
+            Ok(Gradients {
+                sums: sums
+                    .iter()
+                    .map(|t| t.to_device(dev))
+                    .collect::<Result<_>>()?,
+                scale,
+                norm: 0.0,
+            })
+        };
+        fused.step(&on(&c.dev)?, 1e-3)?;
+        cpu.step(&on(&Device::Cpu)?, 1e-3)?;
+    }
+    for (i, shape) in shapes.iter().enumerate() {
+        let want = cpu_vars[i]
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_device(&c.dev)?;
+        let what = format!("adamw p ({})", names[i]);
+        c.record(
+            &what,
+            shape,
+            DType::F32,
+            fused_vars[i].as_tensor(),
+            &want,
+            1e-6,
+        )?;
+    }
+    let (fs, _) = fused.state();
+    let (cs, _) = cpu.state();
+    for (key, want) in cs {
+        let want = want.to_dtype(DType::F64)?.to_device(&c.dev)?;
+        let shape = want.dims().to_vec();
+        c.record(
+            &format!("adamw {key}"),
+            &shape,
+            DType::F32,
+            &fs[&key],
+            &want,
+            1e-6,
+        )?;
+    }
+    Ok(())
+}

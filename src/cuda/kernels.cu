@@ -1,0 +1,291 @@
+// mimco's fused CUDA kernels, compiled at run time by NVRTC for the GPU in use
+// (src/cuda/mod.rs). No headers: bf16 is handled as its bit pattern, so NVRTC needs no
+// include path. All arithmetic is f32; bf16 only at loads and stores.
+//
+// Names: <op>_<in dtype>_<out dtype>_<E>, where E is the number of row elements each lane
+// of a warp holds (a row of up to 32*E elements sits in registers).
+
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float(((unsigned int)v) << 16); }
+
+__device__ __forceinline__ void put(float *p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void put(bf16 *p, long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        p[i] = (bf16)((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    p[i] = (bf16)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// LayerNorm forward, one warp per row: y = (x - mean) * rstd * w + b.
+template <typename TO, int E>
+__device__ void layer_norm_fwd(const float *x, const float *w, const float *b, TO *y, int rows,
+                               int d, float eps) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float *xr = x + (long)row * d;
+    float v[E];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        v[i] = c < d ? xr[c] : 0.f;
+        s += v[i];
+    }
+    const float mean = warp_sum(s) / d;
+    float q = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        const float t = c < d ? v[i] - mean : 0.f;
+        q += t * t;
+    }
+    const float rstd = rsqrtf(warp_sum(q) / d + eps);
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        if (c < d) put(y, (long)row * d + c, (v[i] - mean) * rstd * w[c] + b[c]);
+    }
+}
+
+// LayerNorm backward. `out` holds dx (rows*d), then dw (d), then db (d); dw and db must be
+// zero on entry (each warp adds its rows' sums once per column).
+//   xhat = (x - mean) * rstd, g = dy * w,
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), dw = sum dy * xhat, db = sum dy.
+template <typename TG, int E>
+__device__ void layer_norm_bwd(const float *x, const float *w, const TG *dy, float *out,
+                               int rows, int d, float eps) {
+    const int warps = gridDim.x * (blockDim.x >> 5);
+    const int lane = threadIdx.x & 31;
+    float *dw = out + (long)rows * d;
+    float *db = dw + d;
+    float acc_w[E], acc_b[E];
+#pragma unroll
+    for (int i = 0; i < E; i++) acc_w[i] = acc_b[i] = 0.f;
+    for (int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows;
+         row += warps) {
+        const float *xr = x + (long)row * d;
+        const TG *gr = dy + (long)row * d;
+        float v[E], g[E];
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            const int c = lane + 32 * i;
+            v[i] = c < d ? xr[c] : 0.f;
+            g[i] = c < d ? to_f32(gr[c]) : 0.f;
+            s += v[i];
+        }
+        const float mean = warp_sum(s) / d;
+        float q = 0.f;
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            const int c = lane + 32 * i;
+            const float t = c < d ? v[i] - mean : 0.f;
+            q += t * t;
+        }
+        const float rstd = rsqrtf(warp_sum(q) / d + eps);
+        float sg = 0.f, sgx = 0.f;
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            const int c = lane + 32 * i;
+            v[i] = (v[i] - mean) * rstd;  // xhat
+            if (c < d) {
+                acc_w[i] += g[i] * v[i];
+                acc_b[i] += g[i];
+                g[i] *= w[c];
+                sg += g[i];
+                sgx += g[i] * v[i];
+            }
+        }
+        sg = warp_sum(sg) / d;
+        sgx = warp_sum(sgx) / d;
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            const int c = lane + 32 * i;
+            if (c < d) out[(long)row * d + c] = rstd * (g[i] - sg - v[i] * sgx);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        if (c < d) {
+            atomicAdd(dw + c, acc_w[i]);
+            atomicAdd(db + c, acc_b[i]);
+        }
+    }
+}
+
+// Softmax of scale * x over rows of `cols` elements, one warp per row.
+template <typename T, int E>
+__device__ void softmax_fwd(const T *x, T *y, int rows, int cols, float scale) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T *xr = x + (long)row * cols;
+    float v[E];
+    float m = __int_as_float(0xff800000);
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        v[i] = c < cols ? to_f32(xr[c]) * scale : __int_as_float(0xff800000);
+        m = fmaxf(m, v[i]);
+    }
+    m = warp_max(m);
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        v[i] = c < cols ? __expf(v[i] - m) : 0.f;
+        s += v[i];
+    }
+    const float inv = 1.f / warp_sum(s);
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        if (c < cols) put(y, (long)row * cols + c, v[i] * inv);
+    }
+}
+
+// Softmax backward from its output y: dx = scale * y * (dy - sum(dy * y)).
+template <typename T, int E>
+__device__ void softmax_bwd(const T *y, const T *dy, T *dx, int rows, int cols, float scale) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const long base = (long)row * cols;
+    float yv[E], gv[E];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        yv[i] = c < cols ? to_f32(y[base + c]) : 0.f;
+        gv[i] = c < cols ? to_f32(dy[base + c]) : 0.f;
+        s += yv[i] * gv[i];
+    }
+    s = warp_sum(s);
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        if (c < cols) put(dx, base + c, scale * yv[i] * (gv[i] - s));
+    }
+}
+
+// AdamW, PyTorch's formulation, for one parameter of n elements. `state` is (m, v), 2n;
+// `out` receives (p', m', v'), 3n. The gradient is g * grad_scale (averaging and clipping).
+extern "C" __global__ void adamw_f32(const float *p, const float *g, const float *state,
+                                     float *out, long n, float lr, float beta1, float beta2,
+                                     float eps, float decay, float c1, float c2,
+                                     float grad_scale) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        const float gi = g[i] * grad_scale;
+        const float m = beta1 * state[i] + (1.f - beta1) * gi;
+        const float v = beta2 * state[n + i] + (1.f - beta2) * gi * gi;
+        out[i] = p[i] * decay - lr * (m / c1) / (sqrtf(v / c2) + eps);
+        out[n + i] = m;
+        out[2 * n + i] = v;
+    }
+}
+
+// GELU (erf form, as torch.nn.GELU()) and its derivative.
+__device__ __forceinline__ float gelu(float z) { return 0.5f * z * (1.f + erff(z * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_grad(float z) {
+    return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
+           z * 0.39894228040143268f * __expf(-0.5f * z * z);
+}
+
+// y = act(x + bias) for x of `rows` x `cols`, bias f32 of `cols`. act 0: none, 1: GELU.
+template <typename T>
+__device__ void bias_act_fwd(const T *x, const float *bias, T *y, long n, int cols, int act) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        const float z = to_f32(x[i]) + bias[i % cols];
+        put(y, i, act ? gelu(z) : z);
+    }
+}
+
+// dz = dy * act'(x + bias).
+template <typename T>
+__device__ void bias_act_bwd(const T *x, const float *bias, const T *dy, T *dz, long n, int cols,
+                             int act) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        const float g = to_f32(dy[i]);
+        put(dz, i, act ? g * gelu_grad(to_f32(x[i]) + bias[i % cols]) : g);
+    }
+}
+
+// out[c] += sum over this block's rows of x[r, c] (out zeroed first). Grid: (column tiles
+// of blockDim.x, row chunks).
+template <typename T>
+__device__ void column_sum(const T *x, float *out, int rows, int cols) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const int chunk = (rows + gridDim.y - 1) / gridDim.y;
+    const int r0 = blockIdx.y * chunk;
+    const int r1 = rows < r0 + chunk ? rows : r0 + chunk;
+    float s = 0.f;
+    for (int r = r0; r < r1; r++) s += to_f32(x[(long)r * cols + c]);
+    atomicAdd(out + c, s);
+}
+
+#define ELEMENTWISE(T, N)                                                                     \
+    extern "C" __global__ void bias_act_fwd_##N(const T *x, const float *bias, T *y, long n, \
+                                                int cols, int act) {                          \
+        bias_act_fwd<T>(x, bias, y, n, cols, act);                                            \
+    }                                                                                         \
+    extern "C" __global__ void bias_act_bwd_##N(const T *x, const float *bias, const T *dy,  \
+                                                T *dz, long n, int cols, int act) {           \
+        bias_act_bwd<T>(x, bias, dy, dz, n, cols, act);                                       \
+    }                                                                                         \
+    extern "C" __global__ void column_sum_##N(const T *x, float *out, int rows, int cols) {  \
+        column_sum<T>(x, out, rows, cols);                                                    \
+    }
+
+ELEMENTWISE(float, f32)
+ELEMENTWISE(bf16, bf16)
+
+#define LN(TO, NO, E)                                                                         \
+    extern "C" __global__ void layer_norm_fwd_f32_##NO##_##E(                                \
+        const float *x, const float *w, const float *b, TO *y, int rows, int d, float eps) { \
+        layer_norm_fwd<TO, E>(x, w, b, y, rows, d, eps);                                      \
+    }                                                                                         \
+    extern "C" __global__ void layer_norm_bwd_f32_##NO##_##E(                                \
+        const float *x, const float *w, const TO *dy, float *out, int rows, int d,           \
+        float eps) {                                                                          \
+        layer_norm_bwd<TO, E>(x, w, dy, out, rows, d, eps);                                   \
+    }
+
+#define SOFTMAX(T, N, E)                                                                      \
+    extern "C" __global__ void softmax_fwd_##N##_##N##_##E(const T *x, T *y, int rows,       \
+                                                           int cols, float scale) {           \
+        softmax_fwd<T, E>(x, y, rows, cols, scale);                                           \
+    }                                                                                         \
+    extern "C" __global__ void softmax_bwd_##N##_##N##_##E(const T *y, const T *dy, T *dx,   \
+                                                           int rows, int cols, float scale) { \
+        softmax_bwd<T, E>(y, dy, dx, rows, cols, scale);                                      \
+    }
+
+#define EACH_WIDTH(M, A, B) M(A, B, 1) M(A, B, 2) M(A, B, 4) M(A, B, 8) M(A, B, 12) M(A, B, 16) M(A, B, 24) M(A, B, 32)
+
+EACH_WIDTH(LN, float, f32)
+EACH_WIDTH(LN, bf16, bf16)
+EACH_WIDTH(SOFTMAX, float, f32)
+EACH_WIDTH(SOFTMAX, bf16, bf16)

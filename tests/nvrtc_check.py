@@ -1,0 +1,66 @@
+"""Compiles src/cuda/kernels.cu with NVRTC, as mimco does at run time, for Hopper (sm_90)
+and Ampere (sm_80), and checks that every kernel the Rust side launches is in the PTX.
+Needs libnvrtc (CUDA 13) on the loader path; no GPU.
+
+    python3 tests/nvrtc_check.py src/cuda/kernels.cu
+"""
+
+import ctypes
+import ctypes.util
+import re
+import sys
+
+WIDTHS = [1, 2, 4, 8, 12, 16, 24, 32]
+
+
+def expected():
+    names = ["adamw_f32"]
+    for stage in ("fwd", "bwd"):
+        for e in WIDTHS:
+            names += [f"layer_norm_{stage}_f32_{o}_{e}" for o in ("f32", "bf16")]
+            names += [f"softmax_{stage}_{t}_{t}_{e}" for t in ("f32", "bf16")]
+        names += [f"bias_act_{stage}_{t}" for t in ("f32", "bf16")]
+    names += [f"column_sum_{t}" for t in ("f32", "bf16")]
+    return names
+
+
+def compile_ptx(nvrtc, src, arch):
+    prog = ctypes.c_void_p()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"mimco_kernels.cu", 0, None, None):
+        sys.exit("nvrtcCreateProgram failed")
+    opts = [f"--gpu-architecture={arch}".encode()]
+    result = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    if result != 0:
+        sys.exit(f"NVRTC ({arch}) failed:\n{log.value.decode()}")
+    nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    return ptx.value.decode()
+
+
+def main():
+    src = open(sys.argv[1], "rb").read()
+    nvrtc = None
+    for name in ("libnvrtc.so.13", "libnvrtc.so", ctypes.util.find_library("nvrtc")):
+        try:
+            nvrtc = ctypes.CDLL(name)
+            break
+        except (OSError, TypeError):
+            continue
+    if nvrtc is None:
+        sys.exit("libnvrtc not found: put the CUDA 13 lib folder on LD_LIBRARY_PATH")
+    for arch in ("sm_90", "sm_80"):
+        ptx = compile_ptx(nvrtc, src, arch)
+        entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
+        missing = [n for n in expected() if n not in entries]
+        if missing:
+            sys.exit(f"{arch}: kernels missing from the PTX: {missing}")
+        print(f"NVRTC {arch}: {len(entries)} kernels, all {len(expected())} that mimco launches")
+
+
+if __name__ == "__main__":
+    main()
