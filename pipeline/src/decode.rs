@@ -2,9 +2,10 @@
 //!
 //! The crop is known before decoding, so a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the
 //! DCT domain (`jpeg-decoder`'s reduced IDCT) whenever the crop still has at least the
-//! output's resolution at that scale. Everything else (full-size JPEGs, PNG, CMYK) goes
-//! through the `image` crate, whose JPEG decoder is zune-jpeg. The crop and the resize are one pass of
-//! `fast_image_resize` (bilinear with antialiasing, like torchvision's default).
+//! output's resolution at that scale. Full-size JPEGs are decoded by zune-jpeg straight
+//! from the shard's bytes into a reused buffer; PNG and CMYK JPEGs go through the `image`
+//! crate. The crop and the resize are one pass of `fast_image_resize` (bilinear with
+//! antialiasing, like torchvision's default).
 
 use std::io::Cursor;
 
@@ -115,6 +116,7 @@ impl CropDecoder {
         out: &mut [u8],
     ) -> Result<(), DecodeError> {
         let (w, h, scale) = (decoded.width, decoded.height, decoded.scale);
+        let pixels = &self.rgb[..(w * h * 3) as usize];
         // Decoded pixel i covers source pixels [i * scale, (i + 1) * scale), and the decoded
         // size is ceil(source / scale), so the scaled crop stays inside; the clamp only
         // guards against rounding.
@@ -123,8 +125,7 @@ impl CropDecoder {
         let top = (f64::from(crop.top) / s).min(f64::from(h));
         let width = (f64::from(crop.width) / s).min(f64::from(w) - left);
         let height = (f64::from(crop.height) / s).min(f64::from(h) - top);
-        let src =
-            fr::images::ImageRef::new(w, h, &self.rgb, fr::PixelType::U8x3).map_err(corrupt)?;
+        let src = fr::images::ImageRef::new(w, h, pixels, fr::PixelType::U8x3).map_err(corrupt)?;
         let mut dst = fr::images::Image::from_slice_u8(size, size, out, fr::PixelType::U8x3)
             .map_err(corrupt)?;
         let options = fr::ResizeOptions::new()
@@ -175,7 +176,55 @@ impl CropDecoder {
             }
             return Ok((w, h, denom));
         }
+        if is_jpeg(bytes) {
+            return self.decode_jpeg(bytes).map(|(w, h)| (w, h, 1));
+        }
         self.decode_full(bytes).map(|(w, h)| (w, h, 1))
+    }
+
+    /// A full-size JPEG decode by zune-jpeg from `bytes` into `self.rgb` (grown, never
+    /// shrunk, so steady state allocates nothing); CMYK and other rare colour spaces go to
+    /// [`CropDecoder::decode_full`].
+    fn decode_jpeg(&mut self, bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+        use zune_core::colorspace::ColorSpace;
+        let options = zune_core::options::DecoderOptions::default()
+            .set_strict_mode(false)
+            .set_max_width(usize::MAX)
+            .set_max_height(usize::MAX);
+        let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+            zune_core::bytestream::ZCursor::new(bytes),
+            options,
+        );
+        decoder.decode_headers().map_err(corrupt)?;
+        let out = match decoder.input_colorspace() {
+            Some(ColorSpace::YCbCr | ColorSpace::RGB) => ColorSpace::RGB,
+            Some(ColorSpace::Luma) => ColorSpace::Luma,
+            _ => return self.decode_full(bytes),
+        };
+        decoder.set_options(options.jpeg_set_out_colorspace(out));
+        let (w, h) = decoder
+            .dimensions()
+            .expect("dimensions after decode_headers");
+        let (w, h, n) = (w as u32, h as u32, w * h);
+        if self.rgb.len() < 3 * n {
+            self.rgb.resize(3 * n, 0);
+        }
+        if out == ColorSpace::RGB {
+            decoder
+                .decode_into(&mut self.rgb[..3 * n])
+                .map_err(corrupt)?;
+        } else {
+            // Greyscale: decode into the last third, then spread each value over RGB from
+            // the front (writes never overtake the reads).
+            decoder
+                .decode_into(&mut self.rgb[2 * n..3 * n])
+                .map_err(corrupt)?;
+            for i in 0..n {
+                let v = self.rgb[2 * n + i];
+                self.rgb[3 * i..3 * i + 3].fill(v);
+            }
+        }
+        Ok((w, h))
     }
 
     fn decode_full(&mut self, bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
@@ -254,6 +303,30 @@ mod tests {
             .sum::<f64>()
             / full.len() as f64;
         assert!(mean_diff < 4.0, "mean abs difference {mean_diff}");
+    }
+
+    /// The direct zune-jpeg path gives the image crate's pixels exactly, for colour and
+    /// greyscale, and a smaller image after a larger one reuses the buffer correctly.
+    #[test]
+    fn direct_jpeg_decode_matches_the_image_crate() {
+        let grey = {
+            let img = image::GrayImage::from_fn(37, 21, |x, y| image::Luma([(x * 7 + y) as u8]));
+            let mut out = Vec::new();
+            image::DynamicImage::ImageLuma8(img)
+                .write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+                    &mut out, 90,
+                ))
+                .unwrap();
+            out
+        };
+        let mut d = CropDecoder::default();
+        for bytes in [jpeg(300, 200), jpeg(64, 48), grey] {
+            let (w, h) = d.decode_jpeg(&bytes).unwrap();
+            let ours = d.rgb[..(w * h * 3) as usize].to_vec();
+            let theirs = image::load_from_memory(&bytes).unwrap().into_rgb8();
+            assert_eq!((w, h), theirs.dimensions());
+            assert!(ours == theirs.into_raw(), "{w}x{h} differs");
+        }
     }
 
     /// Two crops decoded once: the scale is the one the smaller crop allows, and each
