@@ -186,7 +186,7 @@ pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport
 /// Batches for the benchmark: the loader's, or two synthetic ones in turn.
 enum Source {
     Synthetic {
-        sets: Vec<(Vec<u8>, Vec<u8>)>,
+        sets: Vec<(Box<dyn pipeline::HostBuffer>, Vec<u8>)>,
         next: usize,
     },
     Loader(Box<Streamed>),
@@ -211,10 +211,13 @@ impl Source {
             };
             let grid = size / config.student.patch_size;
             let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
+            // Pinned on CUDA, as the loader's batches are.
+            let allocate = crate::device::batch_allocator(&opts.device)
+                .unwrap_or_else(pipeline::vec_allocator);
             let sets = (0..2)
                 .map(|_| {
-                    let mut pixels = vec![0u8; config.data.batch_size * views * 3 * size * size];
-                    rng.fill(pixels.as_mut_slice());
+                    let mut pixels = allocate(config.data.batch_size * views * 3 * size * size);
+                    rng.fill(&mut pixels[..]);
                     let masked = match t.masking {
                         true => (t.mask_ratio * (grid * grid) as f64).round() as usize,
                         false => 0,
@@ -236,7 +239,7 @@ impl Source {
             &opts.store,
             Topology::default(),
             config.data.clone(),
-            None,
+            crate::device::batch_allocator(&opts.device),
         )
         .with_context(|| format!("opening the data at {data}"))?;
         Ok(Source::Loader(Box::new(Streamed {

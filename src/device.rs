@@ -3,9 +3,18 @@
 use anyhow::{Context, bail};
 use candle_core::Device;
 
-/// `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto`: the first GPU when this build has CUDA and
-/// a GPU answers, else the CPU.
+/// `cpu`, `cuda`, `cuda:N`, or `auto`: a GPU when this build has CUDA and one answers,
+/// else the CPU. `cuda` and `auto` take GPU `LOCAL_RANK` (set by torchrun, one process
+/// per GPU), or GPU 0.
 pub fn parse(name: &str) -> anyhow::Result<Device> {
+    let local_rank = || -> anyhow::Result<usize> {
+        match std::env::var("LOCAL_RANK") {
+            Ok(v) => v
+                .parse()
+                .with_context(|| format!("LOCAL_RANK={v} is not a GPU number")),
+            Err(_) => Ok(0),
+        }
+    };
     let gpu = |ordinal: usize| -> anyhow::Result<Device> {
         if !cfg!(feature = "cuda") {
             bail!(
@@ -17,8 +26,10 @@ pub fn parse(name: &str) -> anyhow::Result<Device> {
     };
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => gpu(0),
-        "auto" if cfg!(feature = "cuda") => Ok(Device::new_cuda(0).unwrap_or(Device::Cpu)),
+        "cuda" => gpu(local_rank()?),
+        "auto" if cfg!(feature = "cuda") => {
+            Ok(Device::new_cuda(local_rank()?).unwrap_or(Device::Cpu))
+        }
         "auto" => Ok(Device::Cpu),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => gpu(n),
@@ -32,6 +43,17 @@ pub fn memory(device: &Device) -> Option<(usize, usize)> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         return candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok();
+    }
+    let _ = device;
+    None
+}
+
+/// The pipeline's batch-buffer allocator for training on `device`: pinned host memory on
+/// CUDA (uploads without a bounce buffer), `None` (plain vectors) on the CPU.
+pub fn batch_allocator(device: &Device) -> Option<pipeline::Allocator> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return Some(crate::cuda::pinned::allocator(dev));
     }
     let _ = device;
     None

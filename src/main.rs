@@ -59,7 +59,8 @@ enum Command {
         /// Labelled shards the k-NN check classifies.
         #[arg(long, requires = "knn_train")]
         knn_val: Option<String>,
-        /// cpu, cuda, cuda:N, or auto (the first GPU if this build has CUDA, else the CPU).
+        /// cpu, cuda, cuda:N, or auto (a GPU if this build has CUDA and one answers, else the
+        /// CPU); cuda and auto take GPU LOCAL_RANK when torchrun sets it.
         #[arg(long, default_value = "auto")]
         device: String,
     },

@@ -141,7 +141,7 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         &opts.store,
         opts.topology,
         config.data.clone(),
-        None,
+        crate::device::batch_allocator(&device),
     )
     .with_context(|| format!("opening the data at {}", opts.data))?;
     let accumulation = config.accumulation(opts.topology.world_size)?;

@@ -7,11 +7,13 @@
 //!   or bf16, with its backward from the output.
 //! - [`adamw`]: one AdamW update of one parameter in one launch, the gradient's averaging
 //!   and clipping folded in.
+//! - [`pinned`]: page-locked batch buffers for the pipeline.
 //!
 //! [`crate::functional`] sends CUDA tensors here and everything else to the composed ops,
 //! which stay the reference: [`check`] compares the two on the GPU.
 
 pub mod check;
+pub mod pinned;
 
 use std::sync::OnceLock;
 
