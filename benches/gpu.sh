@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of mimco, in one go, on a machine with an NVIDIA GPU. It
-# builds nothing: give it the folder holding `mimco` built with `--features cuda` and
-# `shardtool` (by default target/release). Prints one table last.
+# builds nothing: give it the folder holding `mimco` built with `--features cuda`,
+# `shardtool` and the pipeline's `throughput` example (by default target/release and its
+# examples/). Prints one table last.
 #
-#   cargo build --release --features cuda && cargo build --release -p shardtool
+#   cargo build --release --features cuda
+#   cargo build --release -p shardtool -p pipeline --example throughput
 #   benches/gpu.sh [BIN_DIR] [RESULTS_DIR]
 #
 # 1. `mimco bench kernels`: each fused kernel, forward and backward, against the composed
 #    ops in f64 on random inputs (fails the script if one misses its tolerance).
 # 2. `mimco bench train` on synthetic uint8 batches: ViT-S/16 MimCo at batch 256 in bf16
 #    with the fused kernels, with Candle's stock ops only, and in tf32; ViT-B/16 at 128.
-# 3. The same ViT-S/16 step fed by the pipeline from generated ImageNet-like shards.
+# 3. The same ViT-S/16 step fed by the pipeline from generated ImageNet-like shards, and
+#    the loader alone on the node's cores (1, 8 and all decode threads).
 # 4. The PyTorch baseline on the same card (benches/torch_mimco_step.py), where python3
 #    has torch and timm.
 set -uo pipefail
@@ -55,10 +58,20 @@ bench b16-bf16-fused --config configs/vit_b16_mimco.toml --batch 128 --precision
 
 echo "== 3. pipeline-fed: generating shards"
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpubench.XXXXXX")
-if "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 600 --val-per-class 0 \
+if "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 1500 --val-per-class 0 \
     --no-bad-files --no-quirks --min-side 350 --max-side 500 > /dev/null &&
     "$bin/shardtool" pack "$work/imagenet" --out "$work/shards" -q --shard-size 64MB > /dev/null; then
     bench s16-bf16-fused-shards --config "$s16" --batch 256 --precision bf16 --data "$work/shards/train"
+    throughput=$bin/throughput
+    [ -x "$throughput" ] || throughput=$bin/examples/throughput
+    if [ -x "$throughput" ]; then
+        for workers in 1 8 "$(nproc)"; do
+            "$throughput" "$work/shards/train" --workers "$workers" --epochs 3 2>&1 | grep '^loader' |
+                tee -a "$results/loader.md"
+        done
+    else
+        echo "no throughput binary in $bin: loader scaling skipped"
+    fi
 else
     echo "FAILED: generating shards"
     status=1
@@ -80,5 +93,6 @@ echo
 echo "== results ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 cat "$table"
 [ -f "$results/torch.md" ] && cat "$results/torch.md"
+[ -f "$results/loader.md" ] && cat "$results/loader.md"
 grep -E "kernel checks:" "$results/kernels.md" || true
 exit $status
