@@ -175,8 +175,9 @@ impl Module for Attention {
         let q = qkv.i(0)?.contiguous()?;
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
-        let attn = functional::softmax_scaled(&q.matmul(&k.t()?)?, (hd as f64).powf(-0.5))?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let out = functional::attention(&q, &k, &v, (hd as f64).powf(-0.5))?
+            .transpose(1, 2)?
+            .reshape((b, n, d))?;
         self.proj.forward(&out)
     }
 }

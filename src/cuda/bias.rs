@@ -1,0 +1,208 @@
+//! Bias + activation (identity or GELU) and the bias gradient as column sums.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    bail,
+};
+use half::bf16;
+
+use super::*;
+
+/// `act(x + bias)` over the last dimension: `x` f32 or bf16 (made contiguous), `bias` f32;
+/// `gelu` picks GELU (erf), else the identity. The bias gradient is summed in f32.
+pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(bias, BiasAct { gelu })
+}
+
+struct BiasAct {
+    gelu: bool,
+}
+
+fn elementwise_grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(256).clamp(1, 16384), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launches `bias_act_<stage>_<dtype>` over `inputs` (x, then dy for the backward) with
+/// the f32 `bias`.
+fn bias_act_launch(
+    stage: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    bias: (&CudaStorage, &Layout),
+    gelu: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let (xs, xl) = inputs[0];
+    let dev = xs.device();
+    let n = xl.shape().elem_count();
+    let cols = xl.dims().last().copied().unwrap_or(1);
+    if bias.1.shape().elem_count() != cols {
+        bail!("bias_act: the bias must have {cols} elements");
+    }
+    let b = contiguous::<f32>(bias.0, bias.1, "bias")?;
+    let f = func(
+        dev,
+        &format!("bias_act_{stage}_{}", dtype_name(xs.dtype())?),
+    )?;
+    let (n_i, cols_i, act) = (n as i64, cols as i32, i32::from(gelu));
+    fn go<
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    >(
+        dev: &CudaDevice,
+        f: &CudaFunction,
+        inputs: &[(&CudaStorage, &Layout)],
+        b: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+        args: (i64, i32, i32),
+    ) -> Result<CudaSlice<T>> {
+        let n = args.0 as usize;
+        let views = inputs
+            .iter()
+            .map(|(s, l)| contiguous::<T>(s, l, "input"))
+            .collect::<Result<Vec<_>>>()?;
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let stream = dev.cuda_stream();
+        let mut l = stream.launch_builder(f);
+        l.arg(&views[0]).arg(b);
+        for v in &views[1..] {
+            l.arg(v);
+        }
+        l.arg(&out).arg(&args.0).arg(&args.1).arg(&args.2);
+        unsafe { l.launch(elementwise_grid(n)) }.w()?;
+        Ok(out)
+    }
+    let args = (n_i, cols_i, act);
+    let slice = match xs.dtype() {
+        DType::F32 => CudaStorageSlice::F32(go::<f32>(dev, &f, inputs, &b, args)?),
+        _ => CudaStorageSlice::BF16(go::<bf16>(dev, &f, inputs, &b, args)?),
+    };
+    Ok((wrap(slice, dev), xl.shape().clone()))
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "mimco-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        bias_act_launch("fwd", &[(xs, xl)], (bs, bl), self.gelu)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.to_dtype(x.dtype())?.contiguous()?;
+        let dz = match self.gelu {
+            true => x.apply_op3_no_bwd(bias, &grad, &BiasActBwd)?,
+            false => grad,
+        };
+        let db = dz.apply_op1_no_bwd(&ColumnSum)?.reshape(bias.shape())?;
+        Ok((Some(dz), Some(db)))
+    }
+}
+
+/// `(x, bias, dy)` -> `dy * gelu'(x + bias)`.
+struct BiasActBwd;
+
+impl CustomOp3 for BiasActBwd {
+    fn name(&self) -> &'static str {
+        "mimco-bias-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        bias_act_launch("bwd", &[(xs, xl), (gs, gl)], (bs, bl), true)
+    }
+}
+
+/// `(rows, cols)` f32 or bf16 -> `(cols)` f32 sums over the rows.
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "mimco-column-sum"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let cols = l.dims().last().copied().unwrap_or(1);
+        let rows = l.shape().elem_count() / cols.max(1);
+        let mut out = dev.alloc_zeros::<f32>(cols)?;
+        let f = func(dev, &format!("column_sum_{}", dtype_name(s.dtype())?))?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (cols as u32).div_ceil(128),
+                (rows as u32).div_ceil(64).clamp(1, 256),
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows_i, cols_i) = (rows as i32, cols as i32);
+        match s.dtype() {
+            DType::F32 => {
+                let x = contiguous::<f32>(s, l, "x")?;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x).arg(&mut out).arg(&rows_i).arg(&cols_i);
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            _ => {
+                let x = contiguous::<bf16>(s, l, "x")?;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x).arg(&mut out).arg(&rows_i).arg(&cols_i);
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }
+        Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(cols)))
+    }
+}

@@ -1,0 +1,217 @@
+//! LayerNorm: forward in one pass, backward in one pass with dweight/dbias summed per warp.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use half::bf16;
+
+use super::*;
+
+/// LayerNorm over the last dimension of an f32 `x` with f32 `weight`, `bias`, written in
+/// `out` (f32 or bf16). `x` is made contiguous first.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    out: DType,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        weight,
+        bias,
+        LayerNorm {
+            eps: eps as f32,
+            out,
+        },
+    )
+}
+
+struct LayerNorm {
+    eps: f32,
+    out: DType,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "mimco-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let d = xl.dims().last().copied().unwrap_or(1);
+        let rows = xl.shape().elem_count() / d.max(1);
+        if wl.shape().elem_count() != d || bl.shape().elem_count() != d {
+            bail!("layer_norm: weight and bias must have {d} elements");
+        }
+        let (x, w, b) = (
+            contiguous::<f32>(xs, xl, "x")?,
+            contiguous::<f32>(ws, wl, "weight")?,
+            contiguous::<f32>(bs, bl, "bias")?,
+        );
+        let name = format!("layer_norm_fwd_f32_{}_{}", dtype_name(self.out)?, width(d)?);
+        let f = func(dev, &name)?;
+        let (rows_i, d_i) = (rows as i32, d as i32);
+        let slice = match self.out {
+            DType::F32 => {
+                let y = unsafe { dev.alloc::<f32>(rows * d)? };
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(&f);
+                l.arg(&x)
+                    .arg(&w)
+                    .arg(&b)
+                    .arg(&y)
+                    .arg(&rows_i)
+                    .arg(&d_i)
+                    .arg(&self.eps);
+                unsafe { l.launch(row_grid(rows)) }.w()?;
+                CudaStorageSlice::F32(y)
+            }
+            _ => {
+                let y = unsafe { dev.alloc::<bf16>(rows * d)? };
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(&f);
+                l.arg(&x)
+                    .arg(&w)
+                    .arg(&b)
+                    .arg(&y)
+                    .arg(&rows_i)
+                    .arg(&d_i)
+                    .arg(&self.eps);
+                unsafe { l.launch(row_grid(rows)) }.w()?;
+                CudaStorageSlice::BF16(y)
+            }
+        };
+        Ok((wrap(slice, dev), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let n = x.elem_count();
+        let packed =
+            x.apply_op3_no_bwd(weight, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, n, d)?.reshape(weight.shape())?),
+            Some(packed.narrow(0, n + d, d)?.reshape(weight.shape())?),
+        ))
+    }
+}
+
+/// `(x, weight, dy)` -> `dx ++ dweight ++ dbias`, flat f32.
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "mimco-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let d = xl.dims().last().copied().unwrap_or(1);
+        let n = xl.shape().elem_count();
+        let rows = n / d.max(1);
+        let (x, w) = (
+            contiguous::<f32>(xs, xl, "x")?,
+            contiguous::<f32>(ws, wl, "weight")?,
+        );
+        let mut out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n + 2 * d)? };
+        dev.cuda_stream()
+            .memset_zeros(&mut out.slice_mut(n..))
+            .w()?;
+        let name = format!(
+            "layer_norm_bwd_f32_{}_{}",
+            dtype_name(gs.dtype())?,
+            width(d)?
+        );
+        let f = func(dev, &name)?;
+        let (rows_i, d_i) = (rows as i32, d as i32);
+        // Enough warps to fill the GPU; each adds its partial dw/db once.
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as u32).div_ceil(WARPS * 8).clamp(1, 1024), 1, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match gs.dtype() {
+            DType::F32 => {
+                let g = contiguous::<f32>(gs, gl, "dy")?;
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(&f);
+                l.arg(&x)
+                    .arg(&w)
+                    .arg(&g)
+                    .arg(&out)
+                    .arg(&rows_i)
+                    .arg(&d_i)
+                    .arg(&self.eps);
+                unsafe { l.launch(cfg) }.w()?;
+            }
+            _ => {
+                let g = contiguous::<bf16>(gs, gl, "dy")?;
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(&f);
+                l.arg(&x)
+                    .arg(&w)
+                    .arg(&g)
+                    .arg(&out)
+                    .arg(&rows_i)
+                    .arg(&d_i)
+                    .arg(&self.eps);
+                unsafe { l.launch(cfg) }.w()?;
+            }
+        }
+        Ok((
+            wrap(CudaStorageSlice::F32(out), dev),
+            Shape::from(n + 2 * d),
+        ))
+    }
+}
