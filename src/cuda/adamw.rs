@@ -38,17 +38,7 @@ impl CustomOp3 for AdamWStep {
         "mimco-adamw"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,

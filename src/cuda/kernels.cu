@@ -33,6 +33,35 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Row `r` of `d` elements into E registers per lane (element lane + 32 i), zero past d.
+template <typename T, int E>
+__device__ __forceinline__ void load_row(const T *r, int d, float (&v)[E]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const int c = lane + 32 * i;
+        v[i] = c < d ? to_f32(r[c]) : 0.f;
+    }
+}
+
+// Mean and 1 / sqrt(biased variance + eps) of a row loaded by load_row.
+template <int E>
+__device__ __forceinline__ void row_stats(const float (&v)[E], int d, float eps, float &mean,
+                                          float &rstd) {
+    const int lane = threadIdx.x & 31;
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; i++) s += v[i];
+    mean = warp_sum(s) / d;
+    float q = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const float t = lane + 32 * i < d ? v[i] - mean : 0.f;
+        q += t * t;
+    }
+    rstd = rsqrtf(warp_sum(q) / d + eps);
+}
+
 // LayerNorm forward, one warp per row: y = (x - mean) * rstd * w + b.
 template <typename TO, int E>
 __device__ void layer_norm_fwd(const float *x, const float *w, const float *b, TO *y, int rows,
@@ -40,24 +69,9 @@ __device__ void layer_norm_fwd(const float *x, const float *w, const float *b, T
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const float *xr = x + (long)row * d;
-    float v[E];
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-        const int c = lane + 32 * i;
-        v[i] = c < d ? xr[c] : 0.f;
-        s += v[i];
-    }
-    const float mean = warp_sum(s) / d;
-    float q = 0.f;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-        const int c = lane + 32 * i;
-        const float t = c < d ? v[i] - mean : 0.f;
-        q += t * t;
-    }
-    const float rstd = rsqrtf(warp_sum(q) / d + eps);
+    float v[E], mean, rstd;
+    load_row<float, E>(x + (long)row * d, d, v);
+    row_stats<E>(v, d, eps, mean, rstd);
 #pragma unroll
     for (int i = 0; i < E; i++) {
         const int c = lane + 32 * i;
@@ -81,26 +95,10 @@ __device__ void layer_norm_bwd(const float *x, const float *w, const TG *dy, flo
     for (int i = 0; i < E; i++) acc_w[i] = acc_b[i] = 0.f;
     for (int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows;
          row += warps) {
-        const float *xr = x + (long)row * d;
-        const TG *gr = dy + (long)row * d;
-        float v[E], g[E];
-        float s = 0.f;
-#pragma unroll
-        for (int i = 0; i < E; i++) {
-            const int c = lane + 32 * i;
-            v[i] = c < d ? xr[c] : 0.f;
-            g[i] = c < d ? to_f32(gr[c]) : 0.f;
-            s += v[i];
-        }
-        const float mean = warp_sum(s) / d;
-        float q = 0.f;
-#pragma unroll
-        for (int i = 0; i < E; i++) {
-            const int c = lane + 32 * i;
-            const float t = c < d ? v[i] - mean : 0.f;
-            q += t * t;
-        }
-        const float rstd = rsqrtf(warp_sum(q) / d + eps);
+        float v[E], g[E], mean, rstd;
+        load_row<float, E>(x + (long)row * d, d, v);
+        load_row<TG, E>(dy + (long)row * d, d, g);
+        row_stats<E>(v, d, eps, mean, rstd);
         float sg = 0.f, sgx = 0.f;
 #pragma unroll
         for (int i = 0; i < E; i++) {

@@ -114,3 +114,38 @@ fn wrap(slice: CudaStorageSlice, dev: &CudaDevice) -> CudaStorage {
 fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name} is a CUDA kernel: the CPU takes the composed ops in mimco::functional")
 }
+
+/// The `cpu_fwd` of a CUDA-only custom op with 1, 2 or 3 inputs: an error (the dispatch in
+/// `mimco::functional` never sends CPU tensors here).
+macro_rules! cuda_only {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            super::no_cpu(self.name())
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            super::no_cpu(self.name())
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            super::no_cpu(self.name())
+        }
+    };
+}
+use cuda_only;

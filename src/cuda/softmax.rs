@@ -74,9 +74,7 @@ impl CustomOp1 for Softmax {
         "mimco-softmax"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(1);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         softmax_launch("fwd", &[(s, l)], self.scale)
@@ -101,15 +99,7 @@ impl CustomOp2 for SoftmaxBwd {
         "mimco-softmax-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -179,17 +169,7 @@ impl CustomOp3 for Attention {
         "mimco-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -242,15 +222,7 @@ impl CustomOp2 for Probabilities {
         "mimco-attention-probabilities"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
