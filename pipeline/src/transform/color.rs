@@ -94,6 +94,17 @@ fn blend(hwc: &mut [u8], factor: f32, towards: impl Fn(&[u8]) -> f32) {
     }
 }
 
+/// [`blend`] towards one value for every pixel: a byte-to-byte table, same arithmetic.
+fn blend_towards(hwc: &mut [u8], factor: f32, base: f32) {
+    let table: [u8; 256] = std::array::from_fn(|v| to_byte(base + factor * (v as f32 - base)));
+    for v in hwc.iter_mut() {
+        *v = table[usize::from(*v)];
+    }
+}
+
+/// Rotates every pixel's hue by `shift` turns through HSV. Written without `floor` and
+/// `rem_euclid` (library calls per pixel on baseline x86-64): the values are in known
+/// ranges, where the branches below give the same results.
 fn shift_hue(hwc: &mut [u8], shift: f32) {
     for p in hwc.chunks_exact_mut(3) {
         let [r, g, b] = [p[0], p[1], p[2]].map(|v| f32::from(v) / 255.0);
@@ -103,18 +114,29 @@ fn shift_hue(hwc: &mut [u8], shift: f32) {
             continue; // grey: no hue
         }
         let h = if max == r {
-            ((g - b) / delta).rem_euclid(6.0)
+            // In [-1, 1]: rem_euclid(6) adds 6 to the negative ones.
+            let x = (g - b) / delta;
+            if x < 0.0 { x + 6.0 } else { x }
         } else if max == g {
             (b - r) / delta + 2.0
         } else {
             (r - g) / delta + 4.0
         } / 6.0;
         let (s, v) = (delta / max, max);
-        let h = (h + shift).rem_euclid(1.0) * 6.0;
-        let i = h.floor();
-        let f = h - i;
+        // h + shift is in [-0.5, 1.5) (|shift| <= 0.5): rem_euclid(1) is one step.
+        let t = h + shift;
+        let t = if t < 0.0 {
+            t + 1.0
+        } else if t >= 1.0 {
+            t - 1.0
+        } else {
+            t
+        };
+        let h = t * 6.0;
+        let sector = h as u32; // h >= 0: truncation is floor
+        let f = h - sector as f32;
         let (x, y, z) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
-        let rgb = match i as u32 % 6 {
+        let rgb = match sector % 6 {
             0 => [v, z, x],
             1 => [y, v, x],
             2 => [x, v, z],
@@ -129,7 +151,8 @@ fn shift_hue(hwc: &mut [u8], shift: f32) {
 }
 
 /// Separable Gaussian blur of an interleaved `size` x `size` RGB image, kernel radius
-/// `ceil(3 sigma)`, edges extended.
+/// `ceil(3 sigma)`, edges extended. Both passes add whole rows at once (weight times a
+/// shifted row), which vectorises; each output value still sums its taps in kernel order.
 fn gaussian_blur(hwc: &mut [u8], size: usize, sigma: f32) {
     let radius = (3.0 * sigma).ceil() as usize;
     let mut kernel: Vec<f32> = (0..=2 * radius)
@@ -140,34 +163,37 @@ fn gaussian_blur(hwc: &mut [u8], size: usize, sigma: f32) {
         .collect();
     let total: f32 = kernel.iter().sum();
     kernel.iter_mut().for_each(|k| *k /= total);
-    // One line (a row, or a column gathered into a row) at a time: padded with its edge
-    // values, then convolved; `stride` is the step between its pixels in `data`.
+    let width = 3 * size;
+    let source: Vec<f32> = hwc.iter().map(|&v| f32::from(v)).collect();
+    // Rows: each padded with its edge pixels.
+    let mut rows = vec![0f32; source.len()];
     let mut padded = vec![0f32; 3 * (size + 2 * radius)];
-    let mut blur_line = |data: &mut [f32], start: usize, stride: usize| {
-        for i in 0..size + 2 * radius {
-            let src = start + stride * i.saturating_sub(radius).min(size - 1);
-            padded[3 * i..3 * i + 3].copy_from_slice(&data[src..src + 3]);
-        }
-        for x in 0..size {
-            let mut acc = [0f32; 3];
-            for (k, w) in kernel.iter().enumerate() {
-                let p = &padded[3 * (x + k)..3 * (x + k) + 3];
-                acc[0] += w * p[0];
-                acc[1] += w * p[1];
-                acc[2] += w * p[2];
-            }
-            data[start + stride * x..start + stride * x + 3].copy_from_slice(&acc);
-        }
-    };
-    let mut values: Vec<f32> = hwc.iter().map(|&v| f32::from(v)).collect();
     for y in 0..size {
-        blur_line(&mut values, 3 * y * size, 3);
+        let row = &source[y * width..(y + 1) * width];
+        for i in 0..size + 2 * radius {
+            let x = i.saturating_sub(radius).min(size - 1);
+            padded[3 * i..3 * i + 3].copy_from_slice(&row[3 * x..3 * x + 3]);
+        }
+        let out = &mut rows[y * width..(y + 1) * width];
+        for (k, w) in kernel.iter().enumerate() {
+            for (o, p) in out.iter_mut().zip(&padded[3 * k..3 * k + width]) {
+                *o += w * p;
+            }
+        }
     }
-    for x in 0..size {
-        blur_line(&mut values, 3 * x, 3 * size);
-    }
-    for (dst, v) in hwc.iter_mut().zip(values) {
-        *dst = to_byte(v);
+    // Columns: output row y adds the rows y - radius ..= y + radius, edges repeated.
+    let mut acc = vec![0f32; width];
+    for y in 0..size {
+        acc.fill(0.0);
+        for (k, w) in kernel.iter().enumerate() {
+            let from = (y + k).saturating_sub(radius).min(size - 1);
+            for (a, p) in acc.iter_mut().zip(&rows[from * width..(from + 1) * width]) {
+                *a += w * p;
+            }
+        }
+        for (dst, a) in hwc[y * width..(y + 1) * width].iter_mut().zip(&acc) {
+            *dst = to_byte(*a);
+        }
     }
 }
 
@@ -177,11 +203,11 @@ impl PixelParams {
         if let Some(j) = self.jitter {
             for op in j.order {
                 match op {
-                    0 => blend(hwc, j.brightness, |_| 0.0),
+                    0 => blend_towards(hwc, j.brightness, 0.0),
                     1 => {
                         let n = (hwc.len() / 3).max(1) as f32;
                         let mean = (hwc.chunks_exact(3).map(luma).sum::<f32>() / n).round();
-                        blend(hwc, j.contrast, |_| mean)
+                        blend_towards(hwc, j.contrast, mean)
                     }
                     2 => blend(hwc, j.saturation, luma),
                     _ => shift_hue(hwc, j.hue),
