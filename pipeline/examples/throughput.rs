@@ -8,10 +8,9 @@
 //! SPLIT is a split folder or `s3://bucket/prefix` (with the AWS_* variables set);
 //! `--upload-from DIR` first copies the split in local folder DIR there.
 
-use std::io::Cursor;
 use std::time::Instant;
 
-use pipeline::decode::{CropDecoder, dimensions};
+use pipeline::decode::CropDecoder;
 use pipeline::order::seeded_rng;
 use pipeline::{Loader, LoaderConfig, LoaderState, ShardReader, StoreOptions, Topology};
 
@@ -112,22 +111,22 @@ fn decoders(
     let zune = time(&mut |b| {
         image::load_from_memory(b).map(|i| i.to_rgb8()).ok();
     });
-    let jpeg_decoder = time(&mut |b| {
-        jpeg_decoder::Decoder::new(Cursor::new(b)).decode().ok();
+    let turbo = time(&mut |b| {
+        turbojpeg::decompress(b, turbojpeg::PixelFormat::RGB).ok();
     });
     let augment = config.transform.build()?;
     let mut crop_decoder = CropDecoder::default();
     let mut out = vec![0u8; 3 * (augment.size() as usize).pow(2)];
     let pipeline_path = time(&mut |b| {
-        let dims = dimensions(b).unwrap_or((1, 1));
+        let dims = crop_decoder.dimensions(b).unwrap_or((1, 1));
         let params = augment.sample(0, dims, &mut seeded_rng(&[b]));
         crop_decoder
             .decode_crop(b, dims, &params.crop, augment.size(), &mut out)
             .ok();
     });
     println!("decode-only, 1 thread, {} images:", images.len());
+    println!("  libjpeg-turbo, full size                {turbo:>7.0} images/s");
     println!("  image crate (zune-jpeg), full size      {zune:>7.0} images/s");
-    println!("  jpeg-decoder, full size                 {jpeg_decoder:>7.0} images/s");
     println!("  ours: DCT-scaled decode + crop + resize {pipeline_path:>7.0} images/s");
     Ok(())
 }

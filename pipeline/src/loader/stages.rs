@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::batch::{Batch, BatchPool};
 use crate::cache::{ShardCache, Tee};
-use crate::decode::{CropDecoder, dimensions};
+use crate::decode::CropDecoder;
 use crate::error::{Error, Result};
 use crate::format::{Compression, Sample};
 use crate::order::{EpochPlan, seeded_rng};
@@ -264,7 +264,7 @@ impl DecoderCtx {
                     let mut chw = self.spare.try_recv().unwrap_or_default();
                     chw.resize(views * view_bytes, 0);
                     let mut mask = None;
-                    let result = dimensions(&sample.image).and_then(|dims| {
+                    let result = decoder.dimensions(&sample.image).and_then(|dims| {
                         let params: Vec<_> = (0..views)
                             .map(|view| {
                                 let mut rng = seeded_rng(&[
