@@ -19,12 +19,13 @@ pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// See [`MEAN`].
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// `(B, views, 3, H, W)` uint8 -> f32 `(x / 255 - MEAN) / STD`, on the tensor's device.
+/// uint8 images `(..., 3, H, W)` -> f32 `(x / 255 - MEAN) / STD`, on the tensor's device
+/// (the trainer's batches and the evaluation's alike).
 pub fn normalize(images: &Tensor) -> candle_core::Result<Tensor> {
     let dev = images.device();
     let scale: Vec<f32> = STD.iter().map(|s| 1.0 / (255.0 * s)).collect();
     let shift: Vec<f32> = MEAN.iter().zip(STD).map(|(m, s)| -m / s).collect();
-    let per_channel = |v: Vec<f32>| Tensor::from_vec(v, (1, 1, 3, 1, 1), dev);
+    let per_channel = |v: Vec<f32>| Tensor::from_vec(v, (3, 1, 1), dev);
     images
         .to_dtype(candle_core::DType::F32)?
         .broadcast_mul(&per_channel(scale)?)?
@@ -304,5 +305,31 @@ impl Trainer {
         self.opt.load_state(tensors, meta.step)?;
         self.step = meta.step;
         Ok(meta.loader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One formula for every rank: `(x / 255 - MEAN) / STD` per channel.
+    #[test]
+    fn normalize_follows_the_definition_for_batches_and_views() {
+        let dev = Device::Cpu;
+        let bytes: Vec<u8> = (0..2 * 3 * 2 * 2).map(|i| (i * 37 % 256) as u8).collect();
+        for shape in [vec![2, 3, 2, 2], vec![1, 2, 3, 2, 2]] {
+            let x = Tensor::from_slice(&bytes, shape.as_slice(), &dev).unwrap();
+            let got: Vec<f32> = normalize(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, (g, b)) in got.iter().zip(&bytes).enumerate() {
+                let c = (i / 4) % 3;
+                let want = (f32::from(*b) / 255.0 - MEAN[c]) / STD[c];
+                assert!((g - want).abs() < 1e-5, "{shape:?} {i}: {g} vs {want}");
+            }
+        }
     }
 }

@@ -20,7 +20,7 @@ use crate::functional::l2_normalize;
 use crate::models::Encoder;
 use crate::models::vit::Vit;
 use crate::params::ParamStore;
-use crate::trainer::{MEAN, STD};
+use crate::trainer::normalize;
 
 /// Which token stands for an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,11 +155,11 @@ pub fn extract(
     for batch in loader.epoch(LoaderState::default())? {
         let batch = batch.with_context(|| format!("reading {location}"))?;
         let s = batch.size as usize;
-        let x = Tensor::from_vec(
-            batch.to_f32_normalized(MEAN, STD),
+        let x = normalize(&Tensor::from_slice(
+            batch.images(),
             (batch.len(), 3, s, s),
             encoder.device(),
-        )?;
+        )?)?;
         let out = encoder.forward(&x, None)?;
         let mut f = match (feature, out.cls) {
             (Feature::Cls, Some(cls)) => cls,
