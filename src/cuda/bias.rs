@@ -1,7 +1,9 @@
 //! Bias + activation (identity or GELU) and the bias gradient as column sums.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
@@ -50,10 +52,7 @@ fn bias_act_launch(
         &format!("bias_act_{stage}_{}", dtype_name(xs.dtype())?),
     )?;
     let (n_i, cols_i, act) = (n as i64, cols as i32, i32::from(gelu));
-    fn go<
-        T: candle_core::cuda_backend::CudaDType
-            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
-    >(
+    fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         f: &CudaFunction,
         inputs: &[(&CudaStorage, &Layout)],
@@ -167,21 +166,25 @@ impl CustomOp1 for ColumnSum {
             shared_mem_bytes: 0,
         };
         let (rows_i, cols_i) = (rows as i32, cols as i32);
+        /// Launches the sums over `x` of dtype `T`.
+        fn sum<T: CudaDType + DeviceRepr>(
+            dev: &CudaDevice,
+            f: &CudaFunction,
+            (s, l): (&CudaStorage, &Layout),
+            out: &mut CudaSlice<f32>,
+            (rows, cols, cfg): (i32, i32, LaunchConfig),
+        ) -> Result<()> {
+            let x = contiguous::<T>(s, l, "x")?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(f);
+            b.arg(&x).arg(out).arg(&rows).arg(&cols);
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        }
+        let args = (rows_i, cols_i, cfg);
         match s.dtype() {
-            DType::F32 => {
-                let x = contiguous::<f32>(s, l, "x")?;
-                let stream = dev.cuda_stream();
-                let mut b = stream.launch_builder(&f);
-                b.arg(&x).arg(&mut out).arg(&rows_i).arg(&cols_i);
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            _ => {
-                let x = contiguous::<bf16>(s, l, "x")?;
-                let stream = dev.cuda_stream();
-                let mut b = stream.launch_builder(&f);
-                b.arg(&x).arg(&mut out).arg(&rows_i).arg(&cols_i);
-                unsafe { b.launch(cfg) }.w()?;
-            }
+            DType::F32 => sum::<f32>(dev, &f, (s, l), &mut out, args)?,
+            _ => sum::<bf16>(dev, &f, (s, l), &mut out, args)?,
         }
         Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(cols)))
     }

@@ -1,9 +1,13 @@
 //! LayerNorm: forward in one pass, backward in one pass with dweight/dbias summed per warp.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail,
+};
 use half::bf16;
 
 use super::*;
@@ -61,36 +65,26 @@ impl CustomOp3 for LayerNorm {
         );
         let name = format!("layer_norm_fwd_f32_{}_{}", dtype_name(self.out)?, width(d)?);
         let f = func(dev, &name)?;
-        let (rows_i, d_i) = (rows as i32, d as i32);
+        /// Launches the forward writing a new output of dtype `T`.
+        fn forward<T: CudaDType + DeviceRepr>(
+            dev: &CudaDevice,
+            f: &CudaFunction,
+            inputs: [&CudaView<f32>; 3],
+            (rows, d, eps): (usize, usize, f32),
+        ) -> Result<CudaSlice<T>> {
+            let y = unsafe { dev.alloc::<T>(rows * d)? };
+            let (rows_i, d_i) = (rows as i32, d as i32);
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(f);
+            l.arg(inputs[0]).arg(inputs[1]).arg(inputs[2]).arg(&y);
+            l.arg(&rows_i).arg(&d_i).arg(&eps);
+            unsafe { l.launch(row_grid(rows)) }.w()?;
+            Ok(y)
+        }
+        let args = (rows, d, self.eps);
         let slice = match self.out {
-            DType::F32 => {
-                let y = unsafe { dev.alloc::<f32>(rows * d)? };
-                let stream = dev.cuda_stream();
-                let mut l = stream.launch_builder(&f);
-                l.arg(&x)
-                    .arg(&w)
-                    .arg(&b)
-                    .arg(&y)
-                    .arg(&rows_i)
-                    .arg(&d_i)
-                    .arg(&self.eps);
-                unsafe { l.launch(row_grid(rows)) }.w()?;
-                CudaStorageSlice::F32(y)
-            }
-            _ => {
-                let y = unsafe { dev.alloc::<bf16>(rows * d)? };
-                let stream = dev.cuda_stream();
-                let mut l = stream.launch_builder(&f);
-                l.arg(&x)
-                    .arg(&w)
-                    .arg(&b)
-                    .arg(&y)
-                    .arg(&rows_i)
-                    .arg(&d_i)
-                    .arg(&self.eps);
-                unsafe { l.launch(row_grid(rows)) }.w()?;
-                CudaStorageSlice::BF16(y)
-            }
+            DType::F32 => CudaStorageSlice::F32(forward(dev, &f, [&x, &w, &b], args)?),
+            _ => CudaStorageSlice::BF16(forward(dev, &f, [&x, &w, &b], args)?),
         };
         Ok((wrap(slice, dev), xl.shape().clone()))
     }
@@ -154,40 +148,34 @@ impl CustomOp3 for LayerNormBwd {
             width(d)?
         );
         let f = func(dev, &name)?;
-        let (rows_i, d_i) = (rows as i32, d as i32);
         // Enough warps to fill the GPU; each adds its partial dw/db once.
         let cfg = LaunchConfig {
             grid_dim: ((rows as u32).div_ceil(WARPS * 8).clamp(1, 1024), 1, 1),
             block_dim: (32 * WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
+        /// Launches the backward with `dy` of dtype `G`.
+        fn backward<G: CudaDType + DeviceRepr>(
+            dev: &CudaDevice,
+            f: &CudaFunction,
+            (x, w): (&CudaView<f32>, &CudaView<f32>),
+            (gs, gl): (&CudaStorage, &Layout),
+            out: &CudaSlice<f32>,
+            (rows, d, eps, cfg): (usize, usize, f32, LaunchConfig),
+        ) -> Result<()> {
+            let g = contiguous::<G>(gs, gl, "dy")?;
+            let (rows_i, d_i) = (rows as i32, d as i32);
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(f);
+            l.arg(x).arg(w).arg(&g).arg(out);
+            l.arg(&rows_i).arg(&d_i).arg(&eps);
+            unsafe { l.launch(cfg) }.w()?;
+            Ok(())
+        }
+        let args = (rows, d, self.eps, cfg);
         match gs.dtype() {
-            DType::F32 => {
-                let g = contiguous::<f32>(gs, gl, "dy")?;
-                let stream = dev.cuda_stream();
-                let mut l = stream.launch_builder(&f);
-                l.arg(&x)
-                    .arg(&w)
-                    .arg(&g)
-                    .arg(&out)
-                    .arg(&rows_i)
-                    .arg(&d_i)
-                    .arg(&self.eps);
-                unsafe { l.launch(cfg) }.w()?;
-            }
-            _ => {
-                let g = contiguous::<bf16>(gs, gl, "dy")?;
-                let stream = dev.cuda_stream();
-                let mut l = stream.launch_builder(&f);
-                l.arg(&x)
-                    .arg(&w)
-                    .arg(&g)
-                    .arg(&out)
-                    .arg(&rows_i)
-                    .arg(&d_i)
-                    .arg(&self.eps);
-                unsafe { l.launch(cfg) }.w()?;
-            }
+            DType::F32 => backward::<f32>(dev, &f, (&x, &w), (gs, gl), &out, args)?,
+            _ => backward::<bf16>(dev, &f, (&x, &w), (gs, gl), &out, args)?,
         }
         Ok((
             wrap(CudaStorageSlice::F32(out), dev),
