@@ -30,6 +30,31 @@ fn round(files: &[Vec<u8>], mut decode: impl FnMut(&[u8]) -> usize) -> f64 {
     files.len() as f64 / started.elapsed().as_secs_f64()
 }
 
+/// A libjpeg-turbo decode to RGB at `scale`, into a buffer it reuses.
+fn libjpeg_turbo_at(scale: turbojpeg::ScalingFactor) -> impl FnMut(&[u8]) -> usize {
+    let mut turbo = turbojpeg::Decompressor::new().expect("a libjpeg-turbo decompressor");
+    turbo
+        .set_scaling_factor(scale)
+        .expect("a scale libjpeg-turbo offers");
+    let mut buffer = Vec::new();
+    move |f: &[u8]| {
+        let header = turbo.read_header(f).expect("a JPEG header").scaled(scale);
+        let len = header.width * header.height * 3;
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        let image = turbojpeg::Image {
+            pixels: &mut buffer[..len],
+            width: header.width,
+            pitch: header.width * 3,
+            height: header.height,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        turbo.decompress(f, image).expect("a libjpeg-turbo decode");
+        len
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
@@ -46,48 +71,8 @@ fn main() {
         files.len()
     );
 
-    let mut turbo = turbojpeg::Decompressor::new().expect("a libjpeg-turbo decompressor");
-    let mut buffer = Vec::new();
-    let mut scaled = turbojpeg::Decompressor::new().expect("a libjpeg-turbo decompressor");
-    scaled
-        .set_scaling_factor(turbojpeg::ScalingFactor::new(7, 8))
-        .expect("7/8 is a libjpeg-turbo scale");
-    let mut scaled_buffer = Vec::new();
-    let mut seven_eighths = |f: &[u8]| {
-        let header = scaled
-            .read_header(f)
-            .expect("a JPEG header")
-            .scaled(turbojpeg::ScalingFactor::new(7, 8));
-        let len = header.width * header.height * 3;
-        if scaled_buffer.len() < len {
-            scaled_buffer.resize(len, 0);
-        }
-        let image = turbojpeg::Image {
-            pixels: &mut scaled_buffer[..len],
-            width: header.width,
-            pitch: header.width * 3,
-            height: header.height,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        scaled.decompress(f, image).expect("a scaled decode");
-        len
-    };
-    let mut libjpeg_turbo = |f: &[u8]| {
-        let header = turbo.read_header(f).expect("a JPEG header");
-        let len = header.width * header.height * 3;
-        if buffer.len() < len {
-            buffer.resize(len, 0);
-        }
-        let image = turbojpeg::Image {
-            pixels: &mut buffer[..len],
-            width: header.width,
-            pitch: header.width * 3,
-            height: header.height,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        turbo.decompress(f, image).expect("a libjpeg-turbo decode");
-        len
-    };
+    let mut libjpeg_turbo = libjpeg_turbo_at(turbojpeg::ScalingFactor::ONE);
+    let mut seven_eighths = libjpeg_turbo_at(turbojpeg::ScalingFactor::new(7, 8));
     let mut zune_buffer = Vec::new();
     let mut zune = |f: &[u8]| {
         let options = zune_core::options::DecoderOptions::default()
