@@ -24,6 +24,10 @@ if ! command -v nvcc > /dev/null; then
     fi
     cu=$(echo "$PWD/$venv"/lib/python3*/site-packages/nvidia/cu13)
     export CUDA_HOME=$cu PATH=$cu/bin:$PATH LD_LIBRARY_PATH=$cu/lib:${LD_LIBRARY_PATH:-}
+else
+    # libnvrtc sits beside the nvcc in use (lib64 in a toolkit, lib in the PyPI wheels).
+    cu=$(cd "$(dirname "$(command -v nvcc)")/.." && pwd)
+    export LD_LIBRARY_PATH=$cu/lib64:$cu/lib:${LD_LIBRARY_PATH:-}
 fi
 # Candle's kernels are built for Hopper unless told otherwise (no GPU to ask here).
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
