@@ -127,6 +127,6 @@ fn decoders(
     println!("decode-only, 1 thread, {} images:", images.len());
     println!("  libjpeg-turbo, full size                {turbo:>7.0} images/s");
     println!("  image crate (zune-jpeg), full size      {zune:>7.0} images/s");
-    println!("  ours: DCT-scaled decode + crop + resize {pipeline_path:>7.0} images/s");
+    println!("  ours: partial decode + crop + resize    {pipeline_path:>7.0} images/s");
     Ok(())
 }

@@ -1,18 +1,24 @@
 //! Image bytes to an RGB8 view of the crop, resized to the output size.
 //!
-//! JPEGs are decoded by libjpeg-turbo (the `turbojpeg` crate, built from source with its
-//! SIMD code): on the generated ImageNet-like files it decodes ~15% faster than zune-jpeg
-//! and ~70% faster than jpeg-decoder (`benches/jpeg_decoders.sh`). The crop is known before
-//! decoding, so a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain whenever
-//! every crop still has at least the output's resolution at that scale. PNG and CMYK
-//! JPEGs go through the `image` crate. The crop and the resize are one pass of
-//! `fast_image_resize` (bilinear with antialiasing, like torchvision's default).
+//! JPEGs are decoded by libjpeg-turbo (built from source with its SIMD code): on the
+//! generated ImageNet-like files it decodes ~15% faster than zune-jpeg and ~70% faster
+//! than jpeg-decoder (`benches/jpeg_decoders.sh`). The crops are known before decoding, so
+//! only what they need is decoded: at 1/2, 1/4 or 1/8 scale in the DCT domain whenever
+//! every crop keeps at least the output's resolution at that scale, and only the rectangle
+//! around the crops (libjpeg-turbo's partial decoding: nothing below it, no inverse DCT or
+//! colour conversion beside or above it). The rectangle has a margin for the resize
+//! filter, so the output is the one a full decode gives. PNG and CMYK JPEGs go through
+//! the `image` crate. The crop and the resize are one pass of `fast_image_resize`
+//! (bilinear with antialiasing, like torchvision's default).
+
+mod turbo;
 
 use std::io::Cursor;
 
 use fast_image_resize as fr;
 
 use crate::transform::CropParams;
+use turbo::{Jpeg, Region, scaled};
 
 /// Why an image could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +41,8 @@ fn corrupt(e: impl std::fmt::Display) -> DecodeError {
 pub struct CropDecoder {
     resizer: fr::Resizer,
     /// libjpeg-turbo's decompressor, made on first use.
-    turbo: Option<turbojpeg::Decompressor>,
-    /// Full or DCT-scaled RGB8 pixels of the last decoded image (grown, never shrunk).
+    turbo: Option<Jpeg>,
+    /// RGB8 pixels of the last decoded rectangle (grown, never shrunk).
     rgb: Vec<u8>,
 }
 
@@ -50,23 +56,78 @@ impl Default for CropDecoder {
     }
 }
 
-/// What [`CropDecoder::decode`] did, for statistics.
+/// What [`CropDecoder::decode`] did: the scale and the decoded rectangle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeInfo {
     /// The DCT scale denominator used (1 = full size, 2, 4 or 8).
     pub scale: u32,
-    /// Decoded width in pixels.
-    width: u32,
-    /// Decoded height in pixels.
-    height: u32,
+    /// The decoded rectangle, in pixels at that scale.
+    region: Region,
+    /// The whole image's width and height at that scale.
+    scaled: (u32, u32),
+}
+
+impl DecodeInfo {
+    /// The fraction of the (scaled) image's pixels that were decoded.
+    pub fn decoded_fraction(&self) -> f64 {
+        let decoded = f64::from(self.region.width) * f64::from(self.region.height);
+        decoded / (f64::from(self.scaled.0) * f64::from(self.scaled.1))
+    }
+}
+
+/// Extra pixels (at the decode's scale) on each side of a crop: the reach of the bilinear
+/// filter, which is 1 pixel widened by the downscaling factor, plus one for rounding.
+fn filter_margin(crop: &CropParams, denom: u32, size: u32) -> u32 {
+    let longest = crop.width.max(crop.height);
+    scaled(longest, denom).div_ceil(size).max(1) + 1
+}
+
+/// The rectangle at 1/`denom` scale that holds every crop with its filter margin, its
+/// left edge moved left to a multiple of `align` (the scaled iMCU width); the whole image
+/// without `align`.
+fn covering_region(
+    crops: &[CropParams],
+    denom: u32,
+    size: u32,
+    (width, height): (u32, u32),
+    align: Option<u32>,
+) -> Region {
+    let whole = Region {
+        left: 0,
+        top: 0,
+        width,
+        height,
+    };
+    let Some(align) = align else {
+        return whole;
+    };
+    let (mut left, mut top, mut right, mut bottom) = (width, height, 0, 0);
+    for c in crops {
+        let margin = filter_margin(c, denom, size);
+        left = left.min((c.left / denom).saturating_sub(margin));
+        top = top.min((c.top / denom).saturating_sub(margin));
+        right = right.max(scaled(c.left + c.width, denom) + margin);
+        bottom = bottom.max(scaled(c.top + c.height, denom) + margin);
+    }
+    let (right, bottom) = (right.min(width), bottom.min(height));
+    let left = left / align * align;
+    if crops.is_empty() || left >= right || top >= bottom {
+        return whole;
+    }
+    Region {
+        left,
+        top,
+        width: right - left,
+        height: bottom - top,
+    }
 }
 
 impl CropDecoder {
     /// Reads the image's width and height from its header.
     pub fn dimensions(&mut self, bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
         if is_jpeg(bytes) {
-            let header = self.turbo()?.read_header(bytes).map_err(corrupt)?;
-            return Ok((header.width as u32, header.height as u32));
+            let header = self.turbo()?.header(bytes).map_err(corrupt)?;
+            return Ok((header.width, header.height));
         }
         image::ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
@@ -75,9 +136,9 @@ impl CropDecoder {
             .map_err(corrupt)
     }
 
-    fn turbo(&mut self) -> Result<&mut turbojpeg::Decompressor, DecodeError> {
+    fn turbo(&mut self) -> Result<&mut Jpeg, DecodeError> {
         if self.turbo.is_none() {
-            self.turbo = Some(turbojpeg::Decompressor::new().map_err(corrupt)?);
+            self.turbo = Some(Jpeg::new().map_err(corrupt)?);
         }
         Ok(self.turbo.as_mut().expect("just made"))
     }
@@ -98,7 +159,8 @@ impl CropDecoder {
     }
 
     /// Decodes `bytes` (source image `dims`) once for all of `crops` (the views of one
-    /// sample): at the coarsest DCT scale that keeps every crop at `size` or more.
+    /// sample): at the coarsest DCT scale that keeps every crop at `size` or more, and
+    /// for JPEGs only the rectangle the crops and the resize filter reach.
     pub fn decode(
         &mut self,
         bytes: &[u8],
@@ -106,16 +168,34 @@ impl CropDecoder {
         crops: &[CropParams],
         size: u32,
     ) -> Result<DecodeInfo, DecodeError> {
-        let (width, height, scale) = self.decode_scaled(bytes, dims, crops, size)?;
+        let denom = [8u32, 4, 2]
+            .into_iter()
+            .find(|d| {
+                crops
+                    .iter()
+                    .all(|c| c.width / d >= size && c.height / d >= size)
+            })
+            .unwrap_or(1);
+        if is_jpeg(bytes)
+            && let Some(decoded) = self.decode_jpeg(bytes, dims, crops, size, denom)?
+        {
+            return Ok(decoded);
+        }
+        let (width, height) = self.decode_full(bytes)?;
         Ok(DecodeInfo {
-            scale,
-            width,
-            height,
+            scale: 1,
+            region: Region {
+                left: 0,
+                top: 0,
+                width,
+                height,
+            },
+            scaled: (width, height),
         })
     }
 
-    /// Cuts `crop` (in source pixels) out of the image [`CropDecoder::decode`] decoded last
-    /// and resizes it to `size` x `size` into `out` (interleaved RGB8).
+    /// Cuts `crop` (in source pixels) out of the rectangle [`CropDecoder::decode`] decoded
+    /// last and resizes it to `size` x `size` into `out` (interleaved RGB8).
     pub fn crop_resize(
         &mut self,
         decoded: &DecodeInfo,
@@ -123,14 +203,19 @@ impl CropDecoder {
         size: u32,
         out: &mut [u8],
     ) -> Result<(), DecodeError> {
-        let (w, h, scale) = (decoded.width, decoded.height, decoded.scale);
+        let Region {
+            left: x0,
+            top: y0,
+            width: w,
+            height: h,
+        } = decoded.region;
         let pixels = &self.rgb[..(w * h * 3) as usize];
-        // Decoded pixel i covers source pixels [i * scale, (i + 1) * scale), and the decoded
-        // size is ceil(source / scale), so the scaled crop stays inside; the clamp only
-        // guards against rounding.
-        let s = f64::from(scale);
-        let left = (f64::from(crop.left) / s).min(f64::from(w));
-        let top = (f64::from(crop.top) / s).min(f64::from(h));
+        // Decoded pixel i covers source pixels [i * scale, (i + 1) * scale), and the scaled
+        // size rounds up, so the scaled crop stays inside the rectangle; the clamps only
+        // guard against rounding.
+        let s = f64::from(decoded.scale);
+        let left = (f64::from(crop.left) / s - f64::from(x0)).clamp(0.0, f64::from(w));
+        let top = (f64::from(crop.top) / s - f64::from(y0)).clamp(0.0, f64::from(h));
         let width = (f64::from(crop.width) / s).min(f64::from(w) - left);
         let height = (f64::from(crop.height) / s).min(f64::from(h) - top);
         let src = fr::images::ImageRef::new(w, h, pixels, fr::PixelType::U8x3).map_err(corrupt)?;
@@ -144,70 +229,45 @@ impl CropDecoder {
             .map_err(corrupt)
     }
 
-    /// Decodes into `self.rgb`; returns the decoded width, height and scale denominator.
-    fn decode_scaled(
+    /// libjpeg-turbo's decode at 1/`denom` scale of the rectangle around `crops` into
+    /// `self.rgb` (greyscale comes out as RGB); `None` for the colour spaces it does not
+    /// turn into RGB (CMYK, YCCK).
+    fn decode_jpeg(
         &mut self,
         bytes: &[u8],
         dims: (u32, u32),
         crops: &[CropParams],
         size: u32,
-    ) -> Result<(u32, u32, u32), DecodeError> {
-        let denom = [8u32, 4, 2]
-            .into_iter()
-            .find(|d| {
-                crops
-                    .iter()
-                    .all(|c| c.width / d >= size && c.height / d >= size)
-            })
-            .unwrap_or(1);
-        if is_jpeg(bytes)
-            && let Some(decoded) = self.decode_jpeg(bytes, dims, denom)?
-        {
-            return Ok(decoded);
-        }
-        self.decode_full(bytes).map(|(w, h)| (w, h, 1))
-    }
-
-    /// libjpeg-turbo's decode at 1/`denom` scale into `self.rgb` (greyscale comes out as
-    /// RGB); `None` for the colour spaces it does not turn into RGB (CMYK, YCCK).
-    fn decode_jpeg(
-        &mut self,
-        bytes: &[u8],
-        dims: (u32, u32),
         denom: u32,
-    ) -> Result<Option<(u32, u32, u32)>, DecodeError> {
+    ) -> Result<Option<DecodeInfo>, DecodeError> {
         let turbo = self.turbo()?;
-        let header = turbo.read_header(bytes).map_err(corrupt)?;
-        if matches!(
-            header.colorspace,
-            turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
-        ) {
+        let header = turbo.header(bytes).map_err(corrupt)?;
+        if header.cmyk {
             return Ok(None);
         }
-        let factor = turbojpeg::ScalingFactor::new(1, denom as usize);
-        turbo.set_scaling_factor(factor).map_err(corrupt)?;
-        let (w, h) = (factor.scale(header.width), factor.scale(header.height));
-        let expected = (dims.0.div_ceil(denom), dims.1.div_ceil(denom));
-        if (w as u32, h as u32) != expected {
-            let msg = format!("decodes to {w}x{h} at 1/{denom}, expected {expected:?}");
+        if (header.width, header.height) != dims {
+            let msg = format!(
+                "the header says {}x{}, expected {dims:?}",
+                header.width, header.height
+            );
             return Err(DecodeError::Corrupt(msg));
         }
-        if self.rgb.len() < 3 * w * h {
-            self.rgb.resize(3 * w * h, 0);
+        let whole = (scaled(dims.0, denom), scaled(dims.1, denom));
+        let align = header.mcu_width.map(|w| scaled(w, denom));
+        let region = covering_region(crops, denom, size, whole, align);
+        let len = (3 * region.width * region.height) as usize;
+        if self.rgb.len() < len {
+            self.rgb.resize(len, 0);
         }
-        let image = turbojpeg::Image {
-            pixels: &mut self.rgb[..3 * w * h],
-            width: w,
-            pitch: 3 * w,
-            height: h,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        self.turbo
-            .as_mut()
-            .expect("made above")
-            .decompress(bytes, image)
+        let turbo = self.turbo.as_mut().expect("made above");
+        turbo
+            .decode_rgb(bytes, denom, region, &mut self.rgb[..len])
             .map_err(corrupt)?;
-        Ok(Some((w as u32, h as u32, denom)))
+        Ok(Some(DecodeInfo {
+            scale: denom,
+            region,
+            scaled: whole,
+        }))
     }
 
     /// The image crate's decode (PNG, CMYK JPEGs), full size.
@@ -310,8 +370,18 @@ mod tests {
         let mut d = CropDecoder::default();
         for bytes in [jpeg(300, 200), jpeg(64, 48), grey] {
             let dims = d.dimensions(&bytes).unwrap();
-            let (w, h, denom) = d.decode_jpeg(&bytes, dims, 1).unwrap().unwrap();
-            assert_eq!(((w, h), denom), (dims, 1));
+            let whole = CropParams {
+                top: 0,
+                left: 0,
+                height: dims.1,
+                width: dims.0,
+            };
+            let info = d
+                .decode(&bytes, dims, &[whole], dims.0.min(dims.1))
+                .unwrap();
+            assert_eq!(info.scale, 1);
+            assert_eq!(info.decoded_fraction(), 1.0);
+            let (w, h) = dims;
             let ours = &d.rgb[..(w * h * 3) as usize];
             let theirs = image::load_from_memory(&bytes)
                 .unwrap()
@@ -356,6 +426,52 @@ mod tests {
         d.decode_crop(&bytes, (1024, 768), &mid, 64, &mut b)
             .unwrap();
         assert_eq!(a, b, "the mid crop alone also decodes at 1/4");
+    }
+
+    /// Decoding only the rectangle around a crop gives the output a whole decode gives,
+    /// on real photos with and without chroma subsampling (whose iMCUs are 16 and 8
+    /// pixels wide), at every DCT scale, for crops anywhere in the image.
+    #[test]
+    fn partial_decode_gives_the_whole_decodes_output() {
+        use rand::SeedableRng;
+        let photos: [&[u8]; 2] = [
+            include_bytes!("../../../tests/fixtures/photos/rocket.jpg"), // 4:4:4
+            include_bytes!("../../../tests/fixtures/photos/retina.jpg"), // 4:2:0
+        ];
+        let sampler = crate::transform::RandomResizedCrop {
+            size: 64,
+            scale: (0.05, 1.0),
+            ratio: (0.75, 4.0 / 3.0),
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut d = CropDecoder::default();
+        let (mut partial, mut whole) = (vec![0u8; 64 * 64 * 3], vec![0u8; 64 * 64 * 3]);
+        let (mut scales, mut fractions) = (std::collections::BTreeSet::new(), Vec::new());
+        for bytes in photos {
+            let dims = d.dimensions(bytes).unwrap();
+            let everything = CropParams {
+                top: 0,
+                left: 0,
+                height: dims.1,
+                width: dims.0,
+            };
+            for _ in 0..40 {
+                let crop = sampler.sample(dims, &mut rng);
+                let info = d.decode_crop(bytes, dims, &crop, 64, &mut partial).unwrap();
+                let full = d
+                    .decode_jpeg(bytes, dims, &[everything, crop], 64, info.scale)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(full.decoded_fraction(), 1.0);
+                d.crop_resize(&full, &crop, 64, &mut whole).unwrap();
+                assert!(partial == whole, "{crop:?} at 1/{}", info.scale);
+                scales.insert(info.scale);
+                fractions.push(info.decoded_fraction());
+            }
+        }
+        assert_eq!(scales.len(), 4, "every scale was tried: {scales:?}");
+        let mean = fractions.iter().sum::<f64>() / fractions.len() as f64;
+        assert!(mean < 0.8, "partial decodes decode less: {mean}");
     }
 
     #[test]

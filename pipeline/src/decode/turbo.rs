@@ -1,0 +1,179 @@
+//! libjpeg-turbo's TurboJPEG 3 API: the few calls the decoder makes, behind a safe type.
+//!
+//! The `turbojpeg` crate wraps the same library but not partial decoding
+//! (`tj3SetCroppingRegion`), which skips the inverse DCT and colour conversion outside the
+//! crop and all work below it; so this wraps `turbojpeg-sys` directly.
+
+use std::ffi::CStr;
+
+use turbojpeg_sys as tj;
+
+/// What a JPEG's header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub width: u32,
+    pub height: u32,
+    /// Width in pixels of an iMCU, the unit a partial decode's left edge is aligned to;
+    /// `None` where libjpeg-turbo decodes only whole images (lossless JPEGs, unusual
+    /// chroma subsampling).
+    pub mcu_width: Option<u32>,
+    /// CMYK and YCCK images, which libjpeg-turbo does not turn into RGB.
+    pub cmyk: bool,
+}
+
+/// A rectangle of the image at the decode's scale, in pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Region {
+    pub left: u32,
+    pub top: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One TurboJPEG decompressor (not shared between threads, may move between them).
+pub(crate) struct Jpeg {
+    handle: tj::tjhandle,
+}
+
+// SAFETY: a TurboJPEG handle is used by one thread at a time (`&mut self`), and
+// libjpeg-turbo keeps no thread-local state for it.
+unsafe impl Send for Jpeg {}
+
+impl Drop for Jpeg {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tj3Init and is destroyed once.
+        unsafe { tj::tj3Destroy(self.handle) }
+    }
+}
+
+/// `ceil(pixels / denom)`: a dimension at 1/`denom` scale (libjpeg-turbo's TJSCALED).
+pub(crate) fn scaled(pixels: u32, denom: u32) -> u32 {
+    pixels.div_ceil(denom)
+}
+
+impl Jpeg {
+    pub fn new() -> Result<Jpeg, String> {
+        // SAFETY: plain constructor; null means failure.
+        let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as i32) };
+        if handle.is_null() {
+            return Err("libjpeg-turbo could not make a decompressor".into());
+        }
+        Ok(Jpeg { handle })
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: tj3GetErrorStr returns a NUL-terminated string owned by the handle.
+        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.handle)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn check(&self, status: i32) -> Result<(), String> {
+        if status == 0 {
+            Ok(())
+        } else {
+            Err(self.error())
+        }
+    }
+
+    /// Reads the header of `bytes`.
+    pub fn header(&mut self, bytes: &[u8]) -> Result<Header, String> {
+        // SAFETY: the pointer and length describe `bytes`, which outlives the call.
+        let status =
+            unsafe { tj::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as _) };
+        self.check(status)?;
+        // SAFETY: reading parameters of a live handle.
+        let get = |param| unsafe { tj::tj3Get(self.handle, param as i32) };
+        // turbojpeg.h's tjMCUWidth (a static table, not an exported symbol), indexed by
+        // TJSAMP: 4:4:4, 4:2:2, 4:2:0, grey, 4:4:0, 4:1:1, 4:4:1.
+        const MCU_WIDTH: [u32; 7] = [8, 16, 16, 8, 8, 32, 8];
+        let lossless = get(tj::TJPARAM_TJPARAM_LOSSLESS) != 0;
+        let mcu_width = usize::try_from(get(tj::TJPARAM_TJPARAM_SUBSAMP))
+            .ok()
+            .and_then(|s| MCU_WIDTH.get(s).copied())
+            .filter(|_| !lossless);
+        let colorspace = get(tj::TJPARAM_TJPARAM_COLORSPACE);
+        Ok(Header {
+            width: get(tj::TJPARAM_TJPARAM_JPEGWIDTH) as u32,
+            height: get(tj::TJPARAM_TJPARAM_JPEGHEIGHT) as u32,
+            mcu_width,
+            cmyk: colorspace == tj::TJCS_TJCS_CMYK as i32
+                || colorspace == tj::TJCS_TJCS_YCCK as i32,
+        })
+    }
+
+    /// Decodes `region` of `bytes` at 1/`denom` scale (1, 2, 4 or 8) into `out` as
+    /// interleaved RGB8, `region.width * 3` bytes per row. The region is in scaled
+    /// pixels; unless it is the whole image, its left edge must be a multiple of the
+    /// scaled iMCU width (`scaled(header.mcu_width, denom)`).
+    pub fn decode_rgb(
+        &mut self,
+        bytes: &[u8],
+        denom: u32,
+        region: Region,
+        out: &mut [u8],
+    ) -> Result<Header, String> {
+        let header = self.header(bytes)?;
+        let (width, height) = (scaled(header.width, denom), scaled(header.height, denom));
+        let Region {
+            left,
+            top,
+            width: w,
+            height: h,
+        } = region;
+        if w == 0 || h == 0 || left + w > width || top + h > height {
+            return Err(format!(
+                "region {region:?} is not inside the {width}x{height} image at 1/{denom}"
+            ));
+        }
+        let pitch = 3 * w as usize;
+        if out.len() < pitch * h as usize {
+            return Err(format!(
+                "{} bytes cannot hold a {w}x{h} RGB image",
+                out.len()
+            ));
+        }
+        let factor = tj::tjscalingfactor {
+            num: 1,
+            denom: denom as i32,
+        };
+        // The full image is decoded without a cropping region, which is also the only
+        // region libjpeg-turbo accepts for some images (lossless, for one).
+        let crop = if (left, top, w, h) == (0, 0, width, height) {
+            tj::tjregion {
+                x: 0,
+                y: 0,
+                w: 0,
+                h: 0,
+            }
+        } else {
+            tj::tjregion {
+                x: left as i32,
+                y: top as i32,
+                w: w as i32,
+                h: h as i32,
+            }
+        };
+        // SAFETY: the handle has just read this image's header (required before a
+        // cropping region); `out` holds `pitch * h` bytes, checked above.
+        let status = unsafe {
+            let status = tj::tj3SetScalingFactor(self.handle, factor);
+            if status != 0 {
+                status
+            } else if tj::tj3SetCroppingRegion(self.handle, crop) != 0 {
+                -1
+            } else {
+                tj::tj3Decompress8(
+                    self.handle,
+                    bytes.as_ptr(),
+                    bytes.len() as _,
+                    out.as_mut_ptr(),
+                    pitch as i32,
+                    tj::TJPF_TJPF_RGB,
+                )
+            }
+        };
+        self.check(status)?;
+        Ok(header)
+    }
+}
