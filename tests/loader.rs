@@ -94,7 +94,14 @@ fn every_rank_gets_disjoint_samples_and_the_same_number_of_batches() {
                             .all(|m| m.iter().map(|&v| v as usize).sum::<usize>() == 10)
                     );
                 }
-                assert_eq!(loader.metrics().failed_samples, 0);
+                let m = loader.metrics();
+                assert_eq!(m.failed_samples, 0);
+                // Crops cover 67-100% of an image; only their rectangle is decoded.
+                assert!(
+                    (0.5..1.0).contains(&m.decoded_fraction),
+                    "{}",
+                    m.decoded_fraction
+                );
             }
             assert!(
                 counts.iter().all(|&c| c == counts[0]),

@@ -18,6 +18,8 @@ pub(super) struct Metrics {
     pub(super) decode_ns: AtomicU64,
     pub(super) consumer_wait_ns: AtomicU64,
     pub(super) downscaled: [AtomicU64; 4],
+    /// Decoded pixels over the images' pixels (at the decode's scale), in millionths.
+    pub(super) decoded_ppm: AtomicU64,
     pub(super) cache_hits: AtomicU64,
     pub(super) io: Arc<IoCounters>,
     pub(super) last_error: std::sync::Mutex<Option<String>>,
@@ -41,6 +43,10 @@ impl Metrics {
             read_wait_seconds: secs(&m.io.wait_ns),
             consumer_wait_seconds: secs(&m.consumer_wait_ns),
             decodes_by_scale: std::array::from_fn(|i| get(&m.downscaled[i])),
+            decoded_fraction: {
+                let decodes: u64 = m.downscaled.iter().map(get).sum();
+                get(&m.decoded_ppm) as f64 / 1e6 / decodes.max(1) as f64
+            },
             cache_hits: get(&m.cache_hits),
             last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
         }
@@ -82,6 +88,8 @@ pub struct MetricsSnapshot {
     pub consumer_wait_seconds: f64,
     /// JPEG decodes at full size, 1/2, 1/4 and 1/8 scale.
     pub decodes_by_scale: [u64; 4],
+    /// The mean fraction of an image's pixels decoded (only the crops' rectangle is).
+    pub decoded_fraction: f64,
     /// Shards read from the local cache instead of the store.
     pub cache_hits: u64,
     /// The last shard or sample failure, with its shard or key.

@@ -281,6 +281,8 @@ impl DecoderCtx {
                         let info = decoder.decode(&sample.image, dims, &crops, size)?;
                         let scale = info.scale.trailing_zeros().min(3) as usize;
                         c.metrics.downscaled[scale].fetch_add(1, Ordering::Relaxed);
+                        let ppm = (info.decoded_fraction() * 1e6).round() as u64;
+                        c.metrics.decoded_ppm.fetch_add(ppm, Ordering::Relaxed);
                         for (p, out) in params.iter().zip(chw.chunks_exact_mut(view_bytes)) {
                             decoder.crop_resize(&info, &p.crop, size, &mut hwc)?;
                             p.pixels.apply(&mut hwc, size as usize);
