@@ -33,8 +33,8 @@ enum Command {
         /// Training config (TOML); see configs/.
         #[arg(long)]
         config: PathBuf,
-        /// Shards of the training split: a folder, s3://bucket/prefix or http(s):// URL
-        /// (credentials and endpoint from AWS_* variables).
+        /// Shards of the training split: a folder, s3://bucket/prefix (AWS_* variables),
+        /// gs://bucket/prefix (GOOGLE_*), az://container/prefix (AZURE_*) or http(s):// URL.
         #[arg(long)]
         data: String,
         /// MimCo's teacher: safetensors (a `mimco export` or a MoCo v3 run's checkpoint),

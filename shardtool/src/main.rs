@@ -53,12 +53,14 @@ enum Command {
     },
     /// Copy a pack to object storage, each split's manifest after its shards.
     ///
-    /// The store is configured as AWS tools are: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY, AWS_REGION.
+    /// S3 is configured as AWS tools are: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION; gs:// and az:// with object_store's GOOGLE_* and
+    /// AZURE_* variables (see pipeline/README.md).
     Upload {
         /// A pack folder (OUT of `pack`) or one split folder in it.
         dir: PathBuf,
-        /// Destination, `s3://bucket/prefix`; each split goes to `<URL>/<split>`.
+        /// Destination, `s3://bucket/prefix`, `gs://bucket/prefix` or
+        /// `az://container/prefix`; each split goes to `<URL>/<split>`.
         url: String,
     },
     /// Write an ImageNet-shaped folder generated from the photos embedded in shardtool.

@@ -1,6 +1,7 @@
 //! Fixtures shared by the end-to-end tests: generated ImageNet-shaped folders, packed.
 #![allow(dead_code)]
 
+pub mod server;
 pub mod train;
 
 use std::path::{Path, PathBuf};
