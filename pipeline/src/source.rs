@@ -28,8 +28,9 @@ use crate::error::{Error, Result};
 use crate::format::{MANIFEST_FILE, Manifest};
 
 /// How to reach a remote store: S3 as AWS tools configure it, Google Cloud Storage and
-/// Azure with `object_store`'s `GOOGLE_*` and `AZURE_*` variables.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Azure with `object_store`'s `GOOGLE_*` and `AZURE_*` variables. Its `Debug` output
+/// leaves the secrets out.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct StoreOptions {
     /// `AWS_ENDPOINT_URL`: an on-prem or test server (`http://127.0.0.1:8333`).
     pub endpoint: Option<String>,
@@ -48,6 +49,23 @@ pub struct StoreOptions {
     /// Without credentials, each cloud's own defaults apply (for example the metadata
     /// server of a GCE or Azure VM).
     pub cloud: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<hidden>");
+        f.debug_struct("StoreOptions")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &hidden(&self.secret_access_key))
+            .field("session_token", &hidden(&self.session_token))
+            .field(
+                "cloud",
+                &self.cloud.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl StoreOptions {
@@ -470,5 +488,32 @@ impl Drop for RangeReader {
         if let Some(ahead) = self.ahead.take() {
             ahead.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreOptions;
+
+    #[test]
+    fn store_options_keep_cloud_variables_and_hide_secrets() {
+        let vars = [
+            ("AWS_SECRET_ACCESS_KEY", "s3-secret"),
+            ("AZURE_STORAGE_ACCOUNT_KEY", "azure-secret"),
+            ("GOOGLE_SERVICE_ACCOUNT", "/keys/gcs.json"),
+            ("HOME", "/root"),
+        ];
+        let o = StoreOptions::from_vars(vars.map(|(k, v)| (k.to_string(), v.to_string())));
+        assert_eq!(
+            o.cloud,
+            vec![
+                ("azure_storage_account_key".into(), "azure-secret".into()),
+                ("google_service_account".into(), "/keys/gcs.json".into()),
+            ]
+        );
+        assert_eq!(o.secret_access_key.as_deref(), Some("s3-secret"));
+        let shown = format!("{o:?}");
+        assert!(!shown.contains("-secret"), "{shown}");
+        assert!(shown.contains("azure_storage_account_key"), "{shown}");
     }
 }
