@@ -9,6 +9,7 @@
 //! `MIMCO_PYTHON` (with azure-storage-blob, which creates the container); without them the
 //! tests are skipped with a message and a marker file.
 
+use std::path::Path;
 use std::process::Command;
 
 use pipeline::{Loader, LoaderConfig, LoaderState, StoreOptions, Topology};
@@ -40,12 +41,31 @@ fn open(location: &str, options: &StoreOptions) -> pipeline::Result<Loader> {
     Loader::open(location, options, Topology::default(), config(), None)
 }
 
+/// The error `open` gives for `location`.
+fn open_error(location: &str, options: &StoreOptions) -> String {
+    open(location, options).err().expect("an error").to_string()
+}
+
+/// The split at `scheme://mimco/imagenet/train` streams the batches of the local folder
+/// `local`, and one at `scheme://mimco/nothing/here` is one clear error.
+fn check_split(local: &Path, scheme: &str, options: &StoreOptions) {
+    let from_local = keys(&open(local.to_str().unwrap(), &StoreOptions::default()).unwrap());
+    let remote = open(&format!("{scheme}://mimco/imagenet/train"), options).unwrap();
+    assert_eq!(keys(&remote), from_local);
+    assert!(remote.metrics().bytes_read > 0);
+    let e = open_error(&format!("{scheme}://mimco/nothing/here"), options);
+    assert!(
+        e.contains("not found") && e.contains("shardtool pack"),
+        "{e}"
+    );
+}
+
 fn vars(pairs: &[(&str, &str)]) -> StoreOptions {
     StoreOptions::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
 }
 
 #[test]
-fn gs_reads_match_local_reads() {
+fn gs_reads_match_local_reads_and_a_missing_split_is_clear() {
     let Some(binary) = program("MIMCO_FAKE_GCS", "gcs", "gs:// tests: no fake-gcs-server") else {
         return;
     };
@@ -94,18 +114,7 @@ fn gs_reads_match_local_reads() {
         ("GOOGLE_ALLOW_HTTP", "true"),
         ("GOOGLE_CLOUD_PROJECT", "not-an-object-store-key"),
     ]);
-    let from_local = keys(&open(local.to_str().unwrap(), &StoreOptions::default()).unwrap());
-    let remote = open("gs://mimco/imagenet/train", &options).unwrap();
-    assert_eq!(keys(&remote), from_local);
-    assert!(remote.metrics().bytes_read > 0);
-    let e = open("gs://mimco/nothing/here", &options)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("not found") && e.contains("shardtool pack"),
-        "{e}"
-    );
+    check_split(&local, "gs", &options);
 }
 
 #[test]
@@ -152,33 +161,16 @@ fn az_reads_match_local_reads_and_errors_are_clear() {
         shardtool::verify::upload(local.parent().unwrap(), "az://mimco/imagenet", &options)
             .unwrap();
     assert_eq!(uploaded, vec!["az://mimco/imagenet/train".to_string()]);
-    let from_local = keys(&open(local.to_str().unwrap(), &StoreOptions::default()).unwrap());
-    let remote = open("az://mimco/imagenet/train", &options).unwrap();
-    assert_eq!(keys(&remote), from_local);
-    assert!(remote.metrics().bytes_read > 0);
+    check_split(&local, "az", &options);
 
-    let e = open("az://mimco/nothing/here", &options)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("not found") && e.contains("shardtool pack"),
-        "{e}"
-    );
     let wrong_key = vars(&[
         ("AZURE_STORAGE_ACCOUNT_NAME", account),
         ("AZURE_STORAGE_ACCOUNT_KEY", "d3Jvbmc="),
         ("AZURE_ENDPOINT", &endpoint),
         ("AZURE_ALLOW_HTTP", "true"),
     ]);
-    let e = open("az://mimco/imagenet/train", &wrong_key)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = open_error("az://mimco/imagenet/train", &wrong_key);
     assert!(e.contains("AZURE_STORAGE_ACCOUNT_KEY"), "{e}");
-    let e = open("az://mimco/imagenet/train", &StoreOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let e = open_error("az://mimco/imagenet/train", &StoreOptions::default());
     assert!(e.contains("AZURE_STORAGE_ACCOUNT_NAME"), "{e}");
 }
