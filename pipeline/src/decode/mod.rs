@@ -209,7 +209,7 @@ impl CropDecoder {
             width: w,
             height: h,
         } = decoded.region;
-        let pixels = &self.rgb[..(w * h * 3) as usize];
+        let pixels = &self.rgb[..3 * w as usize * h as usize];
         // Decoded pixel i covers source pixels [i * scale, (i + 1) * scale), and the scaled
         // size rounds up, so the scaled crop stays inside the rectangle; the clamps only
         // guard against rounding.
@@ -255,7 +255,7 @@ impl CropDecoder {
         let whole = (scaled(dims.0, denom), scaled(dims.1, denom));
         let align = header.mcu_width.map(|w| scaled(w, denom));
         let region = covering_region(crops, denom, size, whole, align);
-        let len = (3 * region.width * region.height) as usize;
+        let len = 3 * region.width as usize * region.height as usize;
         if self.rgb.len() < len {
             self.rgb.resize(len, 0);
         }
@@ -515,17 +515,34 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
-        let mut d = CropDecoder::default();
         let crop = CropParams {
             top: 0,
             left: 0,
             height: 8,
             width: 8,
         };
-        assert!(
-            d.decode_crop(b"\xFF\xD8\xFFnot really", (8, 8), &crop, 8, &mut [0; 192])
-                .is_err()
-        );
+        let good = jpeg(64, 48);
+        // Everything before the first scan: header and tables, no image data.
+        let sos = good.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let tables_only = [&good[..sos], &[0xFF, 0xD9][..]].concat();
+        let no_frame: [&[u8]; 4] = [
+            b"\xFF\xD8\xFFnot really",
+            b"\xFF\xD8\xFF\xE0 broken",
+            b"\xFF\xD8\xFF\xDB\x00\x43",
+            &tables_only,
+        ];
+        let cut_short = &good[..sos + 40];
+        for (i, bytes) in no_frame.iter().chain([&cut_short]).enumerate() {
+            // The same decoder first reads a good image: libjpeg-turbo keeps its header
+            // for datastreams without a frame, which must not leak into the next one.
+            let mut d = CropDecoder::default();
+            assert_eq!(d.dimensions(&good).unwrap(), (64, 48));
+            let dims = d.dimensions(bytes);
+            assert_eq!(dims.is_err(), i < no_frame.len(), "input {i}: {dims:?}");
+            let dims = dims.unwrap_or((64, 48));
+            let result = d.decode_crop(bytes, dims, &crop, 8, &mut [0; 192]);
+            assert!(result.is_err(), "bad input {i} decoded: {result:?}");
+        }
         assert!(CropDecoder::default().dimensions(b"hello").is_err());
     }
 }

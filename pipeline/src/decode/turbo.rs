@@ -30,6 +30,24 @@ pub(crate) struct Region {
     pub height: u32,
 }
 
+/// Whether a frame header (an SOFn marker) comes after the SOI marker, before any scan,
+/// the end of the image or the end of `bytes`. Walks the marker segments by their lengths;
+/// bytes between segments (which libjpeg only warns about) count as no frame.
+fn has_frame_header(bytes: &[u8]) -> bool {
+    let mut at = 2; // past SOI
+    while let Some(&[0xFF, marker, hi, lo]) = bytes.get(at..at + 4) {
+        match marker {
+            0xFF => at += 1,               // a fill byte
+            0x01 | 0xD0..=0xD7 => at += 2, // TEM, RSTn: no length
+            // SOF0..SOF15, less DHT (C4), JPG (C8) and DAC (CC).
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => return true,
+            0xD9 | 0xDA => return false, // EOI, SOS
+            _ => at += 2 + usize::from(u16::from_be_bytes([hi, lo])),
+        }
+    }
+    false
+}
+
 /// One TurboJPEG decompressor (not shared between threads, may move between them).
 pub(crate) struct Jpeg {
     handle: tj::tjhandle,
@@ -78,6 +96,12 @@ impl Jpeg {
 
     /// Reads the header of `bytes`.
     pub fn header(&mut self, bytes: &[u8]) -> Result<Header, String> {
+        // libjpeg-turbo reads a datastream that ends before its frame header (tables
+        // only, or cut short) as a success and leaves the previous image's header in the
+        // handle, so that case is caught here.
+        if !has_frame_header(bytes) {
+            return Err("no frame header: the JPEG holds no image or is cut short".into());
+        }
         // SAFETY: the pointer and length describe `bytes`, which outlives the call.
         let status =
             unsafe { tj::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as _) };
@@ -93,9 +117,16 @@ impl Jpeg {
             .and_then(|s| MCU_WIDTH.get(s).copied())
             .filter(|_| !lossless);
         let colorspace = get(tj::TJPARAM_TJPARAM_COLORSPACE);
+        let (width, height) = (
+            get(tj::TJPARAM_TJPARAM_JPEGWIDTH),
+            get(tj::TJPARAM_TJPARAM_JPEGHEIGHT),
+        );
+        if width < 1 || height < 1 {
+            return Err(format!("the header says {width}x{height}"));
+        }
         Ok(Header {
-            width: get(tj::TJPARAM_TJPARAM_JPEGWIDTH) as u32,
-            height: get(tj::TJPARAM_TJPARAM_JPEGHEIGHT) as u32,
+            width: width as u32,
+            height: height as u32,
             mcu_width,
             cmyk: colorspace == tj::TJCS_TJCS_CMYK as i32
                 || colorspace == tj::TJCS_TJCS_YCCK as i32,
