@@ -28,7 +28,15 @@ for f in $gcs; do [ -x "$f" ] && export MIMCO_FAKE_GCS="$PWD/$f"; done
 if [ -x "$azurite" ]; then export MIMCO_AZURITE="$PWD/$azurite"; fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+# A hung test fails the run here, with the test's name above, rather than the CI job's clock.
+status=0
+timeout 2700 cargo test --workspace --locked 2>&1 | tee "$log" || status=${PIPESTATUS[0]}
+if [ "$status" = 124 ]; then
+    echo "FAILED: cargo test was still running after 45 min: a hung test ('has been running for over 60 seconds' names it)"
+    exit 1
+elif [ "$status" != 0 ]; then
+    exit "$status"
+fi
 # The Fashion-MNIST study in miniature: every command of benches/fashion_mnist/run.sh on
 # 300 + 100 images, one epoch each, with the binaries the tests just built. It checks the
 # commands and the results file, not the accuracies.

@@ -46,6 +46,12 @@ pub enum Error {
         /// What went wrong, and what to do about it.
         message: String,
     },
+    /// A loader thread panicked: a bug in this crate or a library it calls.
+    #[error("internal error: {message}; this is a bug, please report it with the input")]
+    Internal {
+        /// Which thread, and what the panic said.
+        message: String,
+    },
     /// A shard is a valid tar stream but breaks the sample layout.
     #[error("shard {shard}: {message}")]
     Layout {

@@ -435,6 +435,33 @@ impl<W: Write> ShardWriter<W> {
     }
 }
 
+/// The manifest of a split of hand-written `shards` in tests: two classes, zstd.
+#[cfg(test)]
+pub(crate) fn test_manifest(shards: Vec<ShardInfo>) -> Manifest {
+    Manifest {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        split: "train".into(),
+        num_samples: shards.iter().map(|s| s.samples).sum(),
+        num_rejects: 0,
+        classes: vec!["a".into(), "b".into()],
+        shards,
+        pack: PackParams {
+            settings: PackSettings {
+                seed: 0,
+                target_shard_bytes: 1,
+                compression: Compression::Zstd,
+                zstd_level: 3,
+                check: ImageCheck::Header,
+                reencode: None,
+                write_json: true,
+            },
+            input_fingerprint: String::new(),
+            tool: "test".into(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,33 +488,12 @@ mod tests {
     }
 
     fn manifest() -> Manifest {
-        Manifest {
-            format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
-            split: "train".into(),
-            num_samples: 3,
-            num_rejects: 0,
-            classes: vec!["a".into(), "b".into()],
-            shards: vec![ShardInfo {
-                name: "train-000000.tar.zst".into(),
-                samples: 3,
-                bytes: 10,
-                sha256: "00".into(),
-            }],
-            pack: PackParams {
-                settings: PackSettings {
-                    seed: 0,
-                    target_shard_bytes: 1,
-                    compression: Compression::Zstd,
-                    zstd_level: 3,
-                    check: ImageCheck::Header,
-                    reencode: None,
-                    write_json: true,
-                },
-                input_fingerprint: String::new(),
-                tool: "test".into(),
-            },
-        }
+        test_manifest(vec![ShardInfo {
+            name: "train-000000.tar.zst".into(),
+            samples: 3,
+            bytes: 10,
+            sha256: "00".into(),
+        }])
     }
 
     #[test]

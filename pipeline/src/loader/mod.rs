@@ -14,16 +14,22 @@
 //! come from its own RNG, seeded by (seed, epoch, key), so the batches do not depend on
 //! thread counts or timing. Every channel is bounded, except the ticket channel, which
 //! never holds more than the window.
+//!
+//! A panic is a bug, but it must not hang the trainer: a decoder that panics on a sample
+//! counts it as failed and goes on; any other thread that panics ends the epoch with
+//! [`Error::Internal`] (see [`Crew`]).
 
 mod metrics;
 mod stages;
 
-use std::sync::Arc;
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, bounded, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, bounded, unbounded};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Allocator, Batch, BatchPool, vec_allocator};
@@ -157,15 +163,7 @@ impl Loader {
         // The assembler asks for another pass over the plan only when lost samples leave
         // it short; the sequencer never reads into a pass nobody needs.
         let (more_tx, more_rx) = unbounded::<()>();
-        let mut threads = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.to_string())
-                .spawn(f)
-                .map_err(|e| Error::Config {
-                    message: format!("cannot start a thread: {e}"),
-                })
-        };
+        let mut crew = Crew::new(stop.clone());
         for _ in 0..self.config.readers {
             let reader = ReaderCtx {
                 loader: self.ctx(),
@@ -174,10 +172,7 @@ impl Loader {
                 cache: cache.clone(),
             };
             let (tickets, arrivals) = (ticket_rx.clone(), arrival_tx.clone());
-            threads.push(spawn(
-                "pipeline-read",
-                Box::new(move || reader.run(tickets, arrivals)),
-            )?);
+            crew.spawn("pipeline-read", move || reader.run(tickets, arrivals))?;
         }
         drop((ticket_rx, arrival_tx));
         let sequencer = Sequencer {
@@ -185,12 +180,9 @@ impl Loader {
             readers: self.config.readers as u64,
             stop: stop.clone(),
         };
-        threads.push(spawn(
-            "pipeline-seq",
-            Box::new(move || {
-                sequencer.run(state.plan_cursor, ticket_tx, arrival_rx, job_tx, more_rx)
-            }),
-        )?);
+        crew.spawn("pipeline-seq", move || {
+            sequencer.run(state.plan_cursor, ticket_tx, arrival_rx, job_tx, more_rx)
+        })?;
         // CHW image buffers go back from the assembler to the decoders for reuse.
         let (spare_tx, spare_rx) = bounded::<Vec<u8>>(workers * 8);
         for _ in 0..workers {
@@ -200,10 +192,7 @@ impl Loader {
                 spare: spare_rx.clone(),
             };
             let (jobs, done) = (job_rx.clone(), done_tx.clone());
-            threads.push(spawn(
-                "pipeline-decode",
-                Box::new(move || decoder.run(jobs, done)),
-            )?);
+            crew.spawn("pipeline-decode", move || decoder.run(jobs, done))?;
         }
         drop((job_rx, done_tx));
         let assembler = Assembler {
@@ -213,14 +202,12 @@ impl Loader {
             state,
             spare: spare_tx,
         };
-        threads.push(spawn(
-            "pipeline-batch",
-            Box::new(move || assembler.run(done_rx, batch_tx, more_tx)),
-        )?);
+        crew.spawn("pipeline-batch", move || {
+            assembler.run(done_rx, batch_tx, more_tx)
+        })?;
         Ok(Epoch {
             batches: Some(batch_rx),
-            threads,
-            stop,
+            crew,
             metrics: self.metrics.clone(),
         })
     }
@@ -245,17 +232,32 @@ impl Loader {
 /// The batches of one epoch, in order. Dropping it stops and joins its threads.
 pub struct Epoch {
     batches: Option<Receiver<Result<Batch>>>,
-    threads: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+    crew: Crew,
     metrics: Arc<Metrics>,
 }
 
 impl Iterator for Epoch {
     type Item = Result<Batch>;
 
+    /// The next batch; `None` at the end of the epoch, after an error, or after a thread
+    /// panicked (reported once as [`Error::Internal`]).
     fn next(&mut self) -> Option<Result<Batch>> {
+        let batches = self.batches.as_ref()?;
         let waited = Instant::now();
-        let next = self.batches.as_ref()?.recv().ok();
+        // Batches already made come first; a panic is noticed within one timeout.
+        let next = loop {
+            match batches.recv_timeout(Duration::from_millis(100)) {
+                Ok(batch) => break Some(batch),
+                Err(RecvTimeoutError::Timeout) if self.crew.panic().is_none() => {}
+                Err(_) => {
+                    self.batches = None;
+                    break self
+                        .crew
+                        .panic()
+                        .map(|message| Err(Error::Internal { message }));
+                }
+            }
+        };
         self.metrics
             .consumer_wait_ns
             .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -265,12 +267,77 @@ impl Iterator for Epoch {
 
 impl Drop for Epoch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         drop(self.batches.take());
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        self.crew.stop();
+    }
+}
+
+/// The threads of an epoch, and the first panic among them. Without a panic every thread
+/// ends once the epoch's channels close. A thread that panicked may leave others waiting
+/// on it for ever; those are left behind (detached) rather than joined.
+struct Crew {
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    panic: Arc<Mutex<Option<String>>>,
+}
+
+impl Crew {
+    fn new(stop: Arc<AtomicBool>) -> Crew {
+        Crew {
+            threads: Vec::new(),
+            stop,
+            panic: Arc::default(),
         }
     }
+
+    fn spawn(&mut self, name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<()> {
+        let (stop, panic) = (self.stop.clone(), self.panic.clone());
+        let body = move || {
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
+                stop.store(true, Ordering::Relaxed);
+                let message = format!("thread {name} panicked: {}", panic_message(&*payload));
+                let mut first = panic.lock().unwrap_or_else(|e| e.into_inner());
+                first.get_or_insert(message);
+            }
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(body)
+            .map_err(|e| Error::Config {
+                message: format!("cannot start a thread: {e}"),
+            })?;
+        self.threads.push(thread);
+        Ok(())
+    }
+
+    /// What the first thread to panic said.
+    fn panic(&self) -> Option<String> {
+        self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Tells the threads to stop and joins them, until one has panicked.
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        while !self.threads.is_empty() && self.panic().is_none() {
+            let (done, running) = self.threads.drain(..).partition(|t| t.is_finished());
+            self.threads = running;
+            for t in done {
+                let _ = t.join();
+            }
+            if !self.threads.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// The text of a panic's payload (`panic!` with a message gives a `&str` or a `String`).
+pub(super) fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// What every thread shares.
@@ -283,3 +350,6 @@ pub(super) struct Ctx {
     augment: Arc<dyn Augment>,
     metrics: Arc<Metrics>,
 }
+
+#[cfg(test)]
+mod tests;

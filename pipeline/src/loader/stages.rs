@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, Read};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -10,14 +11,14 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::batch::{Batch, BatchPool};
 use crate::cache::{ShardCache, Tee};
-use crate::decode::CropDecoder;
+use crate::decode::{CropDecoder, DecodeError};
 use crate::error::{Error, Result};
 use crate::format::{Compression, Sample};
 use crate::order::{EpochPlan, seeded_rng};
 use crate::shard::ShardReader;
 use crate::source::RangeReader;
 
-use super::{Ctx, LoaderState};
+use super::{Ctx, LoaderState, panic_message};
 
 /// A ticket is a linear shard number: pass * shards + position in the plan's shards.
 pub(super) enum Arrival {
@@ -250,56 +251,29 @@ pub(super) struct DecoderCtx {
 impl DecoderCtx {
     pub(super) fn run(self, jobs: Receiver<Job>, done: Sender<(u64, Outcome)>) {
         let c = &self.loader;
-        let size = c.augment.size();
-        let views = c.augment.views();
-        let view_bytes = 3 * size as usize * size as usize;
+        let view_bytes = 3 * (c.augment.size() as usize).pow(2);
         let mut decoder = CropDecoder::default();
         let mut hwc = vec![0u8; view_bytes];
-        let (seed, epoch) = (c.config.seed.to_le_bytes(), self.epoch.to_le_bytes());
         for job in jobs {
             let outcome = match job.sample {
                 None => Outcome::Missing,
                 Some(sample) => {
                     let started = Instant::now();
                     let mut chw = self.spare.try_recv().unwrap_or_default();
-                    chw.resize(views * view_bytes, 0);
-                    let mut mask = None;
-                    let result = decoder.dimensions(&sample.image).and_then(|dims| {
-                        let params: Vec<_> = (0..views)
-                            .map(|view| {
-                                let mut rng = seeded_rng(&[
-                                    b"sample",
-                                    &seed,
-                                    &epoch,
-                                    sample.key.as_bytes(),
-                                    &(view as u64).to_le_bytes(),
-                                ]);
-                                c.augment.sample(view, dims, &mut rng)
-                            })
-                            .collect();
-                        let crops: Vec<_> = params.iter().map(|p| p.crop).collect();
-                        let info = decoder.decode(&sample.image, dims, &crops, size)?;
-                        let scale = info.scale.trailing_zeros().min(3) as usize;
-                        c.metrics.downscaled[scale].fetch_add(1, Ordering::Relaxed);
-                        let ppm = (info.decoded_fraction() * 1e6).round() as u64;
-                        c.metrics.decoded_ppm.fetch_add(ppm, Ordering::Relaxed);
-                        for (p, out) in params.iter().zip(chw.chunks_exact_mut(view_bytes)) {
-                            decoder.crop_resize(&info, &p.crop, size, &mut hwc)?;
-                            p.pixels.apply(&mut hwc, size as usize);
-                            to_chw(&hwc, size as usize, p.flip, out);
-                        }
-                        mask = params
-                            .into_iter()
-                            .next()
-                            .and_then(|p| p.mask)
-                            .map(|m| m.units);
-                        Ok(())
+                    chw.resize(c.augment.views() * view_bytes, 0);
+                    let result = catch_unwind(AssertUnwindSafe(|| {
+                        self.augment(&mut decoder, &sample, &mut hwc, &mut chw)
+                            .map_err(|e| e.to_string())
+                    }))
+                    .unwrap_or_else(|payload| {
+                        decoder = CropDecoder::default(); // its state is unknown
+                        Err(format!("panicked ({})", panic_message(&*payload)))
                     });
                     c.metrics
                         .decode_ns
                         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     match result {
-                        Ok(()) => Outcome::Ready {
+                        Ok(mask) => Outcome::Ready {
                             chw,
                             label: sample.cls,
                             key: sample.key,
@@ -317,6 +291,49 @@ impl DecoderCtx {
                 return;
             }
         }
+    }
+
+    /// Decodes `sample` once for all its views and writes them, augmented, into `chw`
+    /// (views x 3 x size x size bytes); returns the first view's mask, if it has one.
+    fn augment(
+        &self,
+        decoder: &mut CropDecoder,
+        sample: &Sample,
+        hwc: &mut [u8],
+        chw: &mut [u8],
+    ) -> Result<Option<Vec<u8>>, DecodeError> {
+        let c = &self.loader;
+        let size = c.augment.size();
+        let (seed, epoch) = (c.config.seed.to_le_bytes(), self.epoch.to_le_bytes());
+        let dims = decoder.dimensions(&sample.image)?;
+        let params: Vec<_> = (0..c.augment.views())
+            .map(|view| {
+                let mut rng = seeded_rng(&[
+                    b"sample",
+                    &seed,
+                    &epoch,
+                    sample.key.as_bytes(),
+                    &(view as u64).to_le_bytes(),
+                ]);
+                c.augment.sample(view, dims, &mut rng)
+            })
+            .collect();
+        let crops: Vec<_> = params.iter().map(|p| p.crop).collect();
+        let info = decoder.decode(&sample.image, dims, &crops, size)?;
+        let scale = info.scale.trailing_zeros().min(3) as usize;
+        c.metrics.downscaled[scale].fetch_add(1, Ordering::Relaxed);
+        let ppm = (info.decoded_fraction() * 1e6).round() as u64;
+        c.metrics.decoded_ppm.fetch_add(ppm, Ordering::Relaxed);
+        for (p, out) in params.iter().zip(chw.chunks_exact_mut(hwc.len())) {
+            decoder.crop_resize(&info, &p.crop, size, hwc)?;
+            p.pixels.apply(hwc, size as usize);
+            to_chw(hwc, size as usize, p.flip, out);
+        }
+        Ok(params
+            .into_iter()
+            .next()
+            .and_then(|p| p.mask)
+            .map(|m| m.units))
     }
 }
 

@@ -1,0 +1,138 @@
+//! A panic in a loader thread: a skipped sample from a decoder, an error from the others,
+//! and never a hang.
+
+use std::sync::atomic::AtomicUsize;
+
+use super::*;
+use crate::format::{Compression, MANIFEST_FILE, Sample, ShardInfo, ShardWriter, test_manifest};
+use crate::transform::ViewParams;
+
+/// A split of 2 shards of 4 samples each (one small JPEG) in `dir`.
+fn split(dir: &std::path::Path) {
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 99]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let shards = (0..2)
+        .map(|s| {
+            let mut w = ShardWriter::new(Vec::new(), Compression::Zstd, 1).unwrap();
+            for i in 0..4 {
+                let key = format!("k{s}_{i}");
+                let (image, cls, json) = (jpeg.clone(), i % 2, None);
+                w.write_sample(&Sample {
+                    key,
+                    image,
+                    cls,
+                    json,
+                })
+                .unwrap();
+            }
+            let bytes = w.finish().unwrap();
+            let name = format!("train-{s:06}.tar.zst");
+            std::fs::write(dir.join(&name), &bytes).unwrap();
+            let (samples, bytes, sha256) = (4, bytes.len() as u64, String::new());
+            ShardInfo {
+                name,
+                samples,
+                bytes,
+                sha256,
+            }
+        })
+        .collect();
+    std::fs::write(dir.join(MANIFEST_FILE), test_manifest(shards).to_json()).unwrap();
+}
+
+/// The configured augmentation, but `sample` panics on its `panic_at`-th call and
+/// `mask_grid` (which the assembler asks) panics when `grid_panics`.
+struct Faulty {
+    inner: Arc<dyn Augment>,
+    calls: AtomicUsize,
+    panic_at: usize,
+    grid_panics: bool,
+}
+
+impl Augment for Faulty {
+    fn views(&self) -> usize {
+        self.inner.views()
+    }
+    fn size(&self) -> u32 {
+        self.inner.size()
+    }
+    fn mask_grid(&self) -> usize {
+        assert!(!self.grid_panics, "mask_grid failed");
+        self.inner.mask_grid()
+    }
+    fn sample(&self, view: usize, dims: (u32, u32), rng: &mut dyn rand::RngCore) -> ViewParams {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        assert!(call != self.panic_at, "sample failed");
+        self.inner.sample(view, dims, rng)
+    }
+}
+
+fn loader(dir: &std::path::Path, panic_at: usize, grid_panics: bool) -> Loader {
+    let mut config = LoaderConfig {
+        batch_size: 3,
+        workers: 2,
+        readers: 2,
+        drop_last: false,
+        ..Default::default()
+    };
+    config.transform.size = 32;
+    config.transform.mask_unit = 8;
+    let mut loader = Loader::open(
+        dir.to_str().unwrap(),
+        &StoreOptions::default(),
+        Topology::default(),
+        config,
+        None,
+    )
+    .unwrap();
+    let inner = loader.augment.clone();
+    loader.augment = Arc::new(Faulty {
+        inner,
+        calls: AtomicUsize::new(0),
+        panic_at,
+        grid_panics,
+    });
+    loader
+}
+
+#[test]
+fn a_decoder_panic_skips_the_sample_and_the_epoch_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    split(tmp.path());
+    let loader = loader(tmp.path(), 2, false);
+    let batches: Vec<Batch> = loader
+        .epoch(LoaderState::default())
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    // 7 samples decode; the eighth is the first of the plan again, as for any lost sample.
+    let sizes: Vec<usize> = batches.iter().map(Batch::len).collect();
+    assert_eq!(sizes, [3, 3, 2]);
+    let m = loader.metrics();
+    assert_eq!((m.failed_samples, m.repeated_samples), (1, 1));
+    let note = m.last_error.unwrap();
+    assert!(note.contains("panicked (sample failed)"), "{note}");
+}
+
+#[test]
+fn another_threads_panic_ends_the_epoch_with_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    split(tmp.path());
+    let loader = loader(tmp.path(), usize::MAX, true);
+    let mut epoch = loader.epoch(LoaderState::default()).unwrap();
+    let Some(Err(e)) = epoch.next() else {
+        panic!("the first item is not an error")
+    };
+    assert!(
+        e.to_string()
+            .contains("pipeline-batch panicked: mask_grid failed"),
+        "{e}"
+    );
+    assert!(epoch.next().is_none());
+    drop(epoch); // returns: the threads left waiting on the assembler are not joined
+}
