@@ -515,11 +515,13 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
+        // The whole image: a partial decode of a file cut short succeeds where the
+        // rectangle it needs is all there.
         let crop = CropParams {
             top: 0,
             left: 0,
-            height: 8,
-            width: 8,
+            height: 48,
+            width: 64,
         };
         let good = jpeg(64, 48);
         // Everything before the first scan: header and tables, no image data.
@@ -531,7 +533,7 @@ mod tests {
             b"\xFF\xD8\xFF\xDB\x00\x43",
             &tables_only,
         ];
-        let cut_short = &good[..sos + 40];
+        let cut_short = &good[..(sos + good.len()) / 2];
         for (i, bytes) in no_frame.iter().chain([&cut_short]).enumerate() {
             // The same decoder first reads a good image: libjpeg-turbo keeps its header
             // for datastreams without a frame, which must not leak into the next one.
@@ -544,5 +546,28 @@ mod tests {
             assert!(result.is_err(), "bad input {i} decoded: {result:?}");
         }
         assert!(CropDecoder::default().dimensions(b"hello").is_err());
+    }
+
+    /// Bytes between the last scan and the EOI marker: libjpeg warns, Pillow decodes.
+    #[test]
+    fn extraneous_bytes_before_a_marker_decode_like_the_clean_file() {
+        let good = jpeg(64, 48);
+        let (data, eoi) = good.split_at(good.len() - 2);
+        assert_eq!(eoi, [0xFF, 0xD9]);
+        let padded = [data, b"\x00\x00junk", eoi].concat();
+        let crop = CropParams {
+            top: 5,
+            left: 7,
+            height: 40,
+            width: 50,
+        };
+        let mut d = CropDecoder::default();
+        let [mut want, mut got] = [[0u8; 32 * 32 * 3]; 2];
+        d.decode_crop(&good, (64, 48), &crop, 32, &mut want)
+            .unwrap();
+        assert_eq!(d.dimensions(&padded).unwrap(), (64, 48));
+        d.decode_crop(&padded, (64, 48), &crop, 32, &mut got)
+            .unwrap();
+        assert_eq!(got, want);
     }
 }

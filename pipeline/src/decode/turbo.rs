@@ -48,6 +48,14 @@ fn has_frame_header(bytes: &[u8]) -> bool {
     false
 }
 
+/// Whether an EOI marker follows the last SOS marker. Entropy-coded data holds neither
+/// (a 0xFF there is followed by 0x00 or a restart marker), so a file cut short in its
+/// scans has no EOI after its last SOS.
+fn ends_its_last_scan(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    matches!((last(0xD9), last(0xDA)), (Some(eoi), Some(sos)) if eoi > sos)
+}
+
 /// One TurboJPEG decompressor (not shared between threads, may move between them).
 pub(crate) struct Jpeg {
     handle: tj::tjhandle,
@@ -86,8 +94,13 @@ impl Jpeg {
             .into_owned()
     }
 
-    fn check(&self, status: i32) -> Result<(), String> {
-        if status == 0 {
+    /// A call's status as a result. libjpeg's warnings (extraneous bytes before a marker,
+    /// and the like, which real photo collections hold and Pillow ignores) are no error
+    /// unless `bytes` were cut short, which Pillow refuses too.
+    fn check(&self, status: i32, bytes: &[u8]) -> Result<(), String> {
+        // SAFETY: reading the error state of a live handle.
+        let code = unsafe { tj::tj3GetErrorCode(self.handle) };
+        if status == 0 || (code == tj::TJERR_TJERR_WARNING as i32 && ends_its_last_scan(bytes)) {
             Ok(())
         } else {
             Err(self.error())
@@ -105,7 +118,7 @@ impl Jpeg {
         // SAFETY: the pointer and length describe `bytes`, which outlives the call.
         let status =
             unsafe { tj::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as _) };
-        self.check(status)?;
+        self.check(status, bytes)?;
         // SAFETY: reading parameters of a live handle.
         let get = |param| unsafe { tj::tj3Get(self.handle, param as i32) };
         // turbojpeg.h's tjMCUWidth (a static table, not an exported symbol), indexed by
@@ -204,7 +217,7 @@ impl Jpeg {
                 )
             }
         };
-        self.check(status)?;
+        self.check(status, bytes)?;
         Ok(header)
     }
 }
