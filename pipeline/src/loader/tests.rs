@@ -136,3 +136,34 @@ fn another_threads_panic_ends_the_epoch_with_an_error() {
     assert!(epoch.next().is_none());
     drop(epoch); // returns: the threads left waiting on the assembler are not joined
 }
+
+#[test]
+fn a_panic_while_others_wait_for_ever_is_an_error_not_a_hang() {
+    let (batch_tx, batch_rx) = bounded::<Result<Batch>>(1);
+    let (never_tx, never_rx) = bounded::<()>(0);
+    let mut crew = Crew::new(Arc::default());
+    // Like an assembler waiting on a reader that died: the batch channel stays open.
+    crew.spawn("pipeline-batch", move || {
+        let _open = batch_tx;
+        let _ = never_rx.recv();
+    })
+    .unwrap();
+    crew.spawn("pipeline-read", || panic!("reader failed"))
+        .unwrap();
+    let mut epoch = Epoch {
+        batches: Some(batch_rx),
+        crew,
+        metrics: Arc::default(),
+    };
+    let Some(Err(e)) = epoch.next() else {
+        panic!("the first item is not an error")
+    };
+    assert!(
+        e.to_string()
+            .contains("pipeline-read panicked: reader failed"),
+        "{e}"
+    );
+    assert!(epoch.next().is_none());
+    drop(epoch); // returns without joining the waiting thread
+    drop(never_tx);
+}
