@@ -17,7 +17,7 @@
 //!
 //! A panic is a bug, but it must not hang the trainer: a decoder that panics on a sample
 //! counts it as failed and goes on; any other thread that panics ends the epoch with
-//! [`Error::Internal`] (see [`Crew`]).
+//! [`Error::Internal`] (see `Crew`).
 
 mod metrics;
 mod stages;
