@@ -50,10 +50,12 @@ fn has_frame_header(bytes: &[u8]) -> bool {
 
 /// Whether an EOI marker follows the last SOS marker. Entropy-coded data holds neither
 /// (a 0xFF there is followed by 0x00 or a restart marker), so a file cut short in its
-/// scans has no EOI after its last SOS.
+/// scans has no EOI after its last SOS. Most files end with their EOI, which is checked
+/// first; others have bytes after it.
 fn ends_its_last_scan(bytes: &[u8]) -> bool {
     let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
-    matches!((last(0xD9), last(0xDA)), (Some(eoi), Some(sos)) if eoi > sos)
+    bytes.ends_with(&[0xFF, 0xD9])
+        || matches!((last(0xD9), last(0xDA)), (Some(eoi), Some(sos)) if eoi > sos)
 }
 
 /// One TurboJPEG decompressor (not shared between threads, may move between them).
@@ -157,6 +159,11 @@ impl Jpeg {
         region: Region,
         out: &mut [u8],
     ) -> Result<Header, String> {
+        // A partial decode of a file cut short succeeds where the region is all there;
+        // refused every time instead, as Pillow does, a sample is in every epoch or none.
+        if !ends_its_last_scan(bytes) {
+            return Err("the JPEG is cut short: no end-of-image marker after its last scan".into());
+        }
         let header = self.header(bytes)?;
         let (width, height) = (scaled(header.width, denom), scaled(header.height, denom));
         let Region {
