@@ -523,14 +523,15 @@ mod tests {
             width: 8,
         };
         let good = jpeg(64, 48);
-        // Everything before the first scan: header and tables, no image data.
+        // Everything before the first scan: frame header and tables, no image data.
         let sos = good.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
         let tables_only = [&good[..sos], &[0xFF, 0xD9][..]].concat();
-        let no_frame: [&[u8]; 4] = [
+        let no_frame: [&[u8]; 5] = [
             b"\xFF\xD8\xFFnot really",
             b"\xFF\xD8\xFF\xE0 broken",
             b"\xFF\xD8\xFF\xDB\x00\x43",
             &tables_only,
+            &good[..sos], // cut between the frame header and the scan
         ];
         let cut_short = &good[..(sos + good.len()) / 2];
         for (i, bytes) in no_frame.iter().chain([&cut_short]).enumerate() {

@@ -30,19 +30,23 @@ pub(crate) struct Region {
     pub height: u32,
 }
 
-/// Whether a frame header (an SOFn marker) comes after the SOI marker, before any scan,
-/// the end of the image or the end of `bytes`. Walks the marker segments by their lengths;
-/// bytes between segments (which libjpeg only warns about) count as no frame.
-fn has_frame_header(bytes: &[u8]) -> bool {
+/// Whether a frame header (an SOFn marker) and then a scan (SOS) follow the SOI marker
+/// before the end of the image or of `bytes`. Walks the marker segments by their lengths;
+/// bytes between segments (which libjpeg only warns about) end the walk.
+fn reaches_a_scan(bytes: &[u8]) -> bool {
+    let mut frame = false;
     let mut at = 2; // past SOI
     while let Some(&[0xFF, marker, hi, lo]) = bytes.get(at..at + 4) {
         match marker {
             0xFF => at += 1,               // a fill byte
             0x01 | 0xD0..=0xD7 => at += 2, // TEM, RSTn: no length
-            // SOF0..SOF15, less DHT (C4), JPG (C8) and DAC (CC).
-            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => return true,
-            0xD9 | 0xDA => return false, // EOI, SOS
-            _ => at += 2 + usize::from(u16::from_be_bytes([hi, lo])),
+            0xDA => return frame,          // SOS
+            0xD9 => return false,          // EOI
+            _ => {
+                // SOF0..SOF15, less DHT (C4), JPG (C8) and DAC (CC).
+                frame |= (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+                at += 2 + usize::from(u16::from_be_bytes([hi, lo]));
+            }
         }
     }
     false
@@ -97,12 +101,12 @@ impl Jpeg {
     }
 
     /// A call's status as a result. libjpeg's warnings (extraneous bytes before a marker,
-    /// and the like, which real photo collections hold and Pillow ignores) are no error
-    /// unless `bytes` were cut short, which Pillow refuses too.
-    fn check(&self, status: i32, bytes: &[u8]) -> Result<(), String> {
+    /// and the like, which real photo collections hold and Pillow ignores) are no error;
+    /// files cut short, which libjpeg also only warns about, never get this far.
+    fn check(&self, status: i32) -> Result<(), String> {
         // SAFETY: reading the error state of a live handle.
         let code = unsafe { tj::tj3GetErrorCode(self.handle) };
-        if status == 0 || (code == tj::TJERR_TJERR_WARNING as i32 && ends_its_last_scan(bytes)) {
+        if status == 0 || code == tj::TJERR_TJERR_WARNING as i32 {
             Ok(())
         } else {
             Err(self.error())
@@ -111,16 +115,16 @@ impl Jpeg {
 
     /// Reads the header of `bytes`.
     pub fn header(&mut self, bytes: &[u8]) -> Result<Header, String> {
-        // libjpeg-turbo reads a datastream that ends before its frame header (tables
-        // only, or cut short) as a success and leaves the previous image's header in the
+        // libjpeg-turbo reads a datastream that ends before its first scan (tables only,
+        // or cut short) as a success and leaves the previous image's header in the
         // handle, so that case is caught here.
-        if !has_frame_header(bytes) {
-            return Err("no frame header: the JPEG holds no image or is cut short".into());
+        if !reaches_a_scan(bytes) {
+            return Err("no frame header and scan: the JPEG holds no image or is cut short".into());
         }
         // SAFETY: the pointer and length describe `bytes`, which outlives the call.
         let status =
             unsafe { tj::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as _) };
-        self.check(status, bytes)?;
+        self.check(status)?;
         // SAFETY: reading parameters of a live handle.
         let get = |param| unsafe { tj::tj3Get(self.handle, param as i32) };
         // turbojpeg.h's tjMCUWidth (a static table, not an exported symbol), indexed by
@@ -224,7 +228,7 @@ impl Jpeg {
                 )
             }
         };
-        self.check(status, bytes)?;
+        self.check(status)?;
         Ok(header)
     }
 }
