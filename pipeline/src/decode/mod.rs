@@ -569,5 +569,14 @@ mod tests {
         d.decode_crop(&padded, (64, 48), &crop, 32, &mut got)
             .unwrap();
         assert_eq!(got, want);
+        // A warning (bytes before the first DHT) and then a fatal error (a scan of a
+        // component the frame lacks) is an error, though TurboJPEG calls it a warning.
+        let dht = good.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+        let mut fatal = [&good[..dht], b"\x00\x00", &good[dht..]].concat();
+        let sos = fatal.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        fatal[sos + 5] = 9; // the first component selector
+        let result = d.decode_crop(&fatal, (64, 48), &crop, 32, &mut got);
+        let message = format!("{:?}", result.unwrap_err());
+        assert!(message.contains("component"), "{message}");
     }
 }

@@ -31,18 +31,18 @@ pub(crate) struct Region {
 }
 
 /// Whether a frame header (an SOFn marker) and then a scan (SOS) follow the SOI marker
-/// before the end of the image or of `bytes`. Walks the marker segments by their lengths;
-/// bytes between segments (which libjpeg only warns about) end the walk.
+/// before the end of the image or of `bytes`. Walks the marker segments by their lengths,
+/// stepping over fill bytes and bytes between segments as libjpeg does (with a warning).
 fn reaches_a_scan(bytes: &[u8]) -> bool {
     let mut frame = false;
     let mut at = 2; // past SOI
-    while let Some(&[0xFF, marker, hi, lo]) = bytes.get(at..at + 4) {
-        match marker {
-            0xFF => at += 1,               // a fill byte
-            0x01 | 0xD0..=0xD7 => at += 2, // TEM, RSTn: no length
-            0xDA => return frame,          // SOS
-            0xD9 => return false,          // EOI
-            _ => {
+    while let Some(&[byte, marker, hi, lo]) = bytes.get(at..at + 4) {
+        match (byte, marker) {
+            (0xFF, 0xDA) => return frame,                      // SOS
+            (0xFF, 0xD9) => return false,                      // EOI
+            (0xFF, 0x01 | 0xD0..=0xD7) => at += 2,             // TEM, RSTn: no length
+            (0xFF, 0x00 | 0xFF) | (0x00..=0xFE, _) => at += 1, // not a marker
+            (0xFF, _) => {
                 // SOF0..SOF15, less DHT (C4), JPG (C8) and DAC (CC).
                 frame |= (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
                 at += 2 + usize::from(u16::from_be_bytes([hi, lo]));
@@ -61,6 +61,18 @@ fn ends_its_last_scan(bytes: &[u8]) -> bool {
     bytes.ends_with(&[0xFF, 0xD9])
         || matches!((last(0xD9), last(0xDA)), (Some(eoi), Some(sos)) if eoi > sos)
 }
+
+/// libjpeg's warnings (jerror.h's `JWRN_` messages, up to their first parameter); no
+/// fatal error's message starts like one.
+const WARNINGS: [&str; 7] = [
+    "Corrupt JPEG data:",
+    "Premature end of JPEG file",
+    "Invalid SOS parameters for sequential JPEG",
+    "Inconsistent progression sequence",
+    "Unknown Adobe color transform code",
+    "Warning: unknown JFIF revision",
+    "Application transferred too many scanlines",
+];
 
 /// One TurboJPEG decompressor (not shared between threads, may move between them).
 pub(crate) struct Jpeg {
@@ -104,12 +116,19 @@ impl Jpeg {
     /// and the like, which real photo collections hold and Pillow ignores) are no error;
     /// files cut short, which libjpeg also only warns about, never get this far.
     fn check(&self, status: i32) -> Result<(), String> {
+        if status == 0 {
+            return Ok(());
+        }
+        // TurboJPEG says "warning" after a warning even when a fatal error followed it;
+        // the message tells, as libjpeg writes the first warning's and every fatal one's.
         // SAFETY: reading the error state of a live handle.
         let code = unsafe { tj::tj3GetErrorCode(self.handle) };
-        if status == 0 || code == tj::TJERR_TJERR_WARNING as i32 {
+        let message = self.error();
+        if code == tj::TJERR_TJERR_WARNING as i32 && WARNINGS.iter().any(|w| message.starts_with(w))
+        {
             Ok(())
         } else {
-            Err(self.error())
+            Err(message)
         }
     }
 
