@@ -261,7 +261,7 @@ impl CropDecoder {
         }
         let turbo = self.turbo.as_mut().expect("made above");
         turbo
-            .decode_rgb(bytes, denom, region, &mut self.rgb[..len])
+            .decode_rgb(bytes, &header, denom, region, &mut self.rgb[..len])
             .map_err(corrupt)?;
         Ok(Some(DecodeInfo {
             scale: denom,

@@ -174,20 +174,22 @@ impl Jpeg {
     /// Decodes `region` of `bytes` at 1/`denom` scale (1, 2, 4 or 8) into `out` as
     /// interleaved RGB8, `region.width * 3` bytes per row. The region is in scaled
     /// pixels; unless it is the whole image, its left edge must be a multiple of the
-    /// scaled iMCU width (`scaled(header.mcu_width, denom)`).
+    /// scaled iMCU width (`scaled(header.mcu_width, denom)`). `header` is what this
+    /// decompressor's last [`Jpeg::header`] call read, of these `bytes`: libjpeg-turbo
+    /// wants the header read before it takes a cropping region.
     pub fn decode_rgb(
         &mut self,
         bytes: &[u8],
+        header: &Header,
         denom: u32,
         region: Region,
         out: &mut [u8],
-    ) -> Result<Header, String> {
+    ) -> Result<(), String> {
         // A partial decode of a file cut short succeeds where the region is all there;
         // refused every time instead, as Pillow does, a sample is in every epoch or none.
         if !ends_its_last_scan(bytes) {
             return Err("the JPEG is cut short: no end-of-image marker after its last scan".into());
         }
-        let header = self.header(bytes)?;
         let (width, height) = (scaled(header.width, denom), scaled(header.height, denom));
         let Region {
             left,
@@ -228,8 +230,8 @@ impl Jpeg {
                 h: h as i32,
             }
         };
-        // SAFETY: the handle has just read this image's header (required before a
-        // cropping region); `out` holds `pitch * h` bytes, checked above.
+        // SAFETY: the handle has read this image's header (the caller's `header`, required
+        // before a cropping region); `out` holds `pitch * h` bytes, checked above.
         let status = unsafe {
             let status = tj::tj3SetScalingFactor(self.handle, factor);
             if status != 0 {
@@ -247,7 +249,6 @@ impl Jpeg {
                 )
             }
         };
-        self.check(status)?;
-        Ok(header)
+        self.check(status)
     }
 }
