@@ -100,6 +100,15 @@ fn loader(dir: &std::path::Path, panic_at: usize, grid_panics: bool) -> Loader {
     loader
 }
 
+/// The epoch's first item is the error that names `panic`, and nothing follows it.
+fn ends_with_a_panic(epoch: &mut Epoch, panic: &str) {
+    let Some(Err(e)) = epoch.next() else {
+        panic!("the first item is not an error")
+    };
+    assert!(e.to_string().contains(panic), "{e}");
+    assert!(epoch.next().is_none());
+}
+
 #[test]
 fn a_decoder_panic_skips_the_sample_and_the_epoch_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
@@ -125,15 +134,7 @@ fn another_threads_panic_ends_the_epoch_with_an_error() {
     split(tmp.path());
     let loader = loader(tmp.path(), usize::MAX, true);
     let mut epoch = loader.epoch(LoaderState::default()).unwrap();
-    let Some(Err(e)) = epoch.next() else {
-        panic!("the first item is not an error")
-    };
-    assert!(
-        e.to_string()
-            .contains("pipeline-batch panicked: mask_grid failed"),
-        "{e}"
-    );
-    assert!(epoch.next().is_none());
+    ends_with_a_panic(&mut epoch, "pipeline-batch panicked: mask_grid failed");
     drop(epoch); // returns: the threads left waiting on the assembler are not joined
 }
 
@@ -155,15 +156,7 @@ fn a_panic_while_others_wait_for_ever_is_an_error_not_a_hang() {
         crew,
         metrics: Arc::default(),
     };
-    let Some(Err(e)) = epoch.next() else {
-        panic!("the first item is not an error")
-    };
-    assert!(
-        e.to_string()
-            .contains("pipeline-read panicked: reader failed"),
-        "{e}"
-    );
-    assert!(epoch.next().is_none());
+    ends_with_a_panic(&mut epoch, "pipeline-read panicked: reader failed");
     drop(epoch); // returns without joining the waiting thread
     drop(never_tx);
 }
