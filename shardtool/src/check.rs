@@ -145,9 +145,7 @@ pub fn reencode(bytes: &[u8], params: Reencode) -> Result<(Vec<u8>, ImageInfo), 
     } else {
         rgb
     };
-    let mut out = Vec::new();
-    let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, params.quality);
-    rgb.write_with_encoder(encoder)
+    let out = encode_jpeg(&rgb, params.quality)
         .map_err(|e| Rejection::Decode(format!("JPEG encoding failed: {e}")))?;
     let info = ImageInfo {
         format: "jpeg",
@@ -155,6 +153,34 @@ pub fn reencode(bytes: &[u8], params: Reencode) -> Result<(Vec<u8>, ImageInfo), 
         height: rgb.height(),
     };
     Ok((out, info))
+}
+
+/// Encodes `img` as libjpeg does by default, which is how ImageNet's photos and Pillow's
+/// JPEGs are written: 4:2:0 chroma subsampling by box average (greyscale stays one
+/// channel), the standard quantisation and Huffman tables scaled to `quality`. Other
+/// colour types are converted to RGB first.
+pub fn encode_jpeg(img: &DynamicImage, quality: u8) -> Result<Vec<u8>, String> {
+    let (width, height) = (img.width(), img.height());
+    let (Ok(w), Ok(h)) = (u16::try_from(width), u16::try_from(height)) else {
+        return Err(format!(
+            "{width}x{height} is larger than a JPEG can hold (65,535 px a side)"
+        ));
+    };
+    let mut out = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut out, quality);
+    encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
+    encoder.set_chroma_subsampling_method(jpeg_encoder::ChromaSubsamplingMethod::Average);
+    let encoded = match img {
+        DynamicImage::ImageLuma8(grey) => {
+            encoder.encode(grey.as_raw(), w, h, jpeg_encoder::ColorType::Luma)
+        }
+        DynamicImage::ImageRgb8(rgb) => {
+            encoder.encode(rgb.as_raw(), w, h, jpeg_encoder::ColorType::Rgb)
+        }
+        other => encoder.encode(other.to_rgb8().as_raw(), w, h, jpeg_encoder::ColorType::Rgb),
+    };
+    encoded.map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -195,6 +221,30 @@ mod tests {
             check_image(b"hello, world", ImageCheck::Header),
             Err(Rejection::NotAnImage)
         ));
+    }
+
+    /// The (H, V) sampling factors of each component, from the baseline frame header.
+    fn sampling(jpeg: &[u8]) -> Vec<u8> {
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        let count = usize::from(jpeg[sof + 9]);
+        (0..count).map(|c| jpeg[sof + 11 + 3 * c]).collect()
+    }
+
+    #[test]
+    fn encodes_colour_at_4_2_0_and_grey_as_one_channel() {
+        let rgb = DynamicImage::ImageRgb8(image::RgbImage::from_fn(33, 17, |x, y| {
+            image::Rgb([x as u8 * 7, y as u8 * 13, 200])
+        }));
+        let colour = encode_jpeg(&rgb, 95).unwrap();
+        assert_eq!(sampling(&colour), [0x22, 0x11, 0x11]);
+        let grey = encode_jpeg(&DynamicImage::ImageLuma8(rgb.to_luma8()), 95).unwrap();
+        assert_eq!(sampling(&grey), [0x11]);
+        for bytes in [colour, grey] {
+            let info = check_image(&bytes, ImageCheck::Decode).unwrap();
+            assert_eq!((info.width, info.height), (33, 17));
+        }
+        let huge = DynamicImage::new_luma8(70_000, 1);
+        assert!(encode_jpeg(&huge, 90).unwrap_err().contains("65,535"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! Each image is a random crop of one of the photos (CC0 / public domain, see
 //! `tests/fixtures/photos/LICENSES.md`), rescaled to ImageNet-like sizes, colour-jittered
-//! and re-encoded at quality 75-95, so the JPEG statistics are those of real photos.
+//! and re-encoded at quality 75-95 with 4:2:0 chroma subsampling, as libjpeg writes by
+//! default and as ImageNet's photos are, so the JPEG statistics are those of real photos.
 
 use std::path::Path;
 
@@ -240,11 +241,7 @@ fn random_view(photo: &RgbImage, short_side: (u32, u32), rng: &mut impl Rng) -> 
 }
 
 fn encode_jpeg(img: &DynamicImage, quality: u8) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
-        &mut out, quality,
-    ))?;
-    Ok(out)
+    crate::check::encode_jpeg(img, quality).map_err(anyhow::Error::msg)
 }
 
 /// A 4-channel CMYK JPEG, as some of ImageNet's train images are.
