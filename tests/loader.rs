@@ -208,20 +208,23 @@ fn an_undecodable_sample_is_skipped_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("train");
     std::fs::create_dir_all(&dir).unwrap();
-    // Two shards written by hand: one sample in the second is not an image.
+    // Two shards written by hand: one sample in the second is not an image, one in the
+    // first has stray bytes before a table segment, which libjpeg warns about.
     let good = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/photos/rocket.jpg"
     ))
     .unwrap();
+    let dht = good.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+    let padded = [&good[..dht], b"\x00\x00", &good[dht..]].concat();
     let mut shards = Vec::new();
     for s in 0..2 {
         let mut w = pipeline::ShardWriter::new(Vec::new(), Compression::Zstd, 1).unwrap();
         for i in 0..4 {
-            let image = if s == 1 && i == 2 {
-                b"\xFF\xD8\xFF\xE0 broken".to_vec()
-            } else {
-                good.clone()
+            let image = match (s, i) {
+                (1, 2) => b"\xFF\xD8\xFF\xE0 broken".to_vec(),
+                (0, 1) => padded.clone(),
+                _ => good.clone(),
             };
             w.write_sample(&pipeline::Sample {
                 key: format!("k{s}_{i}"),
@@ -266,6 +269,14 @@ fn an_undecodable_sample_is_skipped_and_counted() {
     // The gap is filled from the start of the plan, counted as a repeat.
     assert_eq!(keys.len(), 7);
     assert_eq!(loader.metrics().repeated_samples, 1);
+    // The padded sample is delivered (maybe twice, if it is the repeat) and counted.
+    let padded_deliveries = batches
+        .iter()
+        .flat_map(|b| &b.keys)
+        .filter(|k| *k == "k0_1")
+        .count();
+    assert!(padded_deliveries >= 1);
+    assert_eq!(loader.metrics().warned_samples, padded_deliveries as u64);
 }
 
 #[test]

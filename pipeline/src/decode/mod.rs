@@ -56,8 +56,8 @@ impl Default for CropDecoder {
     }
 }
 
-/// What [`CropDecoder::decode`] did: the scale and the decoded rectangle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What [`CropDecoder::decode`] did: the scale, the decoded rectangle and any warning.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeInfo {
     /// The DCT scale denominator used (1 = full size, 2, 4 or 8).
     pub scale: u32,
@@ -65,6 +65,9 @@ pub struct DecodeInfo {
     region: Region,
     /// The whole image's width and height at that scale.
     scaled: (u32, u32),
+    /// libjpeg's warning, where it decoded the image despite one: stray bytes between
+    /// segments (the pixels are whole) or corrupt image data (filled in, as Pillow does).
+    pub warning: Option<String>,
 }
 
 impl DecodeInfo {
@@ -191,6 +194,7 @@ impl CropDecoder {
                 height,
             },
             scaled: (width, height),
+            warning: None,
         })
     }
 
@@ -260,13 +264,14 @@ impl CropDecoder {
             self.rgb.resize(len, 0);
         }
         let turbo = self.turbo.as_mut().expect("made above");
-        turbo
+        let warning = turbo
             .decode_rgb(bytes, &header, denom, region, &mut self.rgb[..len])
             .map_err(corrupt)?;
         Ok(Some(DecodeInfo {
             scale: denom,
             region,
             scaled: whole,
+            warning,
         }))
     }
 
@@ -563,16 +568,28 @@ mod tests {
         };
         let mut d = CropDecoder::default();
         let [mut want, mut got] = [[0u8; 32 * 32 * 3]; 2];
-        d.decode_crop(&good, (64, 48), &crop, 32, &mut want)
+        let clean = d
+            .decode_crop(&good, (64, 48), &crop, 32, &mut want)
             .unwrap();
+        assert_eq!(clean.warning, None);
         assert_eq!(d.dimensions(&padded).unwrap(), (64, 48));
-        d.decode_crop(&padded, (64, 48), &crop, 32, &mut got)
+        let warned = d
+            .decode_crop(&padded, (64, 48), &crop, 32, &mut got)
             .unwrap();
         assert_eq!(got, want);
+        let warning = warned.warning.expect("the warning is passed on");
+        assert!(warning.contains("extraneous bytes"), "{warning}");
+        // Stray bytes between the header's segments warn too.
+        let dht = good.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+        let stray = [&good[..dht], b"\x00\x00", &good[dht..]].concat();
+        let info = d
+            .decode_crop(&stray, (64, 48), &crop, 32, &mut got)
+            .unwrap();
+        assert_eq!(got, want);
+        assert!(info.warning.is_some_and(|w| w.contains("extraneous bytes")));
         // A warning (bytes before the first DHT) and then a fatal error (a scan of a
         // component the frame lacks) is an error, though TurboJPEG calls it a warning.
-        let dht = good.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
-        let mut fatal = [&good[..dht], b"\x00\x00", &good[dht..]].concat();
+        let mut fatal = stray;
         let sos = fatal.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
         fatal[sos + 5] = 9; // the first component selector
         let result = d.decode_crop(&fatal, (64, 48), &crop, 32, &mut got);

@@ -112,12 +112,13 @@ impl Jpeg {
             .into_owned()
     }
 
-    /// A call's status as a result. libjpeg's warnings (extraneous bytes before a marker,
-    /// and the like, which real photo collections hold and Pillow ignores) are no error;
-    /// files cut short, which libjpeg also only warns about, never get this far.
-    fn check(&self, status: i32) -> Result<(), String> {
+    /// A call's status as a result: libjpeg's warning, if it gave one, or its error.
+    /// Warnings (extraneous bytes before a marker, and the like, which real photo
+    /// collections hold and Pillow ignores) are no error; files cut short, which libjpeg
+    /// also only warns about, never get this far.
+    fn check(&self, status: i32) -> Result<Option<String>, String> {
         if status == 0 {
-            return Ok(());
+            return Ok(None);
         }
         // TurboJPEG says "warning" after a warning even when a fatal error followed it;
         // the message tells, as libjpeg writes the first warning's and every fatal one's.
@@ -126,7 +127,7 @@ impl Jpeg {
         let message = self.error();
         if code == tj::TJERR_TJERR_WARNING as i32 && WARNINGS.iter().any(|w| message.starts_with(w))
         {
-            Ok(())
+            Ok(Some(message))
         } else {
             Err(message)
         }
@@ -143,6 +144,7 @@ impl Jpeg {
         // SAFETY: the pointer and length describe `bytes`, which outlives the call.
         let status =
             unsafe { tj::tj3DecompressHeader(self.handle, bytes.as_ptr(), bytes.len() as _) };
+        // A warning here comes again from the decode, which reads the header again.
         self.check(status)?;
         // SAFETY: reading parameters of a live handle.
         let get = |param| unsafe { tj::tj3Get(self.handle, param as i32) };
@@ -176,7 +178,8 @@ impl Jpeg {
     /// pixels; unless it is the whole image, its left edge must be a multiple of the
     /// scaled iMCU width (`scaled(header.mcu_width, denom)`). `header` is what this
     /// decompressor's last [`Jpeg::header`] call read, of these `bytes`: libjpeg-turbo
-    /// wants the header read before it takes a cropping region.
+    /// wants the header read before it takes a cropping region. Returns libjpeg's
+    /// warning, if it gave one (about the header, which it reads again, or the data).
     pub fn decode_rgb(
         &mut self,
         bytes: &[u8],
@@ -184,7 +187,7 @@ impl Jpeg {
         denom: u32,
         region: Region,
         out: &mut [u8],
-    ) -> Result<(), String> {
+    ) -> Result<Option<String>, String> {
         // A partial decode of a file cut short succeeds where the region is all there;
         // refused every time instead, as Pillow does, a sample is in every epoch or none.
         if !ends_its_last_scan(bytes) {

@@ -12,6 +12,7 @@ use crate::source::IoCounters;
 pub(super) struct Metrics {
     pub(super) delivered: AtomicU64,
     pub(super) failed_samples: AtomicU64,
+    pub(super) warned_samples: AtomicU64,
     pub(super) missing_samples: AtomicU64,
     pub(super) failed_shards: AtomicU64,
     pub(super) repeated: AtomicU64,
@@ -34,6 +35,7 @@ impl Metrics {
         MetricsSnapshot {
             samples: get(&m.delivered),
             failed_samples: get(&m.failed_samples),
+            warned_samples: get(&m.warned_samples),
             missing_samples: get(&m.missing_samples),
             failed_shards: get(&m.failed_shards),
             repeated_samples: get(&m.repeated),
@@ -69,6 +71,10 @@ pub struct MetricsSnapshot {
     pub samples: u64,
     /// Samples skipped because they did not decode.
     pub failed_samples: u64,
+    /// Samples delivered although libjpeg warned about them: stray bytes between segments
+    /// (the pixels are whole) or corrupt image data (the rest filled in), both of which
+    /// Pillow decodes without a word. The log names each one.
+    pub warned_samples: u64,
     /// Samples the manifest promised that a damaged shard did not yield.
     pub missing_samples: u64,
     /// Shard reads given up (corrupt, truncated, or unreadable after retries); a shard

@@ -44,6 +44,8 @@ pub(super) enum Outcome {
         label: u32,
         key: String,
         mask: Option<Vec<u8>>,
+        /// libjpeg's warning about the image, which decoded despite it.
+        warning: Option<String>,
     },
     Failed,
     Missing,
@@ -273,11 +275,12 @@ impl DecoderCtx {
                         .decode_ns
                         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     match result {
-                        Ok(mask) => Outcome::Ready {
+                        Ok((mask, warning)) => Outcome::Ready {
                             chw,
                             label: sample.cls,
                             key: sample.key,
                             mask,
+                            warning,
                         },
                         Err(e) => {
                             let message = format!("sample {}: {e}; skipped", sample.key);
@@ -294,14 +297,15 @@ impl DecoderCtx {
     }
 
     /// Decodes `sample` once for all its views and writes them, augmented, into `chw`
-    /// (views x 3 x size x size bytes); returns the first view's mask, if it has one.
+    /// (views x 3 x size x size bytes); returns the first view's mask, if it has one,
+    /// and libjpeg's warning, if it gave one.
     fn augment(
         &self,
         decoder: &mut CropDecoder,
         sample: &Sample,
         hwc: &mut [u8],
         chw: &mut [u8],
-    ) -> Result<Option<Vec<u8>>, DecodeError> {
+    ) -> Result<(Option<Vec<u8>>, Option<String>), DecodeError> {
         let c = &self.loader;
         let size = c.augment.size();
         let (seed, epoch) = (c.config.seed.to_le_bytes(), self.epoch.to_le_bytes());
@@ -329,11 +333,8 @@ impl DecoderCtx {
             p.pixels.apply(hwc, size as usize);
             to_chw(hwc, size as usize, p.flip, out);
         }
-        Ok(params
-            .into_iter()
-            .next()
-            .and_then(|p| p.mask)
-            .map(|m| m.units))
+        let mask = params.into_iter().next().and_then(|p| p.mask);
+        Ok((mask.map(|m| m.units), info.warning))
     }
 }
 
@@ -439,7 +440,14 @@ impl Assembler {
                         label,
                         key,
                         mask,
+                        warning,
                     } => {
+                        if let Some(warning) = warning {
+                            c.metrics.warned_samples.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                "sample {key}: decoded despite libjpeg's warning: {warning}"
+                            );
+                        }
                         batch.push(&chw, label, key, mask.as_deref());
                         let _ = self.spare.try_send(chw); // full: let it go
                         ready_this_pass += 1;
