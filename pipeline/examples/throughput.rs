@@ -64,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         images as f64 / secs / threads as f64
     );
     println!(
-        "stages (summed over threads): decode+augment {:.2} s ({:.2} ms/image), read wait {:.2} s, consumer wait {:.2} s, {:.1} MB read; decodes at 1/1,1/2,1/4,1/8: {:?}, {:.0}% of their pixels; failed {}",
+        "stages (summed over threads): decode+augment {:.2} s ({:.2} ms/image), read wait {:.2} s, consumer wait {:.2} s, {:.1} MB read; decodes at 1/1,1/2,1/4,1/8: {:?}, {:.0}% of their pixels; failed {}, warned {}",
         m.decode_seconds,
         m.decode_seconds * 1e3 / images.max(1) as f64,
         m.read_wait_seconds,
@@ -72,7 +72,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         m.bytes_read as f64 / 1e6,
         m.decodes_by_scale,
         100.0 * m.decoded_fraction,
-        m.failed_samples
+        m.failed_samples,
+        m.warned_samples
     );
     if args.iter().any(|a| a == "--decoders") {
         decoders(split, &loader, &config)?;
