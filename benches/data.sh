@@ -7,8 +7,9 @@
 #
 # Images: crops of the embedded photos, shorter side 350-450 px (~0.2 MP), 4:2:0 like
 # ImageNet's, JPEG quality 98-100: the crops of a few photos are smoother than ImageNet's
-# photos, and this quality brings them to ImageNet's ~110 KB per image. The S3 run starts SeaweedFS from target/test-venv (tests/run.sh installs it) on
-# 127.0.0.1 and stops it at the end.
+# photos, and this quality brings them to ImageNet's ~110 KB per image. The S3 run
+# starts SeaweedFS from target/test-venv (tests/run.sh installs it) on 127.0.0.1 and
+# stops it at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 classes=${1:-10}

@@ -19,7 +19,7 @@ if [ -z "$dir" ]; then
     work=$(mktemp -d "${TMPDIR:-/tmp}/jpegbench.XXXXXX")
     trap 'rm -rf "$work"' EXIT
     target/release/shardtool synth "$work/imagenet" --classes 10 --per-class 200 --val-per-class 0 \
-        --no-bad-files --no-quirks --min-side 350 --max-side 450 --min-quality 92 --max-quality 98 > /dev/null
+        --no-bad-files --no-quirks --min-side 350 --max-side 450 --min-quality 98 --max-quality 100 > /dev/null
     dir=$work/imagenet
 fi
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
