@@ -1,7 +1,7 @@
 //! Image bytes to an RGB8 view of the crop, resized to the output size.
 //!
 //! JPEGs are decoded by libjpeg-turbo (built from source with its SIMD code): on the
-//! generated ImageNet-like files it decodes ~15% faster than zune-jpeg and ~70% faster
+//! generated ImageNet-like files it decodes ~25% faster than zune-jpeg and ~50% faster
 //! than jpeg-decoder (`benches/jpeg_decoders.sh`). The crops are known before decoding, so
 //! only what they need is decoded: at 1/2, 1/4 or 1/8 scale in the DCT domain whenever
 //! every crop keeps at least the output's resolution at that scale, and only the rectangle
