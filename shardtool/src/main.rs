@@ -53,7 +53,9 @@ enum Command {
     },
     /// Copy a pack to object storage, each split's manifest after its shards.
     ///
-    /// S3 is configured as AWS tools are: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// Four shards go up at once, each streamed from disk in 16 MB parts (a multipart
+    /// upload), so memory stays bounded; a shard is visible only once it is complete, and
+    /// a failed upload writes no manifest. S3 is configured as AWS tools are: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
     /// AWS_SECRET_ACCESS_KEY, AWS_REGION; gs:// and az:// with object_store's GOOGLE_* and
     /// AZURE_* variables (see pipeline/README.md).
     Upload {
