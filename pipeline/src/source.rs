@@ -560,8 +560,8 @@ mod tests {
     use super::*;
     use crate::format::{ShardInfo, test_manifest};
 
-    /// A split folder whose manifest names `files` (name, length); the files that exist
-    /// hold pseudo-random bytes.
+    /// A split folder whose manifest names `files` (name, length, whether the file is
+    /// there); the files that are there hold `length` pseudo-random bytes.
     fn split(dir: &std::path::Path, files: &[(&str, usize, bool)]) {
         let mut shards = Vec::new();
         for &(name, len, exists) in files {
