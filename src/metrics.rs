@@ -28,6 +28,37 @@ pub struct Record {
     /// k-NN top-1 (%) of the encoder on the monitor's subsets, at the steps it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub knn_top1: Option<f64>,
+    /// What the data loader skipped or repaired since the run (or its resumption)
+    /// started; the log names each sample and shard.
+    #[serde(default)]
+    pub data_faults: DataFaults,
+}
+
+/// The data loader's fault counters (see `pipeline::MetricsSnapshot`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataFaults {
+    /// Samples skipped: undecodable, or lost with a damaged shard.
+    pub skipped_samples: u64,
+    /// Samples delivered a second time in an epoch in place of skipped ones.
+    pub repeated_samples: u64,
+    /// Samples delivered although libjpeg warned about them.
+    pub warned_samples: u64,
+    /// Shard reads given up (corrupt, truncated, or unreadable after retries).
+    pub failed_shards: u64,
+    /// Store requests retried.
+    pub io_retries: u64,
+}
+
+impl From<&pipeline::MetricsSnapshot> for DataFaults {
+    fn from(m: &pipeline::MetricsSnapshot) -> DataFaults {
+        DataFaults {
+            skipped_samples: m.failed_samples + m.missing_samples,
+            repeated_samples: m.repeated_samples,
+            warned_samples: m.warned_samples,
+            failed_shards: m.failed_shards,
+            io_retries: m.io_retries,
+        }
+    }
 }
 
 /// Appends records to `metrics.jsonl`.

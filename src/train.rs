@@ -15,7 +15,7 @@ use crate::checkpoint;
 use crate::config::{Config, MethodKind};
 use crate::eval::KnnMonitor;
 use crate::method;
-use crate::metrics::{MetricsLog, Record};
+use crate::metrics::{DataFaults, MetricsLog, Record};
 use crate::teacher;
 use crate::trainer::{StepReport, Trainer};
 
@@ -224,6 +224,7 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             {
                 let mut record = window.record(&report, state.epoch, started.elapsed());
                 record.knn_top1 = knn_top1;
+                record.data_faults = DataFaults::from(&loader.metrics());
                 let parts: String = report
                     .parts
                     .iter()
@@ -306,6 +307,7 @@ impl Window {
             data_wait: self.wait.as_secs_f64() / secs,
             elapsed_s: elapsed.as_secs_f64(),
             knn_top1: None,
+            data_faults: DataFaults::default(),
         }
     }
 }

@@ -376,6 +376,32 @@ fn the_loss_falls_and_ctrl_c_checkpoints() {
     assert!(format!("{err:#}").contains("pass --resume"), "{err:#}");
 }
 
+/// A sample that does not decode is skipped and one libjpeg warns about is delivered;
+/// the metrics lines count both, and the run goes on.
+#[test]
+fn the_metrics_lines_count_the_loaders_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 4, 8, false, 2);
+    common::damage_first_shard(&data);
+    let mut config = tiny_config(4, 1);
+    config.optim.epochs = 1;
+    let summary = run(&config, &options(&data, &dir.path().join("run"), false)).unwrap();
+    assert_eq!(summary.outcome, Outcome::Finished);
+    let records = mimco::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();
+    let last = &records.last().unwrap().data_faults;
+    assert_eq!(last.skipped_samples, 1, "{last:?}");
+    assert_eq!(
+        last.repeated_samples, 1,
+        "the skipped sample's place is filled"
+    );
+    // Twice if the repeat that fills the gap happens to be the warned sample.
+    assert!((1..=2).contains(&last.warned_samples), "{last:?}");
+    assert!(records.windows(2).all(|w| {
+        let (a, b) = (&w[0].data_faults, &w[1].data_faults);
+        a.skipped_samples <= b.skipped_samples && a.warned_samples <= b.warned_samples
+    }));
+}
+
 #[test]
 fn export_loads_back_as_a_teacher_with_timm_names() {
     let dir = tempfile::tempdir().unwrap();

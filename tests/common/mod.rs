@@ -67,3 +67,33 @@ pub fn small_config(workers: usize, readers: usize, seed: u64) -> LoaderConfig {
     c.chunk_bytes = 4096; // many ranged reads per shard
     c
 }
+
+/// Rewrites the first shard of the split in `dir`: its first sample's image becomes bytes
+/// that are no image, its second gets stray bytes before its first Huffman table (which
+/// libjpeg warns about and decodes); the manifest follows the shard's new size. Returns
+/// the two keys.
+pub fn damage_first_shard(dir: &Path) -> (String, String) {
+    use pipeline::format::{MANIFEST_FILE, Manifest};
+    let mut manifest = Manifest::read(&dir.join(MANIFEST_FILE)).unwrap();
+    let shard = &mut manifest.shards[0];
+    let path = dir.join(&shard.name);
+    let compression = Compression::from_shard_name(&shard.name).unwrap();
+    let file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+    let mut reader = pipeline::ShardReader::new(shard.name.clone(), file, compression).unwrap();
+    let mut samples: Vec<_> = reader.samples().unwrap().map(|s| s.unwrap()).collect();
+    assert!(samples.len() >= 2, "the first shard holds two samples");
+    samples[0].image = b"not an image".to_vec();
+    let jpeg = &samples[1].image;
+    let dht = jpeg.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+    samples[1].image = [&jpeg[..dht], b"\x00\x00", &jpeg[dht..]].concat();
+    let mut writer = pipeline::ShardWriter::new(Vec::new(), compression, 1).unwrap();
+    for sample in &samples {
+        writer.write_sample(sample).unwrap();
+    }
+    let bytes = writer.finish().unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    shard.bytes = bytes.len() as u64;
+    shard.sha256 = String::new();
+    std::fs::write(dir.join(MANIFEST_FILE), manifest.to_json()).unwrap();
+    (samples[0].key.clone(), samples[1].key.clone())
+}
