@@ -55,9 +55,9 @@ enum Command {
     ///
     /// Four shards go up at once, each streamed from disk in 16 MB parts (a multipart
     /// upload), so memory stays bounded; a shard is visible only once it is complete, and
-    /// a failed upload writes no manifest. S3 is configured as AWS tools are: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY, AWS_REGION; gs:// and az:// with object_store's GOOGLE_* and
-    /// AZURE_* variables (see pipeline/README.md).
+    /// a failed upload writes no manifest. S3 is configured as AWS tools are:
+    /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; gs:// and
+    /// az:// with object_store's GOOGLE_* and AZURE_* variables (see pipeline/README.md).
     Upload {
         /// A pack folder (OUT of `pack`) or one split folder in it.
         dir: PathBuf,

@@ -68,11 +68,17 @@ pub fn small_config(workers: usize, readers: usize, seed: u64) -> LoaderConfig {
     c
 }
 
+/// `jpeg` with two stray bytes before its first Huffman table, which libjpeg warns about
+/// (and decodes), as Pillow does without a word.
+pub fn with_stray_bytes(jpeg: &[u8]) -> Vec<u8> {
+    let dht = jpeg.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+    [&jpeg[..dht], b"\x00\x00", &jpeg[dht..]].concat()
+}
+
 /// Rewrites the first shard of the split in `dir`: its first sample's image becomes bytes
-/// that are no image, its second gets stray bytes before its first Huffman table (which
-/// libjpeg warns about and decodes); the manifest follows the shard's new size. Returns
-/// the two keys.
-pub fn damage_first_shard(dir: &Path) -> (String, String) {
+/// that are no image, its second gets [`with_stray_bytes`]; the manifest follows the
+/// shard's new size.
+pub fn damage_first_shard(dir: &Path) {
     use pipeline::format::{MANIFEST_FILE, Manifest};
     let mut manifest = Manifest::read(&dir.join(MANIFEST_FILE)).unwrap();
     let shard = &mut manifest.shards[0];
@@ -83,9 +89,7 @@ pub fn damage_first_shard(dir: &Path) -> (String, String) {
     let mut samples: Vec<_> = reader.samples().unwrap().map(|s| s.unwrap()).collect();
     assert!(samples.len() >= 2, "the first shard holds two samples");
     samples[0].image = b"not an image".to_vec();
-    let jpeg = &samples[1].image;
-    let dht = jpeg.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
-    samples[1].image = [&jpeg[..dht], b"\x00\x00", &jpeg[dht..]].concat();
+    samples[1].image = with_stray_bytes(&samples[1].image);
     let mut writer = pipeline::ShardWriter::new(Vec::new(), compression, 1).unwrap();
     for sample in &samples {
         writer.write_sample(sample).unwrap();
@@ -95,5 +99,4 @@ pub fn damage_first_shard(dir: &Path) -> (String, String) {
     shard.bytes = bytes.len() as u64;
     shard.sha256 = String::new();
     std::fs::write(dir.join(MANIFEST_FILE), manifest.to_json()).unwrap();
-    (samples[0].key.clone(), samples[1].key.clone())
 }
