@@ -8,91 +8,109 @@
 #   cargo build --release -p shardtool -p pipeline --example throughput
 #   benches/gpu.sh [BIN_DIR] [RESULTS_DIR]
 #
-# 1. `mimco bench kernels`: each fused kernel, forward and backward, against the composed
-#    ops in f64 on random inputs (fails the script if one misses its tolerance).
-# 2. `mimco bench train` on synthetic uint8 batches: ViT-S/16 MimCo at batch 256 in bf16
-#    with the fused kernels, with Candle's stock ops only, and in tf32; ViT-B/16 at 128.
-# 3. The same ViT-S/16 step fed by the pipeline from generated ImageNet-like shards, and
-#    the loader alone on the node's cores (1, 8 and all decode threads).
-# 4. The PyTorch baseline on the same card (benches/torch_mimco_step.py), where python3
-#    has torch and timm.
-set -uo pipefail
+# Steps, most important first (each has a time limit, so one hang cannot use up a lent
+# machine's minutes; ONLY=REGEX runs just the steps whose label matches):
+#   kernels          `mimco bench kernels`: each fused kernel, forward and backward, against
+#                    the composed ops in f64 on random inputs (fails if one misses).
+#   s16-bf16-fused   `mimco bench train`, synthetic uint8 batches, ViT-S/16 MimCo, batch 256.
+#   torch-s16        the PyTorch baseline of the same step on the same card
+#                    (benches/torch_mimco_step.py; needs python3 with torch and timm).
+#   b16-bf16-fused, torch-b16   the same for ViT-B/16 at batch 128.
+#   s16-bf16-stock   Candle's stock ops only; s16-tf32-fused: f32 weights, TF32 matmuls.
+#   s16-bf16-fused-shards, loader-N   the step fed by the pipeline from generated
+#                    ImageNet-like shards; the loader alone on 1, 8 and all cores.
+#   torch-s16-compile   the PyTorch baseline under torch.compile.
+set -uo pipefail # a timeout's failure, not tee's success, decides a step's status
 cd "$(dirname "$0")/.."
 bin=${1:-target/release}
 results=${2:-gpu-results}
+only=${ONLY:-.}
 mkdir -p "$results"
 table="$results/table.md"
-: > "$table"
 status=0
+s16=configs/vit_s16_mimco.toml
+b16=configs/vit_b16_mimco.toml
+torch_s16="--dim 384 --heads 6 --teacher-heads 12 --batch 256"
+torch_b16="--dim 768 --heads 12 --teacher-heads 12 --batch 128"
 
-echo "== GPU"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
-echo "cores: $(nproc)"
+wanted() { echo "$1" | grep -qE "$only"; }
 
-echo "== 1. kernel checks"
-if ! "$bin/mimco" bench kernels | tee "$results/kernels.md"; then
-    echo "KERNEL CHECKS FAILED"
+fail() {
+    echo "FAILED: $1"
     status=1
-fi
+}
 
 bench() { # label, then mimco bench train arguments
     local label=$1
     shift
+    wanted "$label" || return 0
     echo "== $label"
-    if "$bin/mimco" bench train --device cuda "$@" 2> "$results/$label.err" | tee -a "$table"; then
+    if timeout 150 "$bin/mimco" bench train --device cuda "$@" 2> "$results/$label.err" | tee -a "$table"; then
         grep phases "$results/$label.err" || true
     else
-        echo "FAILED: $label"
+        fail "$label"
         tail -5 "$results/$label.err"
-        status=1
     fi
 }
 
-echo "| config | device | precision | kernels | data | batch | images/s | step ms (median) | TFLOP/s | MFU | peak memory GiB | data wait |" >> "$table"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|" >> "$table"
-s16=configs/vit_s16_mimco.toml
-bench s16-bf16-fused --config "$s16" --batch 256 --precision bf16
-bench s16-bf16-stock --config "$s16" --batch 256 --precision bf16 --kernels stock --steps 10 --warmup 2
-bench s16-tf32-fused --config "$s16" --batch 256 --precision tf32 --steps 15
-bench b16-bf16-fused --config configs/vit_b16_mimco.toml --batch 128 --precision bf16
+torch_step() { # label, limit in seconds, then torch_mimco_step.py arguments
+    local label=$1 limit=$2
+    shift 2
+    wanted "$label" || return 0
+    echo "== $label"
+    if ! python3 -c 'import torch, timm' 2> /dev/null; then
+        echo "no torch/timm here: skipped"
+        return 0
+    fi
+    timeout "$limit" python3 benches/torch_mimco_step.py "$@" > "$results/$label.log" 2>&1 || fail "$label"
+    tail -1 "$results/$label.log" | tee -a "$results/torch.md"
+}
 
-echo "== 3. pipeline-fed: generating shards"
-work=$(mktemp -d "${TMPDIR:-/tmp}/gpubench.XXXXXX")
-if "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 1500 --val-per-class 0 \
-    --no-bad-files --no-quirks --min-side 350 --max-side 500 > /dev/null &&
-    "$bin/shardtool" pack "$work/imagenet" --out "$work/shards" -q --shard-size 64MB > /dev/null; then
-    bench s16-bf16-fused-shards --config "$s16" --batch 256 --precision bf16 --data "$work/shards/train"
-    throughput=$bin/throughput
-    [ -x "$throughput" ] || throughput=$bin/examples/throughput
-    if [ -x "$throughput" ]; then
+echo "== GPU"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+echo "cores: $(nproc); $(grep -m1 'model name' /proc/cpuinfo)"
+echo "| config | device | precision | kernels | data | batch | images/s | step ms (median) | TFLOP/s | MFU | peak memory GiB | data wait |" > "$table"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|" >> "$table"
+
+if wanted kernels; then
+    echo "== kernels"
+    timeout 180 "$bin/mimco" bench kernels 2>&1 | tee "$results/kernels.md" || fail kernels
+fi
+bench s16-bf16-fused --config "$s16" --batch 256 --precision bf16
+# shellcheck disable=SC2086 # the argument strings are split on purpose
+torch_step torch-s16 150 $torch_s16
+bench b16-bf16-fused --config "$b16" --batch 128 --precision bf16
+torch_step torch-b16 150 $torch_b16
+bench s16-bf16-stock --config "$s16" --batch 256 --precision bf16 --kernels stock --steps 10 --warmup 2
+bench s16-tf32-fused --config "$s16" --batch 256 --precision tf32 --steps 15 --peak-tflops 494.5
+
+if wanted 'shards|loader'; then
+    echo "== generating shards"
+    work=$(mktemp -d "${TMPDIR:-/tmp}/gpubench.XXXXXX")
+    if timeout 120 "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 1500 --val-per-class 0 \
+        --no-bad-files --no-quirks --min-side 350 --max-side 450 --min-quality 98 --max-quality 100 > /dev/null &&
+        timeout 60 "$bin/shardtool" pack "$work/imagenet" --out "$work/shards" -q --shard-size 64MB > /dev/null; then
+        bench s16-bf16-fused-shards --config "$s16" --batch 256 --precision bf16 --data "$work/shards/train"
+        throughput=$bin/throughput
+        [ -x "$throughput" ] || throughput=$bin/examples/throughput
         for workers in 1 8 "$(nproc)"; do
-            "$throughput" "$work/shards/train" --workers "$workers" --epochs 3 2>&1 | grep '^loader' |
-                tee -a "$results/loader.md"
+            wanted "loader-$workers" || continue
+            epochs=3
+            [ "$workers" = 1 ] && epochs=1
+            timeout 120 "$throughput" "$work/shards/train" --workers "$workers" --epochs $epochs 2>&1 |
+                grep '^loader' | tee -a "$results/loader.md" || fail "loader-$workers"
         done
     else
-        echo "no throughput binary in $bin: loader scaling skipped"
+        fail "generating shards"
     fi
-else
-    echo "FAILED: generating shards"
-    status=1
+    rm -rf "$work"
 fi
-rm -rf "$work"
-
-echo "== 4. PyTorch on the same card"
-if python3 -c 'import torch, timm' 2> /dev/null; then
-    for args in "--dim 384 --heads 6 --teacher-heads 12 --batch 256" \
-        "--dim 768 --heads 12 --teacher-heads 12 --batch 128"; do
-        # shellcheck disable=SC2086
-        python3 benches/torch_mimco_step.py $args 2>&1 | tail -1 | tee -a "$results/torch.md"
-    done
-else
-    echo "no torch/timm here: skipped"
-fi
+torch_step torch-s16-compile 240 $torch_s16 --compile
 
 echo
 echo "== results ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 cat "$table"
 [ -f "$results/torch.md" ] && cat "$results/torch.md"
 [ -f "$results/loader.md" ] && cat "$results/loader.md"
-grep -E "kernel checks:" "$results/kernels.md" || true
+grep -E "kernel checks:" "$results/kernels.md" 2> /dev/null || true
 exit $status
