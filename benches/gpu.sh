@@ -13,6 +13,7 @@
 #   kernels          `mimco bench kernels`: each fused kernel, forward and backward, against
 #                    the composed ops in f64 on random inputs (fails if one misses).
 #   s16-bf16-fused   `mimco bench train`, synthetic uint8 batches, ViT-S/16 MimCo, batch 256.
+#   ncu-s16          GPU time per kernel of one such step (Nsight Compute).
 #   torch-s16        the PyTorch baseline of the same step on the same card
 #                    (benches/torch_mimco_step.py; needs python3 with torch and timm).
 #   b16-bf16-fused, torch-b16   the same for ViT-B/16 at batch 128.
@@ -77,6 +78,22 @@ if wanted kernels; then
     timeout 180 "$bin/mimco" bench kernels 2>&1 | tee "$results/kernels.md" || fail kernels
 fi
 bench s16-bf16-fused --config "$s16" --batch 256 --precision bf16
+if wanted ncu-s16; then
+    # GPU time per kernel of one ViT-S/16 step (the bench's last, between its profiler
+    # marks), kernels serialised, clocks left alone; needs Nsight Compute.
+    echo "== ncu-s16"
+    if command -v ncu > /dev/null; then
+        timeout 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+            --print-units base --cache-control none --clock-control none \
+            --log-file "$results/ncu-s16.csv" "$bin/mimco" bench train --device cuda \
+            --config "$s16" --batch 256 --precision bf16 --steps 3 --warmup 2 \
+            > /dev/null 2> "$results/ncu-s16.err" || fail ncu-s16
+        python3 benches/ncu_summary.py "$results/ncu-s16.csv" | tee "$results/ncu-s16.md"
+        gzip -f "$results/ncu-s16.csv"
+    else
+        echo "no ncu here: skipped"
+    fi
+fi
 # shellcheck disable=SC2086 # the argument strings are split on purpose
 torch_step torch-s16 150 $torch_s16
 bench b16-bf16-fused --config "$b16" --batch 128 --precision bf16

@@ -148,14 +148,22 @@ pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport
     let peak_memory_gib = crate::device::memory(device)
         .map(|(_, total)| (total - min_free.min(total)) as f64 / (1u64 << 30) as f64);
     // Phases: a few more steps, profiled (the synchronisation they add is not in the
-    // figures above).
+    // figures above). The last one is the range a CUDA profiler records, if one is
+    // attached (benches/gpu.sh runs Nsight Compute on it).
     trainer.profile_phases();
     let profiled = opts.steps.clamp(1, 5);
-    for _ in 0..profiled {
+    for i in 0..profiled {
         let (pixels, masks) = source.next(grid)?;
         let views = pixels.len() / (batch * 3 * size * size);
+        let last = i + 1 == profiled;
+        if last {
+            crate::device::profiler_range(device, true)?;
+        }
         let images = Tensor::from_slice(pixels, (batch, views, 3, size, size), device)?;
         trainer.feed_uint8(&images, masks)?;
+        if last {
+            crate::device::profiler_range(device, false)?;
+        }
     }
     let phase_ms = trainer
         .phase_times()

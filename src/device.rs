@@ -21,21 +21,33 @@ pub fn parse(name: &str) -> anyhow::Result<Device> {
                 "--device {name}: this mimco was built without CUDA. Rebuild with `cargo build --release --features cuda` (needs a CUDA toolkit), or pass --device cpu"
             );
         }
-        Device::new_cuda(ordinal)
-            .with_context(|| format!("opening CUDA device {ordinal} (is a GPU visible?)"))
+        cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal} (is a GPU visible?)"))
     };
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => gpu(local_rank()?),
-        "auto" if cfg!(feature = "cuda") => {
-            Ok(Device::new_cuda(local_rank()?).unwrap_or(Device::Cpu))
-        }
+        "auto" if cfg!(feature = "cuda") => Ok(cuda(local_rank()?).unwrap_or(Device::Cpu)),
         "auto" => Ok(Device::Cpu),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => gpu(n),
             _ => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
         },
     }
+}
+
+/// CUDA device `ordinal` with cudarc's per-buffer event tracking off. The tracking only
+/// orders work across streams, and everything of a step runs on the device's one stream;
+/// left on, it creates and destroys two CUDA events for every tensor allocated, thousands
+/// per step.
+fn cuda(ordinal: usize) -> candle_core::Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = &device {
+        // SAFETY: called before this device allocates anything; every kernel and copy of
+        // mimco runs on `dev`'s stream (pinned host buffers keep their own events).
+        unsafe { dev.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 /// Bytes of device memory `(free, total)` on the current CUDA context; `None` on the CPU.
@@ -46,6 +58,24 @@ pub fn memory(device: &Device) -> Option<(usize, usize)> {
     }
     let _ = device;
     None
+}
+
+/// Opens (`start`) or closes the range that a CUDA profiler started with
+/// `--profile-from-start off` (Nsight Compute) or `--capture-range=cudaProfilerApi`
+/// (Nsight Systems) records. Without a profiler attached, and on the CPU, it does nothing.
+pub fn profiler_range(device: &Device, start: bool) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+        device.synchronize()?;
+        match start {
+            true => profiler_start(),
+            false => profiler_stop(),
+        }
+        .context("the CUDA profiler API")?;
+    }
+    let _ = (device, start);
+    Ok(())
 }
 
 /// The pipeline's batch-buffer allocator for training on `device`: pinned host memory on

@@ -71,7 +71,7 @@ pub struct Trainer {
     sums: BTreeMap<String, f64>,
     device: Device,
     /// Wall time per phase of the step, when profiling.
-    phases: Option<BTreeMap<&'static str, std::time::Duration>>,
+    phases: Option<Vec<(&'static str, std::time::Duration)>>,
 }
 
 impl Trainer {
@@ -116,21 +116,26 @@ impl Trainer {
         })
     }
 
-    /// Starts (or restarts) timing the phases of each step: `forward` (to the loss read
-    /// back), `backward` (to the gradient norm read back) and `update` (AdamW and EMA, with
-    /// a device synchronisation added at its end).
+    /// Starts (or restarts) timing the phases of each step, in order: `forward` (the host
+    /// queueing the forward's work), `loss wait` (waiting for the loss to be read back),
+    /// `backward` (queueing it), `norm wait` (the gradient norm queued and read back),
+    /// `update` (AdamW and EMA queued) and `update wait` (a device synchronisation added
+    /// at the end). Long waits mean the GPU is the bottleneck; short ones, the host.
     pub fn profile_phases(&mut self) {
-        self.phases = Some(BTreeMap::new());
+        self.phases = Some(Vec::new());
     }
 
-    /// Wall time per phase since [`Trainer::profile_phases`].
-    pub fn phase_times(&self) -> Option<&BTreeMap<&'static str, std::time::Duration>> {
-        self.phases.as_ref()
+    /// Wall time per phase since [`Trainer::profile_phases`], in step order.
+    pub fn phase_times(&self) -> Option<&[(&'static str, std::time::Duration)]> {
+        self.phases.as_deref()
     }
 
     fn lap(&mut self, phase: &'static str, since: &mut std::time::Instant) {
         if let Some(p) = &mut self.phases {
-            *p.entry(phase).or_default() += since.elapsed();
+            match p.iter_mut().find(|(name, _)| *name == phase) {
+                Some((_, total)) => *total += since.elapsed(),
+                None => p.push((phase, since.elapsed())),
+            }
         }
         *since = std::time::Instant::now();
     }
@@ -183,12 +188,13 @@ impl Trainer {
     ) -> anyhow::Result<Option<StepReport>> {
         let mut clock = std::time::Instant::now();
         let losses = self.model.losses(views, mask)?;
-        let loss = f64::from(losses.total.to_scalar::<f32>()?);
         self.lap("forward", &mut clock);
+        let loss = f64::from(losses.total.to_scalar::<f32>()?);
         let mut parts = BTreeMap::new();
         for (name, t) in &losses.parts {
             parts.insert(name.to_string(), f64::from(t.to_scalar::<f32>()?));
         }
+        self.lap("loss wait", &mut clock);
         if !loss.is_finite() {
             bail!(
                 "the loss is {loss} ({parts:?}) at step {}: training stopped before applying it; the last checkpoint is intact. Lower optim.base_lr or raise optim.warmup_epochs",
@@ -197,6 +203,7 @@ impl Trainer {
         }
         let grads = losses.total.backward()?;
         self.acc.add(self.opt.vars(), &grads)?;
+        self.lap("backward", &mut clock);
         *self.sums.entry(String::new()).or_default() += loss;
         for (name, v) in parts {
             *self.sums.entry(name).or_default() += v;
@@ -209,8 +216,9 @@ impl Trainer {
         // leaves the queues as they were.
         self.model.after_loss(&losses)?;
         if self.phases.is_some() {
-            self.device.synchronize()?;
             self.lap("update", &mut clock);
+            self.device.synchronize()?;
+            self.lap("update wait", &mut clock);
         }
         Ok(report)
     }
@@ -219,7 +227,7 @@ impl Trainer {
     fn apply(&mut self, clock: &mut std::time::Instant) -> anyhow::Result<StepReport> {
         let clip = self.model.config().optim.clip_grad;
         let grads = self.acc.take(self.opt.vars(), clip)?;
-        self.lap("backward", clock);
+        self.lap("norm wait", clock);
         let config = self.model.config();
         let o = &config.optim;
         let grad_norm = grads.norm;
