@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{D, DType, IndexOp, Result, Tensor};
 
 static FUSED: AtomicBool = AtomicBool::new(true);
 
@@ -55,15 +55,41 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
     }
 }
 
-/// Attention `softmax(scale * q k^T) v` over `(B, H, N, d)` heads, in the dtype of the
-/// inputs (softmax in f32). Fused on CUDA: the `(B, H, N, N)` scores and probabilities are
-/// not kept for the backward, which recomputes them.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// Multi-head self-attention from the packed projection: `qkv` is `(B * tokens, 3 * D)`,
+/// each row a token's `q|k|v` with `heads` heads side by side in each (timm's
+/// `attn.qkv`); returns `softmax(scale * q k^T) v` per head as `(B * tokens, D)`, heads
+/// side by side, in the dtype of `qkv` (softmax in f32). One fused op on CUDA, whose
+/// backward recomputes the probabilities.
+pub fn attention_qkv(qkv: &Tensor, tokens: usize, heads: usize, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(q, k.dim(2)?) {
-        return crate::cuda::attention(q, k, v, scale);
+    if fused(qkv, tokens) {
+        return crate::cuda::attention_qkv(qkv, tokens, heads, scale);
     }
+    let (rows, cols) = qkv.dims2()?;
+    let (b, d) = (rows / tokens, cols / 3);
+    let qkv = qkv
+        .reshape((b, tokens, 3, heads, d / heads))?
+        .permute((2, 0, 3, 1, 4))?;
+    let part = |i: usize| qkv.i(i)?.contiguous();
+    attention(&part(0)?, &part(1)?, &part(2)?, scale)?
+        .transpose(1, 2)?
+        .reshape((rows, d))
+}
+
+/// Attention `softmax(scale * q k^T) v` over `(B, H, N, d)` heads, in the dtype of the
+/// inputs (softmax in f32), composed.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     softmax_scaled(&q.matmul(&k.t()?)?, scale)?.matmul(v)
+}
+
+/// Rows `ids` (u32) of the matrix `x`. On CUDA (f32) the backward scatters the rows back
+/// in one launch (Candle's `index_add` walks every index per column).
+pub fn gather_rows(x: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x, 0) && x.dtype() == DType::F32 {
+        return crate::cuda::gather_rows(x, ids);
+    }
+    x.index_select(ids, 0)
 }
 
 /// `softmax(scale * x)` over the last dimension, computed in f32 and returned in the dtype

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 
 use crate::config::{Config, PatchLoss};
-use crate::functional::l2_normalize;
+use crate::functional::{gather_rows, l2_normalize};
 use crate::loss::{info_nce, l1_regression};
 use crate::method::{Losses, Method, ema};
 use crate::models::Encoder;
@@ -158,10 +158,7 @@ impl MimCo {
             picked = (0..mask.len() as u32).collect();
         }
         let picked = Tensor::new(picked.as_slice(), images.device())?;
-        let take = |t: &Tensor| {
-            t.reshape((b * n, t.dim(D::Minus1)?))?
-                .index_select(&picked, 0)
-        };
+        let take = |t: &Tensor| gather_rows(&t.reshape((b * n, t.dim(D::Minus1)?))?, &picked);
 
         let (mut parts, mut keys) = (Vec::new(), Vec::new());
         let mut total: Option<Tensor> = None;

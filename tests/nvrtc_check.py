@@ -20,7 +20,9 @@ def expected():
             names += [f"layer_norm_{stage}_f32_{o}_{e}" for o in ("f32", "bf16")]
             names += [f"softmax_{stage}_{t}_{t}_{e}" for t in ("f32", "bf16")]
         names += [f"bias_act_{stage}_{t}" for t in ("f32", "bf16")]
-    names += [f"column_sum_{t}" for t in ("f32", "bf16")]
+    for t in ("f32", "bf16"):
+        names += [f"column_sum_{t}", f"split_heads_{t}", f"merge_heads_{t}"]
+    names += ["scatter_add_rows_f32"]
     return names
 
 

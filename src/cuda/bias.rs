@@ -23,14 +23,6 @@ struct BiasAct {
     gelu: bool,
 }
 
-fn elementwise_grid(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(256).clamp(1, 16384), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// Launches `bias_act_<stage>_<dtype>` over `inputs` (x, then dy for the backward) with
 /// the f32 `bias`.
 fn bias_act_launch(

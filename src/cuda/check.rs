@@ -4,7 +4,7 @@
 //! Before each fused launch the allocator's free memory is filled with NaN, so an output
 //! element the kernel never wrote shows up as NaN, which fails the check.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -117,6 +117,9 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
             attention(&mut c, &shape, dtype)?;
         }
     }
+    for shape in [[6000, 384], [5, 3]] {
+        gather_rows(&mut c, &shape)?;
+    }
     for shape in [[788, 1536], [50, 384], [3, 1000]] {
         for dtype in [DType::F32, DType::BF16] {
             for gelu in [false, true] {
@@ -185,22 +188,24 @@ fn softmax(c: &mut Checker, shape: &[usize], dtype: DType) -> Result<()> {
     c.record("softmax dx", shape, dtype, got, want, bwd)
 }
 
+/// Attention on a packed `qkv` of `(B * N, 3 * H * E)` for `shape` `[B, H, N, E]`.
 fn attention(c: &mut Checker, shape: &[usize], dtype: DType) -> Result<()> {
-    let scale = (shape[3] as f64).powf(-0.5);
-    let vars = (0..3)
-        .map(|_| Var::from_tensor(&c.random(shape, 2.0, 0.0)?.to_dtype(dtype)?))
-        .collect::<Result<Vec<_>>>()?;
-    let probe = c.random(shape, 1.0, 0.0)?;
-    c.poison(4 * 4 * vars[0].elem_count())?;
-    let y = super::attention(&vars[0], &vars[1], &vars[2], scale)?;
-    c.poison(4 * 4 * vars[0].elem_count())?;
+    let [b, h, n, e] = [shape[0], shape[1], shape[2], shape[3]];
+    let scale = (e as f64).powf(-0.5);
+    let qkv = Var::from_tensor(&c.random(&[b * n, 3 * h * e], 2.0, 0.0)?.to_dtype(dtype)?)?;
+    let probe = c.random(&[b * n, h * e], 1.0, 0.0)?;
+    c.poison(4 * 4 * qkv.elem_count())?;
+    let y = super::attention_qkv(&qkv, n, h, scale)?;
+    c.poison(4 * 4 * qkv.elem_count())?;
     let grads = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
-    let v64 = vars
-        .iter()
-        .map(|v| Var::from_tensor(&v.to_dtype(DType::F64)?))
-        .collect::<Result<Vec<_>>>()?;
-    let scores = v64[0].matmul(&v64[1].t()?)?;
-    let y64 = functional::softmax(&(scores * scale)?)?.matmul(&v64[2])?;
+    let x64 = Var::from_tensor(&qkv.to_dtype(DType::F64)?)?;
+    let heads = x64.reshape((b, n, 3, h, e))?.permute((2, 0, 3, 1, 4))?;
+    let part = |i: usize| heads.i(i)?.contiguous();
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let y64 = functional::softmax(&(q.matmul(&k.t()?)? * scale)?)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b * n, h * e))?;
     let g64 = y64
         .mul(&probe.to_dtype(DType::F64)?)?
         .sum_all()?
@@ -212,13 +217,36 @@ fn attention(c: &mut Checker, shape: &[usize], dtype: DType) -> Result<()> {
         _ => tolerances(dtype),
     };
     c.record("attention y", shape, dtype, &y, &y64, fwd)?;
-    for (i, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
-        let (Some(got), Some(want)) = (grads.get(&vars[i]), g64.get(&v64[i])) else {
-            candle_core::bail!("attention: no gradient for {name}");
-        };
-        c.record(&format!("attention {name}"), shape, dtype, got, want, bwd)?;
-    }
-    Ok(())
+    let (Some(got), Some(want)) = (grads.get(&qkv), g64.get(&x64)) else {
+        candle_core::bail!("attention: no gradient for qkv");
+    };
+    c.record("attention dqkv", shape, dtype, got, want, bwd)
+}
+
+/// Rows of a `shape` matrix picked by index, some twice, some never.
+fn gather_rows(c: &mut Checker, shape: &[usize]) -> Result<()> {
+    let rows = shape[0];
+    let x = Var::from_tensor(&c.random(shape, 2.0, 0.0)?)?;
+    let ids: Vec<u32> = (0..rows + rows / 2)
+        .map(|_| c.rng.random_range(0..rows as u32))
+        .collect();
+    let ids = Tensor::new(ids.as_slice(), &c.dev)?;
+    let probe = c.random(&[ids.dim(0)?, shape[1]], 1.0, 0.0)?;
+    c.poison(4 * x.elem_count())?;
+    let y = super::gather_rows(&x, &ids)?;
+    let grads = y.mul(&probe)?.sum_all()?.backward()?;
+    let x64 = Var::from_tensor(&x.to_dtype(DType::F64)?)?;
+    let y64 = x64.index_select(&ids, 0)?;
+    let g64 = y64
+        .mul(&probe.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let (fwd, bwd) = tolerances(DType::F32);
+    c.record("gather_rows y", shape, DType::F32, &y, &y64, fwd)?;
+    let (Some(got), Some(want)) = (grads.get(&x), g64.get(&x64)) else {
+        candle_core::bail!("gather_rows: no gradient for x");
+    };
+    c.record("gather_rows dx", shape, DType::F32, got, want, bwd)
 }
 
 fn bias_act(c: &mut Checker, shape: &[usize], dtype: DType, gelu: bool) -> Result<()> {

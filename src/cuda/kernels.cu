@@ -287,3 +287,73 @@ EACH_WIDTH(LN, float, f32)
 EACH_WIDTH(LN, bf16, bf16)
 EACH_WIDTH(SOFTMAX, float, f32)
 EACH_WIDTH(SOFTMAX, bf16, bf16)
+
+// Attention heads: x (B, N, S, H, E) token-major (the qkv projection's output, S = 3, or
+// an attention output or its gradient, S = 1) to y (S, B, H, N, E) head-major.
+template <typename T>
+__device__ void split_heads(const T *x, T *y, int B, int N, int S, int H, int E) {
+    const long n = (long)B * N * S * H * E;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        long t = i / E;
+        const int e = i - t * E;
+        const int h = t % H;
+        t /= H;
+        const int s = t % S;
+        t /= S;
+        const int tok = t % N;
+        const int b = t / N;
+        y[(((long)s * B + b) * H + h) * N * E + (long)tok * E + e] = x[i];
+    }
+}
+
+// The inverse for S parts held apart: part s of y (B, N, S, H, E) from p[s], each
+// (B, H, N, E) head-major (S at most 3).
+template <typename T>
+__device__ void merge_heads(const T *p0, const T *p1, const T *p2, T *y, int B, int N, int S,
+                            int H, int E) {
+    const long n = (long)B * N * S * H * E;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        long t = i / E;
+        const int e = i - t * E;
+        const int h = t % H;
+        t /= H;
+        const int s = t % S;
+        t /= S;
+        const int tok = t % N;
+        const int b = t / N;
+        const T *p = s == 0 ? p0 : (s == 1 ? p1 : p2);
+        y[i] = p[((long)b * H + h) * N * E + (long)tok * E + e];
+    }
+}
+
+// out[ids[r], :] += g[r, :] for the `n` rows of g (`cols` wide); out zeroed first. The
+// backward of picking rows by index (ids may repeat).
+__device__ void scatter_add_rows(const float *g, const unsigned int *ids, float *out, int n,
+                                 int cols) {
+    const long total = (long)n * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+         i += (long)gridDim.x * blockDim.x) {
+        const long r = i / cols;
+        atomicAdd(out + (long)ids[r] * cols + (i - r * cols), g[i]);
+    }
+}
+
+extern "C" __global__ void scatter_add_rows_f32(const float *g, const unsigned int *ids,
+                                                float *out, int n, int cols) {
+    scatter_add_rows(g, ids, out, n, cols);
+}
+
+#define HEADS(T, N)                                                                           \
+    extern "C" __global__ void split_heads_##N(const T *x, T *y, int B, int Ntok, int S,     \
+                                               int H, int E) {                                \
+        split_heads<T>(x, y, B, Ntok, S, H, E);                                               \
+    }                                                                                         \
+    extern "C" __global__ void merge_heads_##N(const T *p0, const T *p1, const T *p2, T *y,  \
+                                               int B, int Ntok, int S, int H, int E) {        \
+        merge_heads<T>(p0, p1, p2, y, B, Ntok, S, H, E);                                      \
+    }
+
+HEADS(float, f32)
+HEADS(bf16, bf16)

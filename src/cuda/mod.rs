@@ -5,6 +5,9 @@
 //!   backward for dx with dw/db summed per warp.
 //! - [`softmax`]: `softmax(scale * x)` over the last dimension (the attention scores), f32
 //!   or bf16, with its backward from the output.
+//! - [`attention_qkv`]: multi-head self-attention from the packed `q|k|v` projection to
+//!   the heads' concatenated outputs, one graph node with its backward.
+//! - [`gather_rows`]: rows picked by index, the backward scattering them back.
 //! - [`adamw`]: one AdamW update of one parameter in one launch, the gradient's averaging
 //!   and clipping folded in.
 //! - [`pinned`]: page-locked batch buffers for the pipeline.
@@ -13,16 +16,20 @@
 //! which stay the reference: [`check`] compares the two on the GPU.
 
 mod adamw;
+mod attention;
 mod bias;
 pub mod check;
+mod gather;
 mod norm;
 pub mod pinned;
 mod softmax;
 
 pub use adamw::{AdamWStep, adamw};
+pub use attention::attention_qkv;
 pub use bias::bias_act;
+pub use gather::gather_rows;
 pub use norm::layer_norm;
-pub use softmax::{attention, softmax};
+pub use softmax::softmax;
 
 use std::sync::OnceLock;
 
@@ -88,6 +95,15 @@ fn row_grid(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((rows as u32).div_ceil(WARPS), 1, 1),
         block_dim: (32 * WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride launch over `n` elements.
+fn elementwise_grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(256).clamp(1, 16384), 1, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
 }

@@ -27,8 +27,13 @@ pub struct Dense {
 
 impl Dense {
     /// `act(x W^T + b)`: GELU (erf) when `gelu`, else the identity.
+    /// A 2D `x` adds no reshape to the graph (each reshape costs the backward a
+    /// zero-filled gradient and an addition in Candle).
     pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         let w = self.weight.to_dtype(x.dtype())?;
+        if x.rank() == 2 {
+            return functional::bias_act(&x.matmul(&w.t()?)?, &self.bias, gelu);
+        }
         let mut dims = x.dims().to_vec();
         let inputs = x.dim(D::Minus1)?;
         let rows = x.elem_count() / inputs.max(1);

@@ -155,7 +155,7 @@ impl Norm {
     }
 }
 
-/// Multi-head self-attention (`attn.qkv`, `attn.proj`).
+/// Multi-head self-attention (`attn.qkv`, `attn.proj`) over the tokens of `(B * N, D)`.
 #[derive(Clone, Debug)]
 struct Attention {
     qkv: Dense,
@@ -163,21 +163,11 @@ struct Attention {
     heads: usize,
 }
 
-impl Module for Attention {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let hd = d / self.heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.i(0)?.contiguous()?;
-        let k = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
-        let out = functional::attention(&q, &k, &v, (hd as f64).powf(-0.5))?
-            .transpose(1, 2)?
-            .reshape((b, n, d))?;
+impl Attention {
+    fn forward(&self, x: &Tensor, tokens: usize) -> Result<Tensor> {
+        let hd = x.dim(1)? / self.heads;
+        let qkv = self.qkv.forward(x)?;
+        let out = functional::attention_qkv(&qkv, tokens, self.heads, (hd as f64).powf(-0.5))?;
         self.proj.forward(&out)
     }
 }
@@ -210,9 +200,12 @@ impl Block {
 }
 
 impl Block {
+    /// The block on `x`, `(B * N, D)` (2D, so that no reshape adds nodes to the graph).
     /// The residual stream `x` stays f32; each branch computes in `compute`.
-    fn forward(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        let h = self.attn.forward(&self.norm1.forward_to(x, compute)?)?;
+    fn forward(&self, x: &Tensor, tokens: usize, compute: DType) -> Result<Tensor> {
+        let h = self
+            .attn
+            .forward(&self.norm1.forward_to(x, compute)?, tokens)?;
         let x = (x + h.to_dtype(DType::F32)?)?;
         let h = self
             .fc1
@@ -346,10 +339,15 @@ impl Encoder for Vit {
         }
         let cls = self.cls_token.broadcast_as((b, 1, self.config.dim))?;
         x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        let (tokens, dim) = (x.dim(1)?, self.config.dim);
+        x = x.reshape((b * tokens, dim))?;
         for block in &self.blocks {
-            x = block.forward(&x, c)?;
+            x = block.forward(&x, tokens, c)?;
         }
-        let x = self.norm.forward_to(&x, DType::F32)?;
+        let x = self
+            .norm
+            .forward_to(&x, DType::F32)?
+            .reshape((b, tokens, dim))?;
         Ok(Features {
             patches: x.narrow(1, 1, self.grid * self.grid)?,
             cls: Some(x.i((.., 0))?),
