@@ -133,7 +133,7 @@ impl CustomOp3 for BiasActBwd {
 }
 
 /// `(rows, cols)` f32 or bf16 -> `(cols)` f32 sums over the rows.
-struct ColumnSum;
+pub(super) struct ColumnSum;
 
 impl CustomOp1 for ColumnSum {
     fn name(&self) -> &'static str {

@@ -117,6 +117,11 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
             attention(&mut c, &shape, dtype)?;
         }
     }
+    for (shape, outputs) in [([788, 384], 1152), ([50, 768], 384), ([3, 1000], 7)] {
+        linear(&mut c, &shape, outputs, DType::F32, DType::F32)?;
+        linear(&mut c, &shape, outputs, DType::BF16, DType::BF16)?;
+        linear(&mut c, &shape, outputs, DType::BF16, DType::F32)?;
+    }
     for shape in [[6000, 384], [5, 3]] {
         gather_rows(&mut c, &shape)?;
     }
@@ -221,6 +226,42 @@ fn attention(c: &mut Checker, shape: &[usize], dtype: DType) -> Result<()> {
         candle_core::bail!("attention: no gradient for qkv");
     };
     c.record("attention dqkv", shape, dtype, got, want, bwd)
+}
+
+/// A linear layer from `shape[1]` to `outputs` features on `shape[0]` rows, computed in
+/// `dtype` and written in `out`.
+fn linear(
+    c: &mut Checker,
+    shape: &[usize],
+    outputs: usize,
+    dtype: DType,
+    out: DType,
+) -> Result<()> {
+    let x = Var::from_tensor(&c.random(shape, 2.0, 0.0)?.to_dtype(dtype)?)?;
+    let w = Var::from_tensor(&c.random(&[outputs, shape[1]], 0.1, 0.0)?)?;
+    let b = Var::from_tensor(&c.random(&[outputs], 1.0, 0.0)?)?;
+    let probe = c.random(&[shape[0], outputs], 1.0, 0.0)?;
+    c.poison(4 * shape[0] * outputs)?;
+    let y = super::linear(&x, &w, &b, out)?;
+    c.poison(4 * shape[0] * outputs)?;
+    let grads = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).and_then(|t| Var::from_tensor(&t));
+    let (x64, w64, b64) = (f64s(&x)?, f64s(&w)?, f64s(&b)?);
+    let y64 = x64.matmul(&w64.t()?)?.broadcast_add(&b64)?;
+    let g64 = y64
+        .mul(&probe.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let (fwd, bwd) = tolerances(dtype);
+    let what = |name: &str| format!("linear {name} (to {})", out.as_str());
+    c.record(&what("y"), shape, dtype, &y, &y64, fwd)?;
+    for (name, v, v64) in [("dx", &x, &x64), ("dweight", &w, &w64), ("dbias", &b, &b64)] {
+        let (Some(got), Some(want)) = (grads.get(v), g64.get(v64)) else {
+            candle_core::bail!("linear: no gradient for {name}");
+        };
+        c.record(&what(name), shape, dtype, got, want, bwd)?;
+    }
+    Ok(())
 }
 
 /// Rows of a `shape` matrix picked by index, some twice, some never.

@@ -357,3 +357,23 @@ extern "C" __global__ void scatter_add_rows_f32(const float *g, const unsigned i
 
 HEADS(float, f32)
 HEADS(bf16, bf16)
+
+// y = x + bias, written in another dtype: a linear layer's bias, with the cast of its
+// output to the residual stream's f32 folded in.
+template <typename TI, typename TO>
+__device__ void bias_add(const TI *x, const float *bias, TO *y, long n, int cols) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        put(y, i, to_f32(x[i]) + bias[i % cols]);
+    }
+}
+
+#define BIAS_ADD(TI, NI, TO, NO)                                                              \
+    extern "C" __global__ void bias_add_##NI##_##NO(const TI *x, const float *bias, TO *y,   \
+                                                    long n, int cols) {                       \
+        bias_add<TI, TO>(x, bias, y, n, cols);                                                \
+    }
+
+BIAS_ADD(float, f32, float, f32)
+BIAS_ADD(bf16, bf16, bf16, bf16)
+BIAS_ADD(bf16, bf16, float, f32)

@@ -4,7 +4,7 @@
 //! per-token `Linear -> ReLU -> Linear`, applied to `(B, N, D)`; image-level heads apply
 //! to `(B, D)`. No BatchNorm (DenseCL's dense head; METHOD.md, chosen).
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::functional::{self, batch_norm};
@@ -30,6 +30,9 @@ impl Dense {
     /// A 2D `x` adds no reshape to the graph (each reshape costs the backward a
     /// zero-filled gradient and an addition in Candle).
     pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        if x.rank() == 2 && !gelu {
+            return self.forward_to(x, x.dtype());
+        }
         let w = self.weight.to_dtype(x.dtype())?;
         if x.rank() == 2 {
             return functional::bias_act(&x.matmul(&w.t()?)?, &self.bias, gelu);
@@ -40,6 +43,14 @@ impl Dense {
         let y = x.reshape((rows, inputs))?.matmul(&w.t()?)?;
         *dims.last_mut().expect("x has a last dimension") = w.dim(0)?;
         functional::bias_act(&y, &self.bias, gelu)?.reshape(dims)
+    }
+}
+
+impl Dense {
+    /// `x W^T + b` for a 2D `x`, computed in the dtype of `x` and written in `out` (f32
+    /// for a residual stream): one graph node on CUDA.
+    pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
+        functional::linear(x, &self.weight, &self.bias, out)
     }
 }
 

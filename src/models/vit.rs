@@ -164,11 +164,12 @@ struct Attention {
 }
 
 impl Attention {
+    /// The f32 output of `attn.proj` for the residual stream.
     fn forward(&self, x: &Tensor, tokens: usize) -> Result<Tensor> {
         let hd = x.dim(1)? / self.heads;
         let qkv = self.qkv.forward(x)?;
         let out = functional::attention_qkv(&qkv, tokens, self.heads, (hd as f64).powf(-0.5))?;
-        self.proj.forward(&out)
+        self.proj.forward_to(&out, DType::F32)
     }
 }
 
@@ -206,11 +207,11 @@ impl Block {
         let h = self
             .attn
             .forward(&self.norm1.forward_to(x, compute)?, tokens)?;
-        let x = (x + h.to_dtype(DType::F32)?)?;
+        let x = (x + h)?;
         let h = self
             .fc1
             .forward_act(&self.norm2.forward_to(&x, compute)?, true)?;
-        x + self.fc2.forward(&h)?.to_dtype(DType::F32)?
+        x + self.fc2.forward_to(&h, DType::F32)?
     }
 }
 
@@ -323,15 +324,15 @@ impl Encoder for Vit {
             candle_core::bail!("images are {h}x{w}, this ViT was built for {expected}x{expected}");
         }
         let c = self.compute;
-        let (w, bias) = (self.patch_weight.to_dtype(c)?, self.patch_bias.to_dtype(c)?);
         let patches = patchify(&images.to_dtype(c)?, self.config.patch_size)?;
         let (n, k) = (patches.dim(1)?, patches.dim(2)?);
-        let mut x = patches
-            .reshape((b * n, k))?
-            .matmul(&w.t()?)?
-            .broadcast_add(&bias)?
-            .reshape((b, n, self.config.dim))?
-            .to_dtype(DType::F32)?;
+        let mut x = functional::linear(
+            &patches.reshape((b * n, k))?,
+            &self.patch_weight,
+            &self.patch_bias,
+            DType::F32,
+        )?
+        .reshape((b, n, self.config.dim))?;
         if let (Some(mask), Some(token)) = (mask, &self.mask_token) {
             // SimMIM: x * (1 - m) + mask_token * m
             let m = mask.to_dtype(x.dtype())?.unsqueeze(D::Minus1)?;
