@@ -110,7 +110,7 @@ impl CustomOp2 for BiasAct {
 }
 
 /// `(x, bias, dy)` -> `dy * gelu'(x + bias)`.
-struct BiasActBwd;
+pub(super) struct BiasActBwd;
 
 impl CustomOp3 for BiasActBwd {
     fn name(&self) -> &'static str {

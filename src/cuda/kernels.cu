@@ -209,12 +209,19 @@ __device__ __forceinline__ float gelu_grad(float z) {
            z * 0.39894228040143268f * __expf(-0.5f * z * z);
 }
 
+// A grid-stride loop over the n elements of a `cols`-wide row-major matrix, with the
+// column of each element kept by addition (no 64-bit division per element).
+#define FOR_EACH_ELEMENT(n, cols, i, c)                                                       \
+    const long step_ = (long)gridDim.x * blockDim.x;                                          \
+    const int step_cols_ = (int)(step_ % cols);                                               \
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;                                     \
+    for (int c = (int)(i % cols); i < n; i += step_, c += step_cols_, c -= c >= cols ? cols : 0)
+
 // y = act(x + bias) for x of `rows` x `cols`, bias f32 of `cols`. act 0: none, 1: GELU.
 template <typename T>
 __device__ void bias_act_fwd(const T *x, const float *bias, T *y, long n, int cols, int act) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
-         i += (long)gridDim.x * blockDim.x) {
-        const float z = to_f32(x[i]) + bias[i % cols];
+    FOR_EACH_ELEMENT(n, cols, i, c) {
+        const float z = to_f32(x[i]) + bias[c];
         put(y, i, act ? gelu(z) : z);
     }
 }
@@ -223,10 +230,9 @@ __device__ void bias_act_fwd(const T *x, const float *bias, T *y, long n, int co
 template <typename T>
 __device__ void bias_act_bwd(const T *x, const float *bias, const T *dy, T *dz, long n, int cols,
                              int act) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
-         i += (long)gridDim.x * blockDim.x) {
+    FOR_EACH_ELEMENT(n, cols, i, c) {
         const float g = to_f32(dy[i]);
-        put(dz, i, act ? g * gelu_grad(to_f32(x[i]) + bias[i % cols]) : g);
+        put(dz, i, act ? g * gelu_grad(to_f32(x[i]) + bias[c]) : g);
     }
 }
 
@@ -362,10 +368,7 @@ HEADS(bf16, bf16)
 // output to the residual stream's f32 folded in.
 template <typename TI, typename TO>
 __device__ void bias_add(const TI *x, const float *bias, TO *y, long n, int cols) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
-         i += (long)gridDim.x * blockDim.x) {
-        put(y, i, to_f32(x[i]) + bias[i % cols]);
-    }
+    FOR_EACH_ELEMENT(n, cols, i, c) { put(y, i, to_f32(x[i]) + bias[c]); }
 }
 
 #define BIAS_ADD(TI, NI, TO, NO)                                                              \

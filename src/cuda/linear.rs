@@ -1,6 +1,8 @@
-//! A linear layer `x W^T + b` as one node of Candle's graph: the f32 master weight cast to
-//! the input's dtype, the cuBLAS product, and the bias added while the result is written
-//! in the dtype the next layer reads (f32 for the residual stream).
+//! A linear layer `act(x W^T + b)` as one node of Candle's graph: the f32 master weight
+//! cast to the input's dtype, the cuBLAS product, and the bias (and GELU) applied while
+//! the result is written in the dtype the next layer reads (f32 for the residual stream).
+//! With GELU the backward recomputes the product rather than keep it: one more matmul
+//! costs less than a graph node.
 //!
 //! Composed, the same layer is three nodes (weight cast, matmul, bias) and a fourth to
 //! cast the output, and Candle's backward gives each node a zero-filled gradient plus an
@@ -12,25 +14,36 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use half::bf16;
 
-use super::bias::ColumnSum;
+use super::bias::{BiasActBwd, ColumnSum};
 use super::*;
 
-/// `x W^T + b` for `x` `(rows, in)` f32 or bf16 (made contiguous), f32 `weight`
-/// `(out, in)` and `bias` `(out)`; the product runs in the dtype of `x` (f32 accumulation)
-/// and is written in `out` (the dtype of `x`, or f32). Gradients: `dx` in the dtype of
-/// `x`, `dweight` and `dbias` in f32.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, out: DType) -> Result<Tensor> {
+/// `x W^T + b`, then GELU (erf) when `gelu`, for `x` `(rows, in)` f32 or bf16 (made
+/// contiguous), f32 `weight` `(out, in)` and `bias` `(out)`; the product runs in the dtype
+/// of `x` (f32 accumulation) and is written in `out` (the dtype of `x`, or f32 without
+/// GELU). Gradients: `dx` in the dtype of `x`, `dweight` and `dbias` in f32.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    gelu: bool,
+    out: DType,
+) -> Result<Tensor> {
     if x.rank() != 2 || weight.dtype() != DType::F32 || bias.dtype() != DType::F32 {
         bail!("linear: a 2D input and f32 weight and bias");
     }
-    if out != x.dtype() && out != DType::F32 {
-        bail!("linear: the output is {:?} or f32, not {out:?}", x.dtype());
+    if out != x.dtype() && (out != DType::F32 || gelu) {
+        bail!(
+            "linear: the output is {:?} (or f32 without GELU), not {out:?}",
+            x.dtype()
+        );
     }
-    x.contiguous()?.apply_op3(weight, bias, Linear { out })
+    x.contiguous()?
+        .apply_op3(weight, bias, Linear { out, gelu })
 }
 
 struct Linear {
     out: DType,
+    gelu: bool,
 }
 
 impl CustomOp3 for Linear {
@@ -70,32 +83,34 @@ impl CustomOp3 for Linear {
         let y = xs.matmul(w, (1, rows, outputs, inputs), xl, &w_at.transpose(0, 1)?)?;
         let dev = xs.device();
         let b = contiguous::<f32>(bs, bl, "bias")?;
-        let f = func(
-            dev,
-            &format!(
-                "bias_add_{}_{}",
-                dtype_name(xs.dtype())?,
-                dtype_name(self.out)?
-            ),
-        )?;
+        // bias_act_fwd_<dt>(x, bias, y, n, cols, act) or bias_add_<in>_<out>(x, bias, y,
+        // n, cols): the same arguments but the last.
+        let in_dt = dtype_name(xs.dtype())?;
+        let f = match self.gelu {
+            true => func(dev, &format!("bias_act_fwd_{in_dt}"))?,
+            false => func(dev, &format!("bias_add_{in_dt}_{}", dtype_name(self.out)?))?,
+        };
         let n = rows * outputs;
         fn go<I: CudaDType + DeviceRepr, O: CudaDType + DeviceRepr>(
             dev: &CudaDevice,
             f: &CudaFunction,
             y: CudaView<I>,
             b: &CudaView<f32>,
-            (n, cols): (usize, usize),
+            (n, cols, gelu): (usize, usize, bool),
         ) -> Result<CudaSlice<O>> {
             let out = unsafe { dev.alloc::<O>(n)? };
-            let (n_i, cols_i) = (n as i64, cols as i32);
+            let (n_i, cols_i, act) = (n as i64, cols as i32, 1i32);
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(f);
             l.arg(&y).arg(b).arg(&out).arg(&n_i).arg(&cols_i);
+            if gelu {
+                l.arg(&act);
+            }
             unsafe { l.launch(elementwise_grid(n)) }.w()?;
             Ok(out)
         }
         let y_at = Layout::contiguous((rows, outputs));
-        let shape = (n, outputs);
+        let shape = (n, outputs, self.gelu);
         let slice = match (xs.dtype(), self.out) {
             (DType::F32, _) => CudaStorageSlice::F32(go::<f32, f32>(
                 dev,
@@ -126,13 +141,21 @@ impl CustomOp3 for Linear {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
-        let g = grad.to_dtype(x.dtype())?;
-        let dx = g.matmul(&weight.to_dtype(x.dtype())?)?;
+        let w = weight.to_dtype(x.dtype())?;
+        let g = match self.gelu {
+            true => {
+                let g = grad.to_dtype(x.dtype())?.contiguous()?;
+                x.matmul(&w.t()?)?.apply_op3_no_bwd(bias, &g, &BiasActBwd)?
+            }
+            false => grad.contiguous()?,
+        };
+        let db = g.apply_op1_no_bwd(&ColumnSum)?;
+        let g = g.to_dtype(x.dtype())?;
+        let dx = g.matmul(&w)?;
         let dw = g.t()?.matmul(x)?.to_dtype(DType::F32)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }

@@ -30,13 +30,10 @@ impl Dense {
     /// A 2D `x` adds no reshape to the graph (each reshape costs the backward a
     /// zero-filled gradient and an addition in Candle).
     pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        if x.rank() == 2 && !gelu {
-            return self.forward_to(x, x.dtype());
+        if x.rank() == 2 {
+            return functional::linear(x, &self.weight, &self.bias, gelu, x.dtype());
         }
         let w = self.weight.to_dtype(x.dtype())?;
-        if x.rank() == 2 {
-            return functional::bias_act(&x.matmul(&w.t()?)?, &self.bias, gelu);
-        }
         let mut dims = x.dims().to_vec();
         let inputs = x.dim(D::Minus1)?;
         let rows = x.elem_count() / inputs.max(1);
@@ -50,7 +47,7 @@ impl Dense {
     /// `x W^T + b` for a 2D `x`, computed in the dtype of `x` and written in `out` (f32
     /// for a residual stream): one graph node on CUDA.
     pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
-        functional::linear(x, &self.weight, &self.bias, out)
+        functional::linear(x, &self.weight, &self.bias, false, out)
     }
 }
 

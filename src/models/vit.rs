@@ -330,6 +330,7 @@ impl Encoder for Vit {
             &patches.reshape((b * n, k))?,
             &self.patch_weight,
             &self.patch_bias,
+            false,
             DType::F32,
         )?
         .reshape((b, n, self.config.dim))?;
