@@ -55,28 +55,41 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
     }
 }
 
-/// `x W^T + b` over the rows of a 2D `x`, then GELU (erf) when `gelu`: the f32 `weight`
-/// and `bias` cast to the dtype of `x` (the product runs in it), the result written in
-/// `out`. One fused op on CUDA.
-pub fn linear(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    gelu: bool,
-    out: DType,
-) -> Result<Tensor> {
+/// The activation after a linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// None.
+    Identity,
+    /// GELU, erf form (`torch.nn.GELU()`).
+    Gelu,
+    /// ReLU.
+    Relu,
+}
+
+impl Act {
+    /// `act(y)` with Candle's ops.
+    pub fn apply(self, y: &Tensor) -> Result<Tensor> {
+        match self {
+            Act::Identity => Ok(y.clone()),
+            Act::Gelu => y.gelu_erf(),
+            Act::Relu => y.relu(),
+        }
+    }
+}
+
+/// `act(x W^T + b)` over the rows of a 2D `x`: the f32 `weight` and `bias` cast to the
+/// dtype of `x` (the product runs in it), the result written in `out`. One fused op on
+/// CUDA.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(x, 0) && x.rank() == 2 && matches!(x.dtype(), DType::F32 | DType::BF16) {
-        return crate::cuda::linear(x, weight, bias, gelu, out);
+        return crate::cuda::linear(x, weight, bias, act, out);
     }
     let dt = x.dtype();
     let y = x
         .matmul(&weight.to_dtype(dt)?.t()?)?
         .broadcast_add(&bias.to_dtype(dt)?)?;
-    match gelu {
-        true => y.gelu_erf()?.to_dtype(out),
-        false => y.to_dtype(out),
-    }
+    act.apply(&y)?.to_dtype(out)
 }
 
 /// Multi-head self-attention from the packed projection: `qkv` is `(B * tokens, 3 * D)`,

@@ -29,7 +29,7 @@ fn bias_act_launch(
     stage: &str,
     inputs: &[(&CudaStorage, &Layout)],
     bias: (&CudaStorage, &Layout),
-    gelu: bool,
+    act: i32,
 ) -> Result<(CudaStorage, Shape)> {
     let (xs, xl) = inputs[0];
     let dev = xs.device();
@@ -43,7 +43,7 @@ fn bias_act_launch(
         dev,
         &format!("bias_act_{stage}_{}", dtype_name(xs.dtype())?),
     )?;
-    let (n_i, cols_i, act) = (n as i64, cols as i32, i32::from(gelu));
+    let (n_i, cols_i) = (n as i64, cols as i32);
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         f: &CudaFunction,
@@ -89,7 +89,7 @@ impl CustomOp2 for BiasAct {
         bs: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        bias_act_launch("fwd", &[(xs, xl)], (bs, bl), self.gelu)
+        bias_act_launch("fwd", &[(xs, xl)], (bs, bl), i32::from(self.gelu))
     }
 
     fn bwd(
@@ -101,7 +101,7 @@ impl CustomOp2 for BiasAct {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.to_dtype(x.dtype())?.contiguous()?;
         let dz = match self.gelu {
-            true => x.apply_op3_no_bwd(bias, &grad, &BiasActBwd)?,
+            true => x.apply_op3_no_bwd(bias, &grad, &BiasActBwd(1))?,
             false => grad,
         };
         let db = dz.apply_op1_no_bwd(&ColumnSum)?.reshape(bias.shape())?;
@@ -109,8 +109,9 @@ impl CustomOp2 for BiasAct {
     }
 }
 
-/// `(x, bias, dy)` -> `dy * gelu'(x + bias)`.
-pub(super) struct BiasActBwd;
+/// `(x, bias, dy)` -> `dy * act'(x + bias)` for the kernels' activation code (1: GELU,
+/// 2: ReLU).
+pub(super) struct BiasActBwd(pub(super) i32);
 
 impl CustomOp3 for BiasActBwd {
     fn name(&self) -> &'static str {
@@ -128,7 +129,7 @@ impl CustomOp3 for BiasActBwd {
         gs: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        bias_act_launch("bwd", &[(xs, xl), (gs, gl)], (bs, bl), true)
+        bias_act_launch("bwd", &[(xs, xl), (gs, gl)], (bs, bl), self.0)
     }
 }
 

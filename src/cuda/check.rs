@@ -8,7 +8,7 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::functional;
+use crate::functional::{self, Act};
 use crate::optim::{AdamW, AdamWParams, Gradients};
 
 /// One checked case.
@@ -118,11 +118,17 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
         }
     }
     for (shape, outputs) in [([788, 384], 1152), ([50, 768], 384), ([3, 1000], 7)] {
-        for gelu in [false, true] {
-            linear(&mut c, &shape, outputs, gelu, (DType::F32, DType::F32))?;
-            linear(&mut c, &shape, outputs, gelu, (DType::BF16, DType::BF16))?;
+        for act in [Act::Identity, Act::Gelu, Act::Relu] {
+            linear(&mut c, &shape, outputs, act, (DType::F32, DType::F32))?;
+            linear(&mut c, &shape, outputs, act, (DType::BF16, DType::BF16))?;
         }
-        linear(&mut c, &shape, outputs, false, (DType::BF16, DType::F32))?;
+        linear(
+            &mut c,
+            &shape,
+            outputs,
+            Act::Identity,
+            (DType::BF16, DType::F32),
+        )?;
     }
     for shape in [[6000, 384], [5, 3]] {
         gather_rows(&mut c, &shape)?;
@@ -236,7 +242,7 @@ fn linear(
     c: &mut Checker,
     shape: &[usize],
     outputs: usize,
-    gelu: bool,
+    act: Act,
     (dtype, out): (DType, DType),
 ) -> Result<()> {
     let x = Var::from_tensor(&c.random(shape, 2.0, 0.0)?.to_dtype(dtype)?)?;
@@ -244,22 +250,18 @@ fn linear(
     let b = Var::from_tensor(&c.random(&[outputs], 1.0, 0.0)?)?;
     let probe = c.random(&[shape[0], outputs], 1.0, 0.0)?;
     c.poison(4 * shape[0] * outputs)?;
-    let y = super::linear(&x, &w, &b, gelu, out)?;
+    let y = super::linear(&x, &w, &b, act, out)?;
     c.poison(4 * shape[0] * outputs)?;
     let grads = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
     let f64s = |t: &Tensor| t.to_dtype(DType::F64).and_then(|t| Var::from_tensor(&t));
     let (x64, w64, b64) = (f64s(&x)?, f64s(&w)?, f64s(&b)?);
-    let mut y64 = x64.matmul(&w64.t()?)?.broadcast_add(&b64)?;
-    if gelu {
-        y64 = y64.gelu_erf()?;
-    }
+    let y64 = act.apply(&x64.matmul(&w64.t()?)?.broadcast_add(&b64)?)?;
     let g64 = y64
         .mul(&probe.to_dtype(DType::F64)?)?
         .sum_all()?
         .backward()?;
     let (fwd, bwd) = tolerances(dtype);
-    let act = if gelu { "+gelu" } else { "" };
-    let what = |name: &str| format!("linear{act} {name} (to {})", out.as_str());
+    let what = |name: &str| format!("linear {act:?} {name} (to {})", out.as_str());
     c.record(&what("y"), shape, dtype, &y, &y64, fwd)?;
     for (name, v, v64) in [("dx", &x, &x64), ("dweight", &w, &w64), ("dbias", &b, &b64)] {
         let (Some(got), Some(want)) = (grads.get(v), g64.get(v64)) else {

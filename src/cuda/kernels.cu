@@ -217,12 +217,13 @@ __device__ __forceinline__ float gelu_grad(float z) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;                                     \
     for (int c = (int)(i % cols); i < n; i += step_, c += step_cols_, c -= c >= cols ? cols : 0)
 
-// y = act(x + bias) for x of `rows` x `cols`, bias f32 of `cols`. act 0: none, 1: GELU.
+// y = act(x + bias) for x of `rows` x `cols`, bias f32 of `cols`. act 0: none, 1: GELU,
+// 2: ReLU.
 template <typename T>
 __device__ void bias_act_fwd(const T *x, const float *bias, T *y, long n, int cols, int act) {
     FOR_EACH_ELEMENT(n, cols, i, c) {
         const float z = to_f32(x[i]) + bias[c];
-        put(y, i, act ? gelu(z) : z);
+        put(y, i, act == 1 ? gelu(z) : (act == 2 ? fmaxf(z, 0.f) : z));
     }
 }
 
@@ -232,7 +233,8 @@ __device__ void bias_act_bwd(const T *x, const float *bias, const T *dy, T *dz, 
                              int act) {
     FOR_EACH_ELEMENT(n, cols, i, c) {
         const float g = to_f32(dy[i]);
-        put(dz, i, act ? g * gelu_grad(to_f32(x[i]) + bias[c]) : g);
+        const float z = to_f32(x[i]) + bias[c];
+        put(dz, i, act == 1 ? g * gelu_grad(z) : (act == 2 ? (z > 0.f ? g : 0.f) : g));
     }
 }
 

@@ -1,8 +1,8 @@
 //! A linear layer `act(x W^T + b)` as one node of Candle's graph: the f32 master weight
-//! cast to the input's dtype, the cuBLAS product, and the bias (and GELU) applied while
-//! the result is written in the dtype the next layer reads (f32 for the residual stream).
-//! With GELU the backward recomputes the product rather than keep it: one more matmul
-//! costs less than a graph node.
+//! cast to the input's dtype, the cuBLAS product, and the bias (and GELU or ReLU) applied
+//! while the result is written in the dtype the next layer reads (f32 for the residual
+//! stream). With an activation the backward recomputes the product rather than keep it:
+//! one more matmul costs less than a graph node.
 //!
 //! Composed, the same layer is three nodes (weight cast, matmul, bias) and a fourth to
 //! cast the output, and Candle's backward gives each node a zero-filled gradient plus an
@@ -16,34 +16,34 @@ use half::bf16;
 
 use super::bias::{BiasActBwd, ColumnSum};
 use super::*;
+use crate::functional::Act;
 
-/// `x W^T + b`, then GELU (erf) when `gelu`, for `x` `(rows, in)` f32 or bf16 (made
-/// contiguous), f32 `weight` `(out, in)` and `bias` `(out)`; the product runs in the dtype
-/// of `x` (f32 accumulation) and is written in `out` (the dtype of `x`, or f32 without
-/// GELU). Gradients: `dx` in the dtype of `x`, `dweight` and `dbias` in f32.
-pub fn linear(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    gelu: bool,
-    out: DType,
-) -> Result<Tensor> {
+/// `act(x W^T + b)` for `x` `(rows, in)` f32 or bf16 (made contiguous), f32 `weight`
+/// `(out, in)` and `bias` `(out)`; the product runs in the dtype of `x` (f32 accumulation)
+/// and is written in `out` (the dtype of `x`, or f32 without an activation). Gradients:
+/// `dx` in the dtype of `x`, `dweight` and `dbias` in f32.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) -> Result<Tensor> {
+    let act = match act {
+        Act::Identity => 0,
+        Act::Gelu => 1,
+        Act::Relu => 2,
+    };
     if x.rank() != 2 || weight.dtype() != DType::F32 || bias.dtype() != DType::F32 {
         bail!("linear: a 2D input and f32 weight and bias");
     }
-    if out != x.dtype() && (out != DType::F32 || gelu) {
+    if out != x.dtype() && (out != DType::F32 || act != 0) {
         bail!(
-            "linear: the output is {:?} (or f32 without GELU), not {out:?}",
+            "linear: the output is {:?} (or f32 without an activation), not {out:?}",
             x.dtype()
         );
     }
-    x.contiguous()?
-        .apply_op3(weight, bias, Linear { out, gelu })
+    x.contiguous()?.apply_op3(weight, bias, Linear { out, act })
 }
 
+/// `act`: the kernels' activation code (0: none, 1: GELU, 2: ReLU).
 struct Linear {
     out: DType,
-    gelu: bool,
+    act: i32,
 }
 
 impl CustomOp3 for Linear {
@@ -86,9 +86,9 @@ impl CustomOp3 for Linear {
         // bias_act_fwd_<dt>(x, bias, y, n, cols, act) or bias_add_<in>_<out>(x, bias, y,
         // n, cols): the same arguments but the last.
         let in_dt = dtype_name(xs.dtype())?;
-        let f = match self.gelu {
-            true => func(dev, &format!("bias_act_fwd_{in_dt}"))?,
-            false => func(dev, &format!("bias_add_{in_dt}_{}", dtype_name(self.out)?))?,
+        let f = match self.act {
+            0 => func(dev, &format!("bias_add_{in_dt}_{}", dtype_name(self.out)?))?,
+            _ => func(dev, &format!("bias_act_fwd_{in_dt}"))?,
         };
         let n = rows * outputs;
         fn go<I: CudaDType + DeviceRepr, O: CudaDType + DeviceRepr>(
@@ -96,21 +96,21 @@ impl CustomOp3 for Linear {
             f: &CudaFunction,
             y: CudaView<I>,
             b: &CudaView<f32>,
-            (n, cols, gelu): (usize, usize, bool),
+            (n, cols, act): (usize, usize, i32),
         ) -> Result<CudaSlice<O>> {
             let out = unsafe { dev.alloc::<O>(n)? };
-            let (n_i, cols_i, act) = (n as i64, cols as i32, 1i32);
+            let (n_i, cols_i) = (n as i64, cols as i32);
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(f);
             l.arg(&y).arg(b).arg(&out).arg(&n_i).arg(&cols_i);
-            if gelu {
+            if act != 0 {
                 l.arg(&act);
             }
             unsafe { l.launch(elementwise_grid(n)) }.w()?;
             Ok(out)
         }
         let y_at = Layout::contiguous((rows, outputs));
-        let shape = (n, outputs, self.gelu);
+        let shape = (n, outputs, self.act);
         let slice = match (xs.dtype(), self.out) {
             (DType::F32, _) => CudaStorageSlice::F32(go::<f32, f32>(
                 dev,
@@ -146,12 +146,13 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let w = weight.to_dtype(x.dtype())?;
-        let g = match self.gelu {
-            true => {
+        let g = match self.act {
+            0 => grad.contiguous()?,
+            act => {
                 let g = grad.to_dtype(x.dtype())?.contiguous()?;
-                x.matmul(&w.t()?)?.apply_op3_no_bwd(bias, &g, &BiasActBwd)?
+                x.matmul(&w.t()?)?
+                    .apply_op3_no_bwd(bias, &g, &BiasActBwd(act))?
             }
-            false => grad.contiguous()?,
         };
         let db = g.apply_op1_no_bwd(&ColumnSum)?;
         let g = g.to_dtype(x.dtype())?;

@@ -7,7 +7,7 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::functional::{self, batch_norm};
+use crate::functional::{self, Act, batch_norm};
 
 /// `Linear(in, hidden) -> ReLU -> Linear(hidden, out)`, named `fc1`, `fc2`.
 #[derive(Clone, Debug)]
@@ -26,12 +26,12 @@ pub struct Dense {
 }
 
 impl Dense {
-    /// `act(x W^T + b)`: GELU (erf) when `gelu`, else the identity.
+    /// `act(x W^T + b)`.
     /// A 2D `x` adds no reshape to the graph (each reshape costs the backward a
     /// zero-filled gradient and an addition in Candle).
-    pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         if x.rank() == 2 {
-            return functional::linear(x, &self.weight, &self.bias, gelu, x.dtype());
+            return functional::linear(x, &self.weight, &self.bias, act, x.dtype());
         }
         let w = self.weight.to_dtype(x.dtype())?;
         let mut dims = x.dims().to_vec();
@@ -39,7 +39,11 @@ impl Dense {
         let rows = x.elem_count() / inputs.max(1);
         let y = x.reshape((rows, inputs))?.matmul(&w.t()?)?;
         *dims.last_mut().expect("x has a last dimension") = w.dim(0)?;
-        functional::bias_act(&y, &self.bias, gelu)?.reshape(dims)
+        let y = functional::bias_act(&y, &self.bias, act == Act::Gelu)?.reshape(dims)?;
+        match act {
+            Act::Relu => y.relu(),
+            _ => Ok(y),
+        }
     }
 }
 
@@ -47,13 +51,13 @@ impl Dense {
     /// `x W^T + b` for a 2D `x`, computed in the dtype of `x` and written in `out` (f32
     /// for a residual stream): one graph node on CUDA.
     pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
-        functional::linear(x, &self.weight, &self.bias, false, out)
+        functional::linear(x, &self.weight, &self.bias, Act::Identity, out)
     }
 }
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_act(x, false)
+        self.forward_act(x, Act::Identity)
     }
 }
 
@@ -81,7 +85,7 @@ impl Mlp2 {
 
 impl Module for Mlp2 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.relu()?)
+        self.fc2.forward(&self.fc1.forward_act(x, Act::Relu)?)
     }
 }
 

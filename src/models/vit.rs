@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::mlp::{Dense, linear};
 use super::{Encoder, Features};
-use crate::functional;
+use crate::functional::{self, Act};
 
 /// Position embedding of a ViT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,7 +210,7 @@ impl Block {
         let x = (x + h)?;
         let h = self
             .fc1
-            .forward_act(&self.norm2.forward_to(&x, compute)?, true)?;
+            .forward_act(&self.norm2.forward_to(&x, compute)?, Act::Gelu)?;
         x + self.fc2.forward_to(&h, DType::F32)?
     }
 }
@@ -330,7 +330,7 @@ impl Encoder for Vit {
             &patches.reshape((b * n, k))?,
             &self.patch_weight,
             &self.patch_bias,
-            false,
+            Act::Identity,
             DType::F32,
         )?
         .reshape((b, n, self.config.dim))?;
