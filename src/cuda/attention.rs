@@ -11,7 +11,9 @@
 //! `k`, trading one more `q k^T` for `B * H * N^2` stored elements per layer.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, IndexOp, Layout, Result,
@@ -76,6 +78,17 @@ impl Heads {
     fn args(&self) -> [i32; 5] {
         [self.batch, self.tokens, self.parts, self.heads, self.dim].map(|v| v as i32)
     }
+
+    /// The launch of `split_heads`/`merge_heads`: a warp per chunk of `E` elements, 8
+    /// warps per block.
+    fn grid(&self) -> LaunchConfig {
+        let chunks = (self.elements() / self.dim.max(1)) as u32;
+        LaunchConfig {
+            grid_dim: (chunks.div_ceil(8).clamp(1, 1 << 20), 1, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        }
+    }
 }
 
 /// `x` token-major -> a new head-major storage, by `split_heads_<dtype>`.
@@ -94,7 +107,7 @@ fn split(s: &CudaStorage, l: &Layout, h: Heads) -> Result<CudaStorage> {
         for v in &a {
             b.arg(v);
         }
-        unsafe { b.launch(elementwise_grid(h.elements())) }.w()?;
+        unsafe { b.launch(h.grid()) }.w()?;
         Ok(y)
     }
     let dev = s.device();
@@ -131,7 +144,7 @@ fn merge(parts: &[(&CudaStorage, &Layout)], h: Heads) -> Result<CudaStorage> {
         for v in &a {
             b.arg(v);
         }
-        unsafe { b.launch(elementwise_grid(h.elements())) }.w()?;
+        unsafe { b.launch(h.grid()) }.w()?;
         Ok(y)
     }
     if parts.len() != h.parts || !(1..=3).contains(&parts.len()) {

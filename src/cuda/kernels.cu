@@ -297,34 +297,36 @@ EACH_WIDTH(SOFTMAX, float, f32)
 EACH_WIDTH(SOFTMAX, bf16, bf16)
 
 // Attention heads: x (B, N, S, H, E) token-major (the qkv projection's output, S = 3, or
-// an attention output or its gradient, S = 1) to y (S, B, H, N, E) head-major.
+// an attention output or its gradient, S = 1) to y (S, B, H, N, E) head-major. Each
+// warp row (threadIdx.y) copies chunks of E contiguous elements: the chunk's place is
+// worked out once per chunk, not per element. Block (32, 8).
 template <typename T>
 __device__ void split_heads(const T *x, T *y, int B, int N, int S, int H, int E) {
-    const long n = (long)B * N * S * H * E;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
-         i += (long)gridDim.x * blockDim.x) {
-        long t = i / E;
-        const int e = i - t * E;
+    const int chunks = B * N * S * H;
+    for (int ch = blockIdx.x * blockDim.y + threadIdx.y; ch < chunks;
+         ch += gridDim.x * blockDim.y) {
+        int t = ch;
         const int h = t % H;
         t /= H;
         const int s = t % S;
         t /= S;
         const int tok = t % N;
         const int b = t / N;
-        y[(((long)s * B + b) * H + h) * N * E + (long)tok * E + e] = x[i];
+        const T *src = x + (long)ch * E;
+        T *dst = y + ((((long)s * B + b) * H + h) * N + tok) * E;
+        for (int e = threadIdx.x; e < E; e += 32) dst[e] = src[e];
     }
 }
 
 // The inverse for S parts held apart: part s of y (B, N, S, H, E) from p[s], each
-// (B, H, N, E) head-major (S at most 3).
+// (B, H, N, E) head-major (S at most 3). Block (32, 8).
 template <typename T>
 __device__ void merge_heads(const T *p0, const T *p1, const T *p2, T *y, int B, int N, int S,
                             int H, int E) {
-    const long n = (long)B * N * S * H * E;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
-         i += (long)gridDim.x * blockDim.x) {
-        long t = i / E;
-        const int e = i - t * E;
+    const int chunks = B * N * S * H;
+    for (int ch = blockIdx.x * blockDim.y + threadIdx.y; ch < chunks;
+         ch += gridDim.x * blockDim.y) {
+        int t = ch;
         const int h = t % H;
         t /= H;
         const int s = t % S;
@@ -332,7 +334,9 @@ __device__ void merge_heads(const T *p0, const T *p1, const T *p2, T *y, int B, 
         const int tok = t % N;
         const int b = t / N;
         const T *p = s == 0 ? p0 : (s == 1 ? p1 : p2);
-        y[i] = p[((long)b * H + h) * N * E + (long)tok * E + e];
+        const T *src = p + (((long)b * H + h) * N + tok) * E;
+        T *dst = y + (long)ch * E;
+        for (int e = threadIdx.x; e < E; e += 32) dst[e] = src[e];
     }
 }
 
