@@ -21,7 +21,7 @@ pub fn set_fused_kernels(on: bool) {
 
 /// Whether `x`, with rows of `row` elements, goes to a fused kernel.
 #[cfg(feature = "cuda")]
-fn fused(x: &Tensor, row: usize) -> bool {
+pub(crate) fn fused(x: &Tensor, row: usize) -> bool {
     x.device().is_cuda() && FUSED.load(Ordering::Relaxed) && row <= crate::cuda::MAX_ROW
 }
 

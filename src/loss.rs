@@ -15,6 +15,10 @@ use crate::functional::{l2_normalize, logsumexp};
 pub fn info_nce(q: &Tensor, k: &Tensor, queue: &Tensor, tau: f64) -> Result<Tensor> {
     let q = l2_normalize(q)?;
     let k = l2_normalize(&k.detach())?;
+    #[cfg(feature = "cuda")]
+    if crate::functional::fused(&q, 0) && q.dtype() == candle_core::DType::F32 {
+        return crate::cuda::info_nce(&q, &k, queue, tau)?.mean_all();
+    }
     let positive = (&q * &k)?.sum_keepdim(D::Minus1)?;
     let negative = q.matmul(&queue.detach().t()?)?;
     let logits = (Tensor::cat(&[&positive, &negative], 1)? / tau)?;

@@ -130,6 +130,9 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
             (DType::BF16, DType::F32),
         )?;
     }
+    for sizes in [(3000, 256, 4096), (7, 16, 33)] {
+        info_nce(&mut c, sizes)?;
+    }
     for shape in [[6000, 384], [5, 3]] {
         gather_rows(&mut c, &shape)?;
     }
@@ -277,6 +280,34 @@ fn linear(
         c.record(&what(name), shape, dtype, got, want, bwd)?;
     }
     Ok(())
+}
+
+/// InfoNCE of `m` unit rows of width `c` against a queue of `k` keys, tau 0.2.
+fn info_nce(c: &mut Checker, (m, width, k): (usize, usize, usize)) -> Result<()> {
+    let tau = 0.2;
+    let unit = |c: &mut Checker, rows: usize| -> Result<Tensor> {
+        functional::l2_normalize(&c.random(&[rows, width], 1.0, 0.0)?)
+    };
+    let q = Var::from_tensor(&unit(c, m)?)?;
+    let (keys, queue) = (unit(c, m)?, unit(c, k)?);
+    let probe = c.random(&[m], 1.0, 0.0)?;
+    c.poison(4 * m * k)?;
+    let losses = super::info_nce(&q, &keys, &queue, tau)?;
+    let grads = losses.mul(&probe)?.sum_all()?.backward()?;
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64);
+    let q64 = Var::from_tensor(&f64s(&q)?)?;
+    let (k64, n64) = (f64s(&keys)?, f64s(&queue)?);
+    let positive = q64.mul(&k64)?.sum_keepdim(1)?;
+    let logits = (Tensor::cat(&[&positive, &q64.matmul(&n64.t()?)?], 1)? / tau)?;
+    let want = (functional::logsumexp(&logits)? - logits.narrow(1, 0, 1)?)?.squeeze(1)?;
+    let g64 = want.mul(&f64s(&probe)?)?.sum_all()?.backward()?;
+    let shape = [m, width, k];
+    let (fwd, bwd) = tolerances(DType::F32);
+    c.record("info_nce loss", &shape, DType::F32, &losses, &want, fwd)?;
+    let (Some(got), Some(want)) = (grads.get(&q), g64.get(&q64)) else {
+        candle_core::bail!("info_nce: no gradient for q");
+    };
+    c.record("info_nce dq", &shape, DType::F32, got, want, bwd)
 }
 
 /// Rows of a `shape` matrix picked by index, some twice, some never.

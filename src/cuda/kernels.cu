@@ -386,3 +386,42 @@ __device__ void bias_add(const TI *x, const float *bias, TO *y, long n, int cols
 BIAS_ADD(float, f32, float, f32)
 BIAS_ADD(bf16, bf16, bf16, bf16)
 BIAS_ADD(bf16, bf16, float, f32)
+
+// InfoNCE against a queue, one warp per row r of the logits [pos_r, neg_r] / tau, where
+// pos_r = q_r.k_r and neg = q queue^T (f32): the row's logsumexp.
+__device__ float info_nce_lse(const float *nr, float pos, int K, float inv_tau) {
+    const int lane = threadIdx.x & 31;
+    float m = pos * inv_tau;
+    for (int j = lane; j < K; j += 32) m = fmaxf(m, nr[j] * inv_tau);
+    m = warp_max(m);
+    float s = 0.f;
+    for (int j = lane; j < K; j += 32) s += expf(nr[j] * inv_tau - m);
+    return m + logf(warp_sum(s) + expf(pos * inv_tau - m));
+}
+
+// loss[r] = logsumexp(logits_r) - logits_r[0], for q, k (n, C) and neg (n, K).
+extern "C" __global__ void info_nce_fwd_f32(const float *q, const float *k, const float *neg,
+                                            float *loss, int n, int K, int C, float inv_tau) {
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= n) return;
+    const int lane = threadIdx.x & 31;
+    float d = 0.f;
+    for (int c = lane; c < C; c += 32) d += q[(long)r * C + c] * k[(long)r * C + c];
+    const float pos = warp_sum(d);
+    const float lse = info_nce_lse(neg + (long)r * K, pos, K, inv_tau);
+    if (lane == 0) loss[r] = lse - pos * inv_tau;
+}
+
+// dneg[r, j] = g[r] / tau * softmax(logits_r)[1 + j]: the gradient of the g-weighted
+// losses with respect to neg, from neg (n, K) and pos (n). That of the positive logit is
+// minus the row's sum of it (the softmax sums to one).
+extern "C" __global__ void info_nce_bwd_f32(const float *neg, const float *pos, const float *g,
+                                            float *dneg, int n, int K, float inv_tau) {
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= n) return;
+    const float *nr = neg + (long)r * K;
+    const float lse = info_nce_lse(nr, pos[r], K, inv_tau);
+    const float gr = g[r] * inv_tau;
+    float *dr = dneg + (long)r * K;
+    for (int j = threadIdx.x & 31; j < K; j += 32) dr[j] = gr * expf(nr[j] * inv_tau - lse);
+}

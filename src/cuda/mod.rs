@@ -8,6 +8,7 @@
 //! - [`attention_qkv`]: multi-head self-attention from the packed `q|k|v` projection to
 //!   the heads' concatenated outputs, one graph node with its backward.
 //! - [`linear`]: `x W^T + b` from f32 master weights, written in the next layer's dtype.
+//! - [`info_nce`]: MimCo's InfoNCE against a queue, per row, with its backward.
 //! - [`gather_rows`]: rows picked by index, the backward scattering them back.
 //! - [`adamw`]: one AdamW update of one parameter in one launch, the gradient's averaging
 //!   and clipping folded in.
@@ -21,6 +22,7 @@ mod attention;
 mod bias;
 pub mod check;
 mod gather;
+mod info_nce;
 mod linear;
 mod norm;
 pub mod pinned;
@@ -30,6 +32,7 @@ pub use adamw::{AdamWStep, adamw};
 pub use attention::attention_qkv;
 pub use bias::bias_act;
 pub use gather::gather_rows;
+pub use info_nce::info_nce;
 pub use linear::linear;
 pub use norm::layer_norm;
 pub use softmax::softmax;
