@@ -119,6 +119,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     softmax_scaled(&q.matmul(&k.t()?)?, scale)?.matmul(v)
 }
 
+/// Images `(B, 3, H, W)` -> `(B * N, 3 * p * p)` patch rows in `dtype` (see
+/// [`crate::models::vit::patchify`]). One pass on CUDA for images that need no gradient.
+pub fn patch_rows(images: &Tensor, p: usize, dtype: DType) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(images, 0) && images.dtype() == DType::F32 && !images.track_op() {
+        return crate::cuda::patchify(images, p, dtype);
+    }
+    let patches = crate::models::vit::patchify(&images.to_dtype(dtype)?, p)?;
+    let (b, n, k) = patches.dims3()?;
+    patches.reshape((b * n, k))
+}
+
 /// Rows `ids` (u32) of the matrix `x`. On CUDA (f32) the backward scatters the rows back
 /// in one launch (Candle's `index_add` walks every index per column).
 pub fn gather_rows(x: &Tensor, ids: &Tensor) -> Result<Tensor> {

@@ -174,6 +174,27 @@ pub struct GradAccumulator {
     micro: usize,
 }
 
+/// The sum of the squares of every element of `grads`, in f64 (one fused launch per
+/// gradient on CUDA).
+fn sum_squares(grads: &[Tensor]) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if grads
+        .first()
+        .is_some_and(|g| crate::functional::fused(g, 0))
+        && grads.iter().all(|g| g.dtype() == DType::F32)
+    {
+        return crate::cuda::sum_squares(grads);
+    }
+    if grads.is_empty() {
+        return Ok(0.0);
+    }
+    let squares = grads
+        .iter()
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()
+}
+
 impl GradAccumulator {
     /// An empty accumulator for `n` variables.
     pub fn new(n: usize) -> GradAccumulator {
@@ -226,14 +247,7 @@ impl GradAccumulator {
             })
             .collect::<Result<Vec<_>>>()?;
         self.micro = 0;
-        let squares = sums
-            .iter()
-            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
-            .collect::<Result<Vec<_>>>()?;
-        let total = match squares.is_empty() {
-            true => 0.0,
-            false => Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?,
-        };
+        let total = sum_squares(&sums)?;
         let norm = total.sqrt() * mean;
         let coef = max_norm / (norm + 1e-6);
         let clip = match max_norm > 0.0 && coef < 1.0 {

@@ -23,9 +23,13 @@ pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// (the trainer's batches and the evaluation's alike).
 pub fn normalize(images: &Tensor) -> candle_core::Result<Tensor> {
     let dev = images.device();
-    let scale: Vec<f32> = STD.iter().map(|s| 1.0 / (255.0 * s)).collect();
-    let shift: Vec<f32> = MEAN.iter().zip(STD).map(|(m, s)| -m / s).collect();
-    let per_channel = |v: Vec<f32>| Tensor::from_vec(v, (3, 1, 1), dev);
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
+    #[cfg(feature = "cuda")]
+    if crate::functional::fused(images, 0) {
+        return crate::cuda::normalize_u8(images, scale, shift);
+    }
+    let per_channel = |v: [f32; 3]| Tensor::from_slice(&v, (3, 1, 1), dev);
     images
         .to_dtype(candle_core::DType::F32)?
         .broadcast_mul(&per_channel(scale)?)?

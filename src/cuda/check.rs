@@ -130,6 +130,11 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
             (DType::BF16, DType::F32),
         )?;
     }
+    for (shape, p) in [([4, 3, 224, 224], 16), ([2, 3, 40, 24], 8)] {
+        for dtype in [DType::F32, DType::BF16] {
+            images(&mut c, &shape, p, dtype)?;
+        }
+    }
     for sizes in [(3000, 256, 4096), (7, 16, 33)] {
         info_nce(&mut c, sizes)?;
     }
@@ -144,6 +149,7 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
         }
     }
     adamw(&mut c, &[[384, 1536], [7, 3]])?;
+    sum_squares(&mut c)?;
     Ok(c.rows)
 }
 
@@ -308,6 +314,61 @@ fn info_nce(c: &mut Checker, (m, width, k): (usize, usize, usize)) -> Result<()>
         candle_core::bail!("info_nce: no gradient for q");
     };
     c.record("info_nce dq", &shape, DType::F32, got, want, bwd)
+}
+
+/// The images' way in: uint8 to normalised f32, then to patch rows in `dtype`.
+fn images(c: &mut Checker, shape: &[usize], p: usize, dtype: DType) -> Result<()> {
+    let n: usize = shape.iter().product();
+    let pixels: Vec<u8> = (0..n).map(|_| c.rng.random()).collect();
+    let x = Tensor::from_vec(pixels, shape, &c.dev)?;
+    let (scale, shift) = ([0.5f32, 0.25, 2.0], [-1.0f32, 0.5, 0.0]);
+    c.poison(4 * n)?;
+    let normed = super::normalize_u8(&x, scale, shift)?;
+    let f64s = |v: [f32; 3], dev: &Device| Tensor::from_slice(&v.map(f64::from), (3, 1, 1), dev);
+    let want = x
+        .to_dtype(DType::F64)?
+        .broadcast_mul(&f64s(scale, &c.dev)?)?
+        .broadcast_add(&f64s(shift, &c.dev)?)?;
+    c.record("normalize", shape, DType::F32, &normed, &want, 1e-6)?;
+    c.poison(4 * n)?;
+    let rows = super::patchify(&normed, p, dtype)?;
+    let want = crate::models::vit::patchify(&want, p)?;
+    let (b, tokens, k) = want.dims3()?;
+    let tolerance = tolerances(dtype).0;
+    c.record(
+        "patchify",
+        shape,
+        dtype,
+        &rows,
+        &want.reshape((b * tokens, k))?,
+        tolerance,
+    )
+}
+
+/// The squared norm of a few gradients of different sizes, against f64.
+fn sum_squares(c: &mut Checker) -> Result<()> {
+    let grads = [vec![384, 1536], vec![7], vec![1, 197, 384]]
+        .iter()
+        .map(|s| c.random(s, 3.0, 0.5))
+        .collect::<Result<Vec<_>>>()?;
+    let got = super::sum_squares(&grads)?;
+    let mut want = 0.0;
+    for g in &grads {
+        want += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    let scalar = |v: f64| Tensor::new(&[v], &c.dev);
+    c.record(
+        "sum_squares",
+        &[grads.len()],
+        DType::F32,
+        &scalar(got)?,
+        &scalar(want)?,
+        1e-6,
+    )
 }
 
 /// Rows of a `shape` matrix picked by index, some twice, some never.

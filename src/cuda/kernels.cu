@@ -425,3 +425,58 @@ extern "C" __global__ void info_nce_bwd_f32(const float *neg, const float *pos, 
     float *dr = dneg + (long)r * K;
     for (int j = threadIdx.x & 31; j < K; j += 32) dr[j] = gr * expf(nr[j] * inv_tau - lse);
 }
+
+// uint8 images -> f32 x * scale[c] + shift[c] (the trainer's normalisation), for `planes`
+// planes of `plane` pixels, channel c = plane index % 3. Grid: (pixel tiles, planes).
+extern "C" __global__ void normalize_u8_f32(const unsigned char *x, float *y, int plane,
+                                            float s0, float s1, float s2, float t0, float t1,
+                                            float t2) {
+    const int c = blockIdx.y % 3;
+    const float s = c == 0 ? s0 : (c == 1 ? s1 : s2);
+    const float t = c == 0 ? t0 : (c == 1 ? t1 : t2);
+    const long base = (long)blockIdx.y * plane;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < plane; i += gridDim.x * blockDim.x)
+        y[base + i] = (float)x[base + i] * s + t;
+}
+
+// Images (B, C, H, W) f32 -> patches (B * gh * gw, C * p * p) in T, each row one p x p
+// patch in (channel, row, column) order: the stride-p convolution as a matmul's input.
+template <typename T>
+__device__ void patchify(const float *x, T *y, int B, int C, int H, int W, int p) {
+    const int gh = H / p, gw = W / p;
+    const int n = B * C * H * W;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        int t = i;
+        const int px = t % p;
+        t /= p;
+        const int py = t % p;
+        t /= p;
+        const int c = t % C;
+        t /= C;
+        const int gx = t % gw;
+        t /= gw;
+        const int gy = t % gh;
+        const int b = t / gh;
+        put(y, i, x[(((long)b * C + c) * H + gy * p + py) * W + gx * p + px]);
+    }
+}
+
+extern "C" __global__ void patchify_f32_f32(const float *x, float *y, int B, int C, int H, int W,
+                                            int p) {
+    patchify<float>(x, y, B, C, H, W, p);
+}
+extern "C" __global__ void patchify_f32_bf16(const float *x, bf16 *y, int B, int C, int H, int W,
+                                             int p) {
+    patchify<bf16>(x, y, B, C, H, W, p);
+}
+
+// out[0] += the sum of g[i]^2 over n elements: f32 within each warp, f64 across warps (the
+// gradient norm for clipping, one launch per gradient into one accumulator).
+extern "C" __global__ void sum_squares_f32(const float *g, long n, double *out) {
+    float s = 0.f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x)
+        s += g[i] * g[i];
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) atomicAdd(out, (double)s);
+}

@@ -9,6 +9,7 @@
 //!   the heads' concatenated outputs, one graph node with its backward.
 //! - [`linear`]: `x W^T + b` from f32 master weights, written in the next layer's dtype.
 //! - [`info_nce`]: MimCo's InfoNCE against a queue, per row, with its backward.
+//! - [`normalize_u8`], [`patchify`]: the images' way in, one pass each, no backward.
 //! - [`gather_rows`]: rows picked by index, the backward scattering them back.
 //! - [`adamw`]: one AdamW update of one parameter in one launch, the gradient's averaging
 //!   and clipping folded in.
@@ -22,16 +23,18 @@ mod attention;
 mod bias;
 pub mod check;
 mod gather;
+mod images;
 mod info_nce;
 mod linear;
 mod norm;
 pub mod pinned;
 mod softmax;
 
-pub use adamw::{AdamWStep, adamw};
+pub use adamw::{AdamWStep, adamw, sum_squares};
 pub use attention::attention_qkv;
 pub use bias::bias_act;
 pub use gather::gather_rows;
+pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;
 pub use linear::linear;
 pub use norm::layer_norm;

@@ -324,10 +324,10 @@ impl Encoder for Vit {
             candle_core::bail!("images are {h}x{w}, this ViT was built for {expected}x{expected}");
         }
         let c = self.compute;
-        let patches = patchify(&images.to_dtype(c)?, self.config.patch_size)?;
-        let (n, k) = (patches.dim(1)?, patches.dim(2)?);
+        let patches = functional::patch_rows(images, self.config.patch_size, c)?;
+        let n = self.grid * self.grid;
         let mut x = functional::linear(
-            &patches.reshape((b * n, k))?,
+            &patches,
             &self.patch_weight,
             &self.patch_bias,
             Act::Identity,
