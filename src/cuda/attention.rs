@@ -5,23 +5,24 @@
 //! permute, three narrows, three copies, transpose, reshape), and Candle's backward gives
 //! each node a zero-filled gradient plus an addition, all the size of `qkv`: on one H200
 //! that was a third of a ViT-S/16 MimCo step (Nsight Compute, benches/results/). Here one
-//! kernel splits the heads, cuBLAS computes `q k^T` and `p v` (Candle's batched matmul),
-//! the fused softmax runs in place between them, and one kernel merges the heads. The
-//! `(B, H, N, N)` probabilities are not kept: the backward recomputes them from `q` and
-//! `k`, trading one more `q k^T` for `B * H * N^2` stored elements per layer.
+//! kernel splits the heads, cuBLAS computes `q k^T` and `p v` with the score rows padded
+//! to 16 bytes (see [`super::gemm`]), the fused softmax runs in place between them, and
+//! one kernel merges the heads. The `(B, H, N, N)` probabilities are not kept: the
+//! backward recomputes them from `q` and `k`, trading one more `q k^T` for `B * H * N^2`
+//! stored elements per layer.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, IndexOp, Layout, Result,
-    Shape, Tensor, bail,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail,
 };
 use half::bf16;
 
-use super::softmax::SoftmaxBwd;
+use super::gemm::{Operand, gemm};
 use super::*;
 
 /// `softmax(scale * q k^T) v` per head for `qkv` of `(B * tokens, 3 * D)` (each row a
@@ -164,41 +165,159 @@ fn merge(parts: &[(&CudaStorage, &Layout)], h: Heads) -> Result<CudaStorage> {
     Ok(wrap(slice, dev))
 }
 
-/// `softmax(scale * q k^T)` as a new contiguous storage `(B*H, N, M)`, for `q`, `k`
-/// `(B, H, N, d)` alike (any layout Candle's batched matmul takes).
-fn probabilities(
-    qs: &CudaStorage,
-    ql: &Layout,
-    ks: &CudaStorage,
-    kl: &Layout,
-    scale: f32,
-) -> Result<(CudaStorage, Vec<usize>)> {
-    let (q, k) = (ql.dims(), kl.dims());
-    if q.len() != 4 || k.len() != 4 || q[..2] != k[..2] || q[3] != k[3] {
-        bail!("attention: q {q:?} and k {k:?} must be (B, H, N, d) alike");
-    }
-    let (batch, n, m, d) = (q[0] * q[1], q[2], k[2], q[3]);
-    let mut scores = qs.matmul(ks, (batch, n, m, d), ql, &kl.transpose(2, 3)?)?;
-    let dev = qs.device().clone();
-    let dt = dtype_name(qs.dtype())?;
-    let f = func(&dev, &format!("softmax_fwd_{dt}_{dt}_{}", width(m)?))?;
-    let (rows, cols) = ((batch * n) as i32, m as i32);
-    let stream = dev.cuda_stream();
-    // In place: each warp reads its whole row before writing it.
-    match &mut scores.slice {
-        CudaStorageSlice::F32(s) => {
-            let mut l = stream.launch_builder(&f);
-            l.arg(&*s).arg(&*s).arg(&rows).arg(&cols).arg(&scale);
-            unsafe { l.launch(row_grid(batch * n)) }.w()?;
-        }
-        CudaStorageSlice::BF16(s) => {
-            let mut l = stream.launch_builder(&f);
-            l.arg(&*s).arg(&*s).arg(&rows).arg(&cols).arg(&scale);
-            unsafe { l.launch(row_grid(batch * n)) }.w()?;
-        }
+/// A new uninitialised storage of `n` elements of `dtype` (f32 or bf16) on `dev`.
+fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+    let slice = match dtype {
+        DType::F32 => CudaStorageSlice::F32(unsafe { dev.alloc::<f32>(n)? }),
+        DType::BF16 => CudaStorageSlice::BF16(unsafe { dev.alloc::<bf16>(n)? }),
+        other => bail!("attention: f32 or bf16, not {other:?}"),
+    };
+    Ok(wrap(slice, dev))
+}
+
+/// The device address of element `offset` of `s`.
+fn address(s: &CudaStorage, offset: usize) -> Result<CUdeviceptr> {
+    let stream = s.device().cuda_stream();
+    Ok(match &s.slice {
+        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0 + 4 * offset as u64,
+        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0 + 2 * offset as u64,
         _ => bail!("attention: f32 or bf16 only"),
+    })
+}
+
+/// The attention's buffers for one head-major `(3, B, H, N, E)` storage of q, k, v:
+/// their sizes, and the score rows padded to `np` (a multiple of 8 elements, 16 bytes in
+/// bf16) for cuBLAS.
+struct Plan<'a> {
+    parts: &'a CudaStorage,
+    dtype: DType,
+    /// `B * H` products.
+    batch: usize,
+    n: usize,
+    np: usize,
+    e: usize,
+}
+
+impl Plan<'_> {
+    fn new(parts: &CudaStorage, h: Heads) -> Plan<'_> {
+        Plan {
+            parts,
+            dtype: parts.dtype(),
+            batch: h.batch * h.heads,
+            n: h.tokens,
+            np: h.tokens.next_multiple_of(8),
+            e: h.dim,
+        }
     }
-    Ok((scores, vec![q[0], q[1], n, m]))
+
+    fn part_len(&self) -> usize {
+        self.batch * self.n * self.e
+    }
+
+    /// Part `i` (0: q, 1: k, 2: v), `(N, E)` per head, read transposed or not.
+    fn part(&self, i: usize, transposed: bool) -> Result<Operand> {
+        Ok(Operand {
+            ptr: address(self.parts, i * self.part_len())?,
+            ld: self.e,
+            stride: self.n * self.e,
+            transposed,
+        })
+    }
+
+    /// A `(B*H, N, E)` storage of this plan.
+    fn heads_like(&self) -> Result<CudaStorage> {
+        alloc(self.parts.device(), self.dtype, self.part_len())
+    }
+
+    fn as_heads(&self, s: &CudaStorage, transposed: bool) -> Result<Operand> {
+        Ok(Operand {
+            ptr: address(s, 0)?,
+            ld: self.e,
+            stride: self.n * self.e,
+            transposed,
+        })
+    }
+
+    /// A padded `(B*H, N, np)` score storage of this plan.
+    fn scores_like(&self) -> Result<CudaStorage> {
+        alloc(
+            self.parts.device(),
+            self.dtype,
+            self.batch * self.n * self.np,
+        )
+    }
+
+    fn as_scores(&self, s: &CudaStorage, transposed: bool) -> Result<Operand> {
+        Ok(Operand {
+            ptr: address(s, 0)?,
+            ld: self.np,
+            stride: self.n * self.np,
+            transposed,
+        })
+    }
+
+    /// `c = a b` per head: `a` is `m x k`, `b` `k x n` (as read), `c` `m x n`.
+    fn product(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: Operand,
+    ) -> Result<()> {
+        gemm(
+            self.parts.device(),
+            self.dtype,
+            self.batch,
+            (m, n, k),
+            a,
+            b,
+            c,
+        )
+    }
+
+    /// `softmax(scale * q k^T)` per head, in padded rows.
+    fn probabilities(&self, scale: f32) -> Result<CudaStorage> {
+        let p = self.scores_like()?;
+        let (n, e) = (self.n, self.e);
+        self.product(
+            (n, n, e),
+            self.part(0, false)?,
+            self.part(1, true)?,
+            self.as_scores(&p, false)?,
+        )?;
+        self.softmax("fwd", &p, &p, &p, scale)?;
+        Ok(p)
+    }
+
+    /// `softmax_<stage>` over the padded score rows: `fwd` reads `x`, `bwd` reads `y` = `x`
+    /// and `dy` = `dy`; both write `out` (in place is fine).
+    fn softmax(
+        &self,
+        stage: &str,
+        x: &CudaStorage,
+        dy: &CudaStorage,
+        out: &CudaStorage,
+        scale: f32,
+    ) -> Result<()> {
+        let dev = self.parts.device();
+        let dt = dtype_name(self.dtype)?;
+        let f = func(
+            dev,
+            &format!("softmax_{stage}_{dt}_{dt}_{}", width(self.n)?),
+        )?;
+        let rows = self.batch * self.n;
+        let (rows_i, cols_i, ld_i) = (rows as i32, self.n as i32, self.np as i32);
+        let (x, dy, out) = (address(x, 0)?, address(dy, 0)?, address(out, 0)?);
+        let stream = dev.cuda_stream();
+        let mut l = stream.launch_builder(&f);
+        l.arg(&x);
+        if stage == "bwd" {
+            l.arg(&dy);
+        }
+        l.arg(&out).arg(&rows_i).arg(&cols_i).arg(&ld_i).arg(&scale);
+        unsafe { l.launch(row_grid(rows)) }.w()?;
+        Ok(())
+    }
 }
 
 struct AttentionQkv {
@@ -217,129 +336,108 @@ impl CustomOp1 for AttentionQkv {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, cols) = l.shape().dims2()?;
         let h = Heads::new(rows, cols, self.tokens, 3, self.heads)?;
-        let qkv = split(s, l, h)?;
-        let part = h.part_dims();
-        let size: usize = part.iter().product();
-        let at = |i: usize| Layout::contiguous_with_offset(part.as_slice(), i * size);
-        let (p, dims) = probabilities(&qkv, &at(0), &qkv, &at(1), self.scale)?;
-        let (batch, n, e) = (part[0] * part[1], part[2], part[3]);
-        let out = p.matmul(
-            &qkv,
-            (batch, n, e, dims[3]),
-            &Layout::contiguous(dims),
-            &at(2),
+        let parts = split(s, l, h)?;
+        let plan = Plan::new(&parts, h);
+        let p = plan.probabilities(self.scale)?;
+        let out = plan.heads_like()?;
+        let (n, e) = (plan.n, plan.e);
+        plan.product(
+            (n, e, n),
+            plan.as_scores(&p, false)?,
+            plan.part(2, false)?,
+            plan.as_heads(&out, false)?,
         )?;
         let one = Heads { parts: 1, ..h };
-        let merged = merge(&[(&out, &Layout::contiguous(part.as_slice()))], one)?;
+        let merged = merge(
+            &[(&out, &Layout::contiguous(h.part_dims().as_slice()))],
+            one,
+        )?;
         Ok((merged, Shape::from((rows, cols / 3))))
     }
 
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let split = |t: &Tensor, parts: usize| {
-            t.contiguous()?.apply_op1_no_bwd(&SplitHeads {
+        let grad = grad.to_dtype(qkv.dtype())?.contiguous()?;
+        let dqkv = qkv.apply_op2_no_bwd(
+            &grad,
+            &AttentionQkvBwd {
                 tokens: self.tokens,
                 heads: self.heads,
-                parts,
-            })
-        };
-        let heads = split(qkv, 3)?;
-        let (q, k, v) = (heads.i(0)?, heads.i(1)?, heads.i(2)?);
-        let grad = split(&grad.to_dtype(qkv.dtype())?, 1)?.i(0)?;
-        let p = q.apply_op2_no_bwd(&k, &Probabilities { scale: self.scale })?;
-        let dv = p.t()?.matmul(&grad)?;
-        let dp = grad.matmul(&v.t()?)?;
-        let ds = p.apply_op2_no_bwd(&dp, &SoftmaxBwd { scale: self.scale })?;
-        let (dq, dk) = (ds.matmul(&k)?, ds.t()?.matmul(&q)?);
-        let dqkv = dq.apply_op3_no_bwd(
-            &dk,
-            &dv,
-            &MergeHeads {
-                tokens: self.tokens,
+                scale: self.scale,
             },
         )?;
         Ok(Some(dqkv))
     }
 }
 
-/// `(B * tokens, S * H * E)` token-major -> `(S, B, H, tokens, E)` head-major.
-struct SplitHeads {
+/// `(qkv, d out)` -> `d qkv` of [`AttentionQkv`], recomputing the probabilities.
+struct AttentionQkvBwd {
     tokens: usize,
     heads: usize,
-    parts: usize,
-}
-
-impl CustomOp1 for SplitHeads {
-    fn name(&self) -> &'static str {
-        "mimco-split-heads"
-    }
-
-    cuda_only!(1);
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (rows, cols) = l.shape().dims2()?;
-        let h = Heads::new(rows, cols, self.tokens, self.parts, self.heads)?;
-        let [b, hh, n, e] = h.part_dims();
-        Ok((split(s, l, h)?, Shape::from(vec![h.parts, b, hh, n, e])))
-    }
-}
-
-/// Three `(B, H, tokens, E)` head-major parts -> `(B * tokens, 3 * H * E)` token-major.
-struct MergeHeads {
-    tokens: usize,
-}
-
-impl CustomOp3 for MergeHeads {
-    fn name(&self) -> &'static str {
-        "mimco-merge-heads"
-    }
-
-    cuda_only!(3);
-
-    fn cuda_fwd(
-        &self,
-        s0: &CudaStorage,
-        l0: &Layout,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let d = l0.dims();
-        if d.len() != 4 || d[2] != self.tokens || l1.dims() != d || l2.dims() != d {
-            bail!("merge_heads: parts {d:?}, {:?}, {:?}", l1.dims(), l2.dims());
-        }
-        let h = Heads {
-            batch: d[0],
-            tokens: d[2],
-            parts: 3,
-            heads: d[1],
-            dim: d[3],
-        };
-        let merged = merge(&[(s0, l0), (s1, l1), (s2, l2)], h)?;
-        Ok((merged, Shape::from((d[0] * d[2], 3 * d[1] * d[3]))))
-    }
-}
-
-/// `(q, k)` -> `softmax(scale * q k^T)`, for the backward.
-struct Probabilities {
     scale: f32,
 }
 
-impl CustomOp2 for Probabilities {
+impl CustomOp2 for AttentionQkvBwd {
     fn name(&self) -> &'static str {
-        "mimco-attention-probabilities"
+        "mimco-attention-bwd"
     }
 
     cuda_only!(2);
 
     fn cuda_fwd(
         &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
+        s: &CudaStorage,
+        l: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (p, dims) = probabilities(qs, ql, ks, kl, self.scale)?;
-        Ok((p, Shape::from(dims)))
+        let (rows, cols) = l.shape().dims2()?;
+        let h = Heads::new(rows, cols, self.tokens, 3, self.heads)?;
+        if gl.shape().dims2()? != (rows, cols / 3) || gs.dtype() != s.dtype() {
+            bail!(
+                "attention backward: gradient {:?} for qkv {:?}",
+                gl.dims(),
+                l.dims()
+            );
+        }
+        let parts = split(s, l, h)?;
+        let d_out = split(gs, gl, Heads { parts: 1, ..h })?;
+        let plan = Plan::new(&parts, h);
+        let (n, e) = (plan.n, plan.e);
+        let p = plan.probabilities(self.scale)?;
+        // dv = p^T d_out; dp = d_out v^T; ds = softmax'(p) dp (in place); dq = ds k;
+        // dk = ds^T q.
+        let dv = plan.heads_like()?;
+        let d_o = plan.as_heads(&d_out, false)?;
+        plan.product(
+            (n, e, n),
+            plan.as_scores(&p, true)?,
+            d_o,
+            plan.as_heads(&dv, false)?,
+        )?;
+        let ds = plan.scores_like()?;
+        plan.product(
+            (n, n, e),
+            d_o,
+            plan.part(2, true)?,
+            plan.as_scores(&ds, false)?,
+        )?;
+        plan.softmax("bwd", &p, &ds, &ds, self.scale)?;
+        let dq = plan.heads_like()?;
+        plan.product(
+            (n, e, n),
+            plan.as_scores(&ds, false)?,
+            plan.part(1, false)?,
+            plan.as_heads(&dq, false)?,
+        )?;
+        let dk = plan.heads_like()?;
+        plan.product(
+            (n, e, n),
+            plan.as_scores(&ds, true)?,
+            plan.part(0, false)?,
+            plan.as_heads(&dk, false)?,
+        )?;
+        let at = Layout::contiguous(h.part_dims().as_slice());
+        let dqkv = merge(&[(&dq, &at), (&dk, &at), (&dv, &at)], h)?;
+        Ok((dqkv, Shape::from((rows, cols))))
     }
 }

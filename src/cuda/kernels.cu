@@ -130,13 +130,14 @@ __device__ void layer_norm_bwd(const float *x, const float *w, const TG *dy, flo
     }
 }
 
-// Softmax of scale * x over rows of `cols` elements, one warp per row.
+// Softmax of scale * x over rows of `cols` elements `ld` apart, one warp per row (in
+// place is fine: each lane holds its elements before writing them).
 template <typename T, int E>
-__device__ void softmax_fwd(const T *x, T *y, int rows, int cols, float scale) {
+__device__ void softmax_fwd(const T *x, T *y, int rows, int cols, int ld, float scale) {
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const T *xr = x + (long)row * cols;
+    const T *xr = x + (long)row * ld;
     float v[E];
     float m = __int_as_float(0xff800000);
 #pragma unroll
@@ -157,17 +158,18 @@ __device__ void softmax_fwd(const T *x, T *y, int rows, int cols, float scale) {
 #pragma unroll
     for (int i = 0; i < E; i++) {
         const int c = lane + 32 * i;
-        if (c < cols) put(y, (long)row * cols + c, v[i] * inv);
+        if (c < cols) put(y, (long)row * ld + c, v[i] * inv);
     }
 }
 
 // Softmax backward from its output y: dx = scale * y * (dy - sum(dy * y)).
 template <typename T, int E>
-__device__ void softmax_bwd(const T *y, const T *dy, T *dx, int rows, int cols, float scale) {
+__device__ void softmax_bwd(const T *y, const T *dy, T *dx, int rows, int cols, int ld,
+                            float scale) {
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const long base = (long)row * cols;
+    const long base = (long)row * ld;
     float yv[E], gv[E];
     float s = 0.f;
 #pragma unroll
@@ -281,12 +283,13 @@ ELEMENTWISE(bf16, bf16)
 
 #define SOFTMAX(T, N, E)                                                                      \
     extern "C" __global__ void softmax_fwd_##N##_##N##_##E(const T *x, T *y, int rows,       \
-                                                           int cols, float scale) {           \
-        softmax_fwd<T, E>(x, y, rows, cols, scale);                                           \
+                                                           int cols, int ld, float scale) {   \
+        softmax_fwd<T, E>(x, y, rows, cols, ld, scale);                                       \
     }                                                                                         \
     extern "C" __global__ void softmax_bwd_##N##_##N##_##E(const T *y, const T *dy, T *dx,   \
-                                                           int rows, int cols, float scale) { \
-        softmax_bwd<T, E>(y, dy, dx, rows, cols, scale);                                      \
+                                                           int rows, int cols, int ld,        \
+                                                           float scale) {                     \
+        softmax_bwd<T, E>(y, dy, dx, rows, cols, ld, scale);                                  \
     }
 
 #define EACH_WIDTH(M, A, B) M(A, B, 1) M(A, B, 2) M(A, B, 4) M(A, B, 8) M(A, B, 12) M(A, B, 16) M(A, B, 24) M(A, B, 32)

@@ -23,6 +23,7 @@ mod attention;
 mod bias;
 pub mod check;
 mod gather;
+mod gemm;
 mod images;
 mod info_nce;
 mod linear;

@@ -44,7 +44,12 @@ fn launch_rows<
     for v in &views {
         l.arg(v);
     }
-    l.arg(&out).arg(&rows_i).arg(&cols_i).arg(&scale);
+    // Rows are packed: `ld` = `cols`.
+    l.arg(&out)
+        .arg(&rows_i)
+        .arg(&cols_i)
+        .arg(&cols_i)
+        .arg(&scale);
     unsafe { l.launch(row_grid(rows)) }.w()?;
     Ok(out)
 }
@@ -90,8 +95,8 @@ impl CustomOp1 for Softmax {
 }
 
 /// `(y, dy)` -> `dx` of [`Softmax`] (and of the attention's softmax).
-pub(super) struct SoftmaxBwd {
-    pub(super) scale: f32,
+struct SoftmaxBwd {
+    scale: f32,
 }
 
 impl CustomOp2 for SoftmaxBwd {
