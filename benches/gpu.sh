@@ -101,7 +101,7 @@ torch_step torch-b16 150 $torch_b16
 bench s16-bf16-stock --config "$s16" --batch 256 --precision bf16 --kernels stock --steps 10 --warmup 2
 bench s16-tf32-fused --config "$s16" --batch 256 --precision tf32 --steps 15 --peak-tflops 494.5
 
-if wanted 'shards|loader'; then
+if wanted s16-bf16-fused-shards || wanted loader-1 || wanted loader-8 || wanted "loader-$(nproc)"; then
     echo "== generating shards"
     work=$(mktemp -d "${TMPDIR:-/tmp}/gpubench.XXXXXX")
     if timeout 120 "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 1500 --val-per-class 0 \
