@@ -41,20 +41,6 @@ pub fn layer_norm_to(
     layer_norm(x, weight, bias, eps)?.to_dtype(out)
 }
 
-/// `x + bias` over the last dimension, then GELU (erf) when `gelu`, in the dtype of `x`
-/// (`bias` is f32). Fused on CUDA, with the bias gradient summed in f32.
-pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if fused(x, 0) && bias.dtype() == DType::F32 {
-        return crate::cuda::bias_act(x, bias, gelu);
-    }
-    let y = x.broadcast_add(&bias.to_dtype(x.dtype())?)?;
-    match gelu {
-        true => y.gelu_erf(),
-        false => Ok(y),
-    }
-}
-
 /// The activation after a linear layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Act {

@@ -1,4 +1,5 @@
-//! Bias + activation (identity or GELU) and the bias gradient as column sums.
+//! For [`super::linear`]'s backward: the activation's derivative (GELU or ReLU) at the
+//! recomputed pre-activation, and the bias gradient as column sums.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -6,22 +7,11 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    bail,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, bail,
 };
 use half::bf16;
 
 use super::*;
-
-/// `act(x + bias)` over the last dimension: `x` f32 or bf16 (made contiguous), `bias` f32;
-/// `gelu` picks GELU (erf), else the identity. The bias gradient is summed in f32.
-pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(bias, BiasAct { gelu })
-}
-
-struct BiasAct {
-    gelu: bool,
-}
 
 /// Launches `bias_act_<stage>_<dtype>` over `inputs` (x, then dy for the backward) with
 /// the f32 `bias`.
@@ -73,40 +63,6 @@ fn bias_act_launch(
         _ => CudaStorageSlice::BF16(go::<bf16>(dev, &f, inputs, &b, args)?),
     };
     Ok((wrap(slice, dev), xl.shape().clone()))
-}
-
-impl CustomOp2 for BiasAct {
-    fn name(&self) -> &'static str {
-        "mimco-bias-act"
-    }
-
-    cuda_only!(2);
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        bias_act_launch("fwd", &[(xs, xl)], (bs, bl), i32::from(self.gelu))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.to_dtype(x.dtype())?.contiguous()?;
-        let dz = match self.gelu {
-            true => x.apply_op3_no_bwd(bias, &grad, &BiasActBwd(1))?,
-            false => grad,
-        };
-        let db = dz.apply_op1_no_bwd(&ColumnSum)?.reshape(bias.shape())?;
-        Ok((Some(dz), Some(db)))
-    }
 }
 
 /// `(x, bias, dy)` -> `dy * act'(x + bias)` for the kernels' activation code (1: GELU,

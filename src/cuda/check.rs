@@ -141,13 +141,6 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
     for shape in [[6000, 384], [5, 3]] {
         gather_rows(&mut c, &shape)?;
     }
-    for shape in [[788, 1536], [50, 384], [3, 1000]] {
-        for dtype in [DType::F32, DType::BF16] {
-            for gelu in [false, true] {
-                bias_act(&mut c, &shape, dtype, gelu)?;
-            }
-        }
-    }
     adamw(&mut c, &[[384, 1536], [7, 3]])?;
     sum_squares(&mut c)?;
     Ok(c.rows)
@@ -395,37 +388,6 @@ fn gather_rows(c: &mut Checker, shape: &[usize]) -> Result<()> {
         candle_core::bail!("gather_rows: no gradient for x");
     };
     c.record("gather_rows dx", shape, DType::F32, got, want, bwd)
-}
-
-fn bias_act(c: &mut Checker, shape: &[usize], dtype: DType, gelu: bool) -> Result<()> {
-    let cols = shape[shape.len() - 1];
-    let x = Var::from_tensor(&c.random(shape, 3.0, 0.0)?.to_dtype(dtype)?)?;
-    let b = Var::from_tensor(&c.random(&[cols], 1.0, 0.0)?)?;
-    let probe = c.random(shape, 1.0, 0.0)?;
-    c.poison(4 * x.elem_count())?;
-    let y = super::bias_act(&x, &b, gelu)?;
-    c.poison(4 * x.elem_count())?;
-    let grads = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
-    let x64 = Var::from_tensor(&x.to_dtype(DType::F64)?)?;
-    let b64 = Var::from_tensor(&b.to_dtype(DType::F64)?)?;
-    let mut y64 = x64.broadcast_add(&b64)?;
-    if gelu {
-        y64 = y64.gelu_erf()?;
-    }
-    let g64 = y64
-        .mul(&probe.to_dtype(DType::F64)?)?
-        .sum_all()?
-        .backward()?;
-    let (fwd, bwd) = tolerances(dtype);
-    let name = if gelu { "bias_gelu" } else { "bias_add" };
-    c.record(&format!("{name} y"), shape, dtype, &y, &y64, fwd)?;
-    for (what, v, v64) in [("dx", &x, &x64), ("dbias", &b, &b64)] {
-        let (Some(got), Some(want)) = (grads.get(v), g64.get(v64)) else {
-            candle_core::bail!("{name}: no gradient for {what}");
-        };
-        c.record(&format!("{name} {what}"), shape, dtype, got, want, bwd)?;
-    }
-    Ok(())
 }
 
 /// Three steps of the fused AdamW against the composed one on the CPU, both in f32, with

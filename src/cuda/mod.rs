@@ -33,7 +33,6 @@ mod softmax;
 
 pub use adamw::{AdamWStep, adamw, sum_squares};
 pub use attention::attention_qkv;
-pub use bias::bias_act;
 pub use gather::gather_rows;
 pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;

@@ -26,28 +26,27 @@ pub struct Dense {
 }
 
 impl Dense {
-    /// `act(x W^T + b)`.
-    /// A 2D `x` adds no reshape to the graph (each reshape costs the backward a
-    /// zero-filled gradient and an addition in Candle).
+    /// `act(x W^T + b)` over the last dimension of `x`, in its dtype. A 2D `x` adds no
+    /// reshape to the graph (each reshape costs Candle's backward a zero-filled gradient
+    /// and an addition).
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         if x.rank() == 2 {
             return functional::linear(x, &self.weight, &self.bias, act, x.dtype());
         }
-        let w = self.weight.to_dtype(x.dtype())?;
         let mut dims = x.dims().to_vec();
         let inputs = x.dim(D::Minus1)?;
         let rows = x.elem_count() / inputs.max(1);
-        let y = x.reshape((rows, inputs))?.matmul(&w.t()?)?;
-        *dims.last_mut().expect("x has a last dimension") = w.dim(0)?;
-        let y = functional::bias_act(&y, &self.bias, act == Act::Gelu)?.reshape(dims)?;
-        match act {
-            Act::Relu => y.relu(),
-            _ => Ok(y),
-        }
+        let y = functional::linear(
+            &x.reshape((rows, inputs))?,
+            &self.weight,
+            &self.bias,
+            act,
+            x.dtype(),
+        )?;
+        *dims.last_mut().expect("x has a last dimension") = self.weight.dim(0)?;
+        y.reshape(dims)
     }
-}
 
-impl Dense {
     /// `x W^T + b` for a 2D `x`, computed in the dtype of `x` and written in `out` (f32
     /// for a residual stream): one graph node on CUDA.
     pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
