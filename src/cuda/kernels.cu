@@ -303,20 +303,30 @@ EACH_WIDTH(SOFTMAX, bf16, bf16)
 // an attention output or its gradient, S = 1) to y (S, B, H, N, E) head-major. Each
 // warp row (threadIdx.y) copies chunks of E contiguous elements: the chunk's place is
 // worked out once per chunk, not per element. Block (32, 8).
+struct HeadChunk {
+    int b, tok, s, h;
+};
+
+// Chunk `ch` of the token-major (B, N, S, H) order.
+__device__ __forceinline__ HeadChunk head_chunk(int ch, int N, int S, int H) {
+    HeadChunk c;
+    c.h = ch % H;
+    ch /= H;
+    c.s = ch % S;
+    ch /= S;
+    c.tok = ch % N;
+    c.b = ch / N;
+    return c;
+}
+
 template <typename T>
 __device__ void split_heads(const T *x, T *y, int B, int N, int S, int H, int E) {
     const int chunks = B * N * S * H;
     for (int ch = blockIdx.x * blockDim.y + threadIdx.y; ch < chunks;
          ch += gridDim.x * blockDim.y) {
-        int t = ch;
-        const int h = t % H;
-        t /= H;
-        const int s = t % S;
-        t /= S;
-        const int tok = t % N;
-        const int b = t / N;
+        const HeadChunk c = head_chunk(ch, N, S, H);
         const T *src = x + (long)ch * E;
-        T *dst = y + ((((long)s * B + b) * H + h) * N + tok) * E;
+        T *dst = y + ((((long)c.s * B + c.b) * H + c.h) * N + c.tok) * E;
         for (int e = threadIdx.x; e < E; e += 32) dst[e] = src[e];
     }
 }
@@ -329,15 +339,9 @@ __device__ void merge_heads(const T *p0, const T *p1, const T *p2, T *y, int B, 
     const int chunks = B * N * S * H;
     for (int ch = blockIdx.x * blockDim.y + threadIdx.y; ch < chunks;
          ch += gridDim.x * blockDim.y) {
-        int t = ch;
-        const int h = t % H;
-        t /= H;
-        const int s = t % S;
-        t /= S;
-        const int tok = t % N;
-        const int b = t / N;
-        const T *p = s == 0 ? p0 : (s == 1 ? p1 : p2);
-        const T *src = p + (((long)b * H + h) * N + tok) * E;
+        const HeadChunk c = head_chunk(ch, N, S, H);
+        const T *p = c.s == 0 ? p0 : (c.s == 1 ? p1 : p2);
+        const T *src = p + (((long)c.b * H + c.h) * N + c.tok) * E;
         T *dst = y + (long)ch * E;
         for (int e = threadIdx.x; e < E; e += 32) dst[e] = src[e];
     }
