@@ -2,10 +2,11 @@
 //!
 //! Candle's fused layer-norm, last-dimension softmax and RMS-norm kernels have no backward pass:
 //! gradients stop at them without an error. Every normalisation and softmax on a
-//! training path goes through this module instead. The model calls [`layer_norm_to`] and
-//! [`softmax_scaled`]: with the `cuda` feature, CUDA tensors take the fused kernels of
-//! `mimco::cuda` (forward and backward), everything else the composed ops below, which are
-//! the reference the kernels are checked against.
+//! training path goes through this module instead. The model calls [`layer_norm_to`],
+//! [`linear`], [`attention_qkv`], [`gather_rows`] and [`patch_rows`] (and the losses
+//! InfoNCE): with the `cuda` feature, CUDA tensors take the fused kernels of `mimco::cuda`
+//! (forward and backward), everything else the composed ops below, which are the
+//! reference the kernels are checked against.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -128,12 +129,8 @@ pub fn gather_rows(x: &Tensor, ids: &Tensor) -> Result<Tensor> {
 }
 
 /// `softmax(scale * x)` over the last dimension, computed in f32 and returned in the dtype
-/// of `x` (the attention probabilities). Fused on CUDA.
+/// of `x` (the attention probabilities), composed.
 pub fn softmax_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if fused(x, x.dim(D::Minus1)?) {
-        return crate::cuda::softmax(x, scale);
-    }
     softmax(&(x.to_dtype(DType::F32)? * scale)?)?.to_dtype(x.dtype())
 }
 

@@ -3,8 +3,6 @@
 //!
 //! - [`layer_norm`]: f32 input and affine, f32 or bf16 output; one pass forward, one pass
 //!   backward for dx with dw/db summed per warp.
-//! - [`softmax`]: `softmax(scale * x)` over the last dimension (the attention scores), f32
-//!   or bf16, with its backward from the output.
 //! - [`attention_qkv`]: multi-head self-attention from the packed `q|k|v` projection to
 //!   the heads' concatenated outputs, one graph node with its backward.
 //! - [`linear`]: `x W^T + b` from f32 master weights, written in the next layer's dtype.
@@ -29,7 +27,6 @@ mod info_nce;
 mod linear;
 mod norm;
 pub mod pinned;
-mod softmax;
 
 pub use adamw::{AdamWStep, adamw, sum_squares};
 pub use attention::attention_qkv;
@@ -38,7 +35,6 @@ pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;
 pub use linear::linear;
 pub use norm::layer_norm;
-pub use softmax::softmax;
 
 use std::sync::OnceLock;
 
