@@ -328,6 +328,54 @@ mod tests {
         let sd = (2.0f64 / 3.0).sqrt();
         assert!((ln[0] + 1.0 / sd).abs() < 1e-12 && ln[1].abs() < 1e-12);
     }
+
+    /// The packed layout is timm's: a token's row of `qkv` is `q | k | v`, each `heads`
+    /// blocks of `d` columns, and the output puts head `h` at columns `h*d..(h+1)*d`. The
+    /// composed path is the reference the CUDA kernel is checked against, so it is checked
+    /// here against plain loops.
+    #[test]
+    fn packed_attention_follows_timms_layout() {
+        let (b, n, heads, d) = (2, 3, 2, 2);
+        let width = heads * d;
+        let v: Vec<f64> = (0..b * n * 3 * width)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0)
+            .collect();
+        let qkv = Tensor::from_vec(v.clone(), (b * n, 3 * width), &Device::Cpu).unwrap();
+        let scale = 0.6;
+        let got: Vec<Vec<f64>> = attention_qkv(&qkv, n, heads, scale)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let at = |img: usize, tok: usize, part: usize, h: usize, e: usize| {
+            v[(img * n + tok) * 3 * width + part * width + h * d + e]
+        };
+        for img in 0..b {
+            for h in 0..heads {
+                for i in 0..n {
+                    let scores: Vec<f64> = (0..n)
+                        .map(|j| {
+                            scale
+                                * (0..d)
+                                    .map(|e| at(img, i, 0, h, e) * at(img, j, 1, h, e))
+                                    .sum::<f64>()
+                        })
+                        .collect();
+                    let z: f64 = scores.iter().map(|s| s.exp()).sum();
+                    for e in 0..d {
+                        let want: f64 = (0..n)
+                            .map(|j| scores[j].exp() / z * at(img, j, 2, h, e))
+                            .sum();
+                        let have = got[img * n + i][h * d + e];
+                        // The softmax runs in f32 whatever the input's dtype.
+                        assert!(
+                            (have - want).abs() < 1e-6,
+                            "{img} {h} {i} {e}: {have} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
