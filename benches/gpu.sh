@@ -22,6 +22,8 @@
 #                    ImageNet-like shards; the loader alone on 1, 8 and all cores.
 #   torch-s16-compile   the PyTorch baseline under torch.compile.
 set -uo pipefail # a timeout's failure, not tee's success, decides a step's status
+# Results: table.md, torch.md, loader.md, kernels.md, ncu-s16.{md,csv.gz}, and every
+# step's own output in steps.log (few files: the lent machines return a limited number).
 cd "$(dirname "$0")/.."
 bin=${1:-target/release}
 results=${2:-gpu-results}
@@ -46,12 +48,15 @@ bench() { # label, then mimco bench train arguments
     shift
     wanted "$label" || return 0
     echo "== $label"
-    if timeout 150 "$bin/mimco" bench train --device cuda "$@" 2> "$results/$label.err" | tee -a "$table"; then
-        grep phases "$results/$label.err" || true
+    local err=$results/step.err
+    if timeout 150 "$bin/mimco" bench train --device cuda "$@" 2> "$err" | tee -a "$table"; then
+        grep phases "$err" || true
     else
         fail "$label"
-        tail -5 "$results/$label.err"
+        tail -5 "$err"
     fi
+    { echo "== $label"; cat "$err"; } >> "$results/steps.log"
+    rm -f "$err"
 }
 
 torch_step() { # label, limit in seconds, then torch_mimco_step.py arguments
@@ -63,8 +68,11 @@ torch_step() { # label, limit in seconds, then torch_mimco_step.py arguments
         echo "no torch/timm here: skipped"
         return 0
     fi
-    timeout "$limit" python3 benches/torch_mimco_step.py "$@" > "$results/$label.log" 2>&1 || fail "$label"
-    tail -1 "$results/$label.log" | tee -a "$results/torch.md"
+    echo "== $label" >> "$results/steps.log"
+    timeout "$limit" python3 benches/torch_mimco_step.py "$@" > "$results/torch.out" 2>&1 || fail "$label"
+    cat "$results/torch.out" >> "$results/steps.log"
+    tail -1 "$results/torch.out" | tee -a "$results/torch.md"
+    rm -f "$results/torch.out"
 }
 
 echo "== GPU"
@@ -87,7 +95,7 @@ if wanted ncu-s16; then
             --print-units base --cache-control none --clock-control none \
             --log-file "$results/ncu-s16.csv" "$bin/mimco" bench train --device cuda \
             --config "$s16" --batch 256 --precision bf16 --steps 3 --warmup 2 \
-            > /dev/null 2> "$results/ncu-s16.err" || fail ncu-s16
+            > /dev/null 2>> "$results/steps.log" || fail ncu-s16
         python3 benches/ncu_summary.py "$results/ncu-s16.csv" | tee "$results/ncu-s16.md"
         gzip -f "$results/ncu-s16.csv"
     else
