@@ -20,6 +20,7 @@
 #   s16-bf16-stock   Candle's stock ops only; s16-tf32-fused: f32 weights, TF32 matmuls.
 #   s16-bf16-fused-shards, loader-N   the step fed by the pipeline from generated
 #                    ImageNet-like shards; the loader alone on 1, 8 and all cores.
+#   train-s16        `mimco train` on those shards: 6 steps, checkpoints, --resume to 12.
 #   torch-s16-compile   the PyTorch baseline under torch.compile.
 set -uo pipefail # a timeout's failure, not tee's success, decides a step's status
 # Results: table.md, torch.md, loader.md, kernels.md, ncu-s16.{md,csv.gz}, and every
@@ -109,13 +110,35 @@ torch_step torch-b16 150 $torch_b16
 bench s16-bf16-stock --config "$s16" --batch 256 --precision bf16 --kernels stock --steps 10 --warmup 2
 bench s16-tf32-fused --config "$s16" --batch 256 --precision tf32 --steps 15 --peak-tflops 494.5
 
-if wanted s16-bf16-fused-shards || wanted loader-1 || wanted loader-8 || wanted "loader-$(nproc)"; then
+if wanted s16-bf16-fused-shards || wanted train-s16 || wanted loader-1 || wanted loader-8 ||
+    wanted "loader-$(nproc)"; then
     echo "== generating shards"
     work=$(mktemp -d "${TMPDIR:-/tmp}/gpubench.XXXXXX")
     if timeout 120 "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 1500 --val-per-class 0 \
         --no-bad-files --no-quirks --min-side 350 --max-side 450 --min-quality 98 --max-quality 100 > /dev/null &&
         timeout 60 "$bin/shardtool" pack "$work/imagenet" --out "$work/shards" -q --shard-size 64MB > /dev/null; then
         bench s16-bf16-fused-shards --config "$s16" --batch 256 --precision bf16 --data "$work/shards/train"
+        if wanted train-s16; then
+            # The real training command on those shards: 6 optimiser steps of 2,048 images
+            # (8 micro-batches each), a checkpoint every 3, then --resume to step 12 (across
+            # the first epoch's end).
+            echo "== train-s16"
+            cfg=$work/s16_train.toml
+            sed -e 's/^max_steps = 0$/max_steps = 6/' -e 's/^checkpoint_every = 1000$/checkpoint_every = 3/' \
+                -e 's/^log_every = 10$/log_every = 1/' "$s16" > "$cfg"
+            run() { # resume or not
+                echo "== train-s16 $*" >> "$results/steps.log"
+                timeout 150 "$bin/mimco" train --config "$cfg" --data "$work/shards/train" \
+                    --random-teacher --out "$work/run" --quiet --device cuda "$@" >> "$results/steps.log" 2>&1
+            }
+            if run && sed -i 's/^max_steps = 6$/max_steps = 12/' "$cfg" && run --resume &&
+                tail -1 "$work/run/metrics.jsonl" | grep -q '"step":12'; then
+                tail -1 "$work/run/metrics.jsonl" | tee -a "$results/steps.log"
+            else
+                fail train-s16
+                tail -5 "$results/steps.log"
+            fi
+        fi
         throughput=$bin/throughput
         [ -x "$throughput" ] || throughput=$bin/examples/throughput
         for workers in 1 8 "$(nproc)"; do
