@@ -33,4 +33,6 @@ fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 python3 tests/nvrtc_check.py src/cuda/kernels.cu
 cargo clippy --release --locked --features cuda --all-targets --target-dir target-cuda --quiet -- -D warnings
-echo "cuda build check: kernels compile with NVRTC; --features cuda compiles without warnings"
+RUSTDOCFLAGS=-Dwarnings cargo doc --release --locked --features cuda --target-dir target-cuda \
+    --no-deps --quiet -p mimco
+echo "cuda build check: kernels compile with NVRTC; --features cuda compiles and documents without warnings"

@@ -1,4 +1,4 @@
-//! For [`super::linear`]'s backward: the activation's derivative (GELU or ReLU) at the
+//! For [`super::linear()`]'s backward: the activation's derivative (GELU or ReLU) at the
 //! recomputed pre-activation, and the bias gradient as column sums.
 
 use candle_core::backend::BackendStorage;

@@ -5,12 +5,13 @@
 //!   backward for dx with dw/db summed per warp.
 //! - [`attention_qkv`]: multi-head self-attention from the packed `q|k|v` projection to
 //!   the heads' concatenated outputs, one graph node with its backward.
-//! - [`linear`]: `x W^T + b` from f32 master weights, written in the next layer's dtype.
-//! - [`info_nce`]: MimCo's InfoNCE against a queue, per row, with its backward.
+//! - [`linear()`]: `act(x W^T + b)` from f32 master weights, written in the next layer's
+//!   dtype.
+//! - [`info_nce()`]: MimCo's InfoNCE against a queue, per row, with its backward.
 //! - [`normalize_u8`], [`patchify`]: the images' way in, one pass each, no backward.
 //! - [`gather_rows`]: rows picked by index, the backward scattering them back.
-//! - [`adamw`]: one AdamW update of one parameter in one launch, the gradient's averaging
-//!   and clipping folded in.
+//! - [`adamw()`]: one AdamW update of one parameter in one launch, the gradient's averaging
+//!   and clipping folded in; [`sum_squares`]: the gradient norm, one launch per gradient.
 //! - [`pinned`]: page-locked batch buffers for the pipeline.
 //!
 //! [`crate::functional`] sends CUDA tensors here and everything else to the composed ops,
