@@ -6,7 +6,7 @@
 //! each node a zero-filled gradient plus an addition, all the size of `qkv`: on one H200
 //! that was a third of a ViT-S/16 MimCo step (Nsight Compute, benches/results/). Here one
 //! kernel splits the heads, cuBLAS computes `q k^T` and `p v` with the score rows padded
-//! to 16 bytes (see [`super::gemm`]), the fused softmax runs in place between them, and
+//! to 16 bytes (see [`super::gemm`]: it did not make cuBLAS faster), the fused softmax runs in place between them, and
 //! one kernel merges the heads. The `(B, H, N, N)` probabilities are not kept: the
 //! backward recomputes them from `q` and `k`, trading one more `q k^T` for `B * H * N^2`
 //! stored elements per layer.
