@@ -250,10 +250,13 @@ impl Iterator for Epoch {
                 Ok(batch) => break Some(batch),
                 Err(RecvTimeoutError::Timeout) if self.crew.panic().is_none() => {}
                 Err(_) => {
+                    // The channel closes while a panicking sender unwinds, before its
+                    // message is recorded: wait for the crew to settle, so that a panic
+                    // is never taken for the epoch's end.
                     self.batches = None;
                     break self
                         .crew
-                        .panic()
+                        .settle()
                         .map(|message| Err(Error::Internal { message }));
                 }
             }
@@ -294,10 +297,14 @@ impl Crew {
         let (stop, panic) = (self.stop.clone(), self.panic.clone());
         let body = move || {
             if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
-                stop.store(true, Ordering::Relaxed);
+                // Recorded before the others are told to stop, so that whoever sees them
+                // stop can find out why.
                 let message = format!("thread {name} panicked: {}", panic_message(&*payload));
-                let mut first = panic.lock().unwrap_or_else(|e| e.into_inner());
-                first.get_or_insert(message);
+                panic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(message);
+                stop.store(true, Ordering::Relaxed);
             }
         };
         let thread = std::thread::Builder::new()
@@ -313,6 +320,20 @@ impl Crew {
     /// What the first thread to panic said.
     fn panic(&self) -> Option<String> {
         self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until a thread has panicked (its message) or every thread has ended (`None`).
+    fn settle(&self) -> Option<String> {
+        loop {
+            if let Some(message) = self.panic() {
+                return Some(message);
+            }
+            if self.threads.iter().all(|t| t.is_finished()) {
+                // A thread records its panic before it ends.
+                return self.panic();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Tells the threads to stop and joins them, until one has panicked.
