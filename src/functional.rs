@@ -36,10 +36,17 @@ pub fn layer_norm_to(
     out: DType,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(x, x.dim(D::Minus1)?) && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+    if fused_layer_norm(x, weight) {
         return crate::cuda::layer_norm(x, weight, bias, eps, out);
     }
     layer_norm(x, weight, bias, eps)?.to_dtype(out)
+}
+
+/// Whether [`layer_norm_to`] takes the fused kernel.
+#[cfg(feature = "cuda")]
+pub(crate) fn fused_layer_norm(x: &Tensor, weight: &Tensor) -> bool {
+    let row = x.dims().last().copied().unwrap_or(0);
+    fused(x, row) && x.dtype() == DType::F32 && weight.dtype() == DType::F32
 }
 
 /// The activation after a linear layer.
@@ -69,7 +76,7 @@ impl Act {
 /// CUDA.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(x, 0) && x.rank() == 2 && matches!(x.dtype(), DType::F32 | DType::BF16) {
+    if fused_linear(x) {
         return crate::cuda::linear(x, weight, bias, act, out);
     }
     let dt = x.dtype();
@@ -77,6 +84,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) 
         .matmul(&weight.to_dtype(dt)?.t()?)?
         .broadcast_add(&bias.to_dtype(dt)?)?;
     act.apply(&y)?.to_dtype(out)
+}
+
+/// Whether [`linear`] takes the fused op.
+#[cfg(feature = "cuda")]
+pub(crate) fn fused_linear(x: &Tensor) -> bool {
+    fused(x, 0) && x.rank() == 2 && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
 
 /// Multi-head self-attention from the packed projection: `qkv` is `(B * tokens, 3 * D)`,

@@ -23,6 +23,7 @@
 
 #![deny(missing_docs)]
 
+pub mod backward;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

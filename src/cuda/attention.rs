@@ -356,17 +356,28 @@ impl CustomOp1 for AttentionQkv {
     }
 
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.to_dtype(qkv.dtype())?.contiguous()?;
-        let dqkv = qkv.apply_op2_no_bwd(
-            &grad,
-            &AttentionQkvBwd {
-                tokens: self.tokens,
-                heads: self.heads,
-                scale: self.scale,
-            },
-        )?;
-        Ok(Some(dqkv))
+        attention_qkv_bwd(qkv, self.tokens, self.heads, self.scale as f64, grad).map(Some)
     }
+}
+
+/// The gradient of [`attention_qkv`] at `qkv` for the output gradient `dy`, in the dtype
+/// of `qkv`, recomputing the probabilities.
+pub fn attention_qkv_bwd(
+    qkv: &Tensor,
+    tokens: usize,
+    heads: usize,
+    scale: f64,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let dy = dy.to_dtype(qkv.dtype())?.contiguous()?;
+    qkv.contiguous()?.apply_op2_no_bwd(
+        &dy,
+        &AttentionQkvBwd {
+            tokens,
+            heads,
+            scale: scale as f32,
+        },
+    )
 }
 
 /// `(qkv, d out)` -> `d qkv` of [`AttentionQkv`], recomputing the probabilities.

@@ -79,10 +79,7 @@ impl Checker {
         self.rows.push(CheckRow {
             what: what.into(),
             shape: format!("{shape:?}"),
-            dtype: match dtype {
-                DType::BF16 => "bf16",
-                _ => "f32",
-            },
+            dtype: label(dtype),
             error,
             tolerance,
         });
@@ -138,7 +135,33 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
     }
     adamw(&mut c, &[[384, 1536], [7, 3]])?;
     sum_squares(&mut c)?;
+    for dtype in [DType::F32, DType::BF16] {
+        vit_blocks(&mut c, dtype)?;
+    }
     Ok(c.rows)
+}
+
+/// The ViT blocks as one graph node with their hand-written backward against the same
+/// fused ops as graph nodes under Candle's autograd: output and every gradient.
+fn vit_blocks(c: &mut Checker, dtype: DType) -> Result<()> {
+    let (_, tolerance) = tolerances(dtype);
+    for (name, error) in crate::models::blocks::compare_stack(&c.dev, dtype)? {
+        c.rows.push(CheckRow {
+            what: format!("vit blocks as one node: {name}"),
+            shape: "[15, 64], 2 blocks".into(),
+            dtype: label(dtype),
+            error,
+            tolerance,
+        });
+    }
+    Ok(())
+}
+
+fn label(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
 }
 
 fn tolerances(dtype: DType) -> (f64, f64) {

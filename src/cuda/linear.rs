@@ -23,11 +23,7 @@ use crate::functional::Act;
 /// and is written in `out` (the dtype of `x`, or f32 without an activation). Gradients:
 /// `dx` in the dtype of `x`, `dweight` and `dbias` in f32.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) -> Result<Tensor> {
-    let act = match act {
-        Act::Identity => 0,
-        Act::Gelu => 1,
-        Act::Relu => 2,
-    };
+    let act = act_code(act);
     if x.rank() != 2 || weight.dtype() != DType::F32 || bias.dtype() != DType::F32 {
         bail!("linear: a 2D input and f32 weight and bias");
     }
@@ -38,6 +34,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) 
         );
     }
     x.contiguous()?.apply_op3(weight, bias, Linear { out, act })
+}
+
+/// The kernels' activation code of `act`.
+fn act_code(act: Act) -> i32 {
+    match act {
+        Act::Identity => 0,
+        Act::Gelu => 1,
+        Act::Relu => 2,
+    }
 }
 
 /// `act`: the kernels' activation code (0: none, 1: GELU, 2: ReLU).
@@ -145,19 +150,43 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let w = weight.to_dtype(x.dtype())?;
-        let g = match self.act {
-            0 => grad.contiguous()?,
-            act => {
-                let g = grad.to_dtype(x.dtype())?.contiguous()?;
-                x.matmul(&w.t()?)?
-                    .apply_op3_no_bwd(bias, &g, &BiasActBwd(act))?
-            }
-        };
-        let db = g.apply_op1_no_bwd(&ColumnSum)?;
-        let g = g.to_dtype(x.dtype())?;
-        let dx = g.matmul(&w)?;
-        let dw = g.t()?.matmul(x)?.to_dtype(DType::F32)?;
+        let (dx, dw, db) = linear_code_bwd(x, weight, bias, self.act, grad)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// The gradients `(dx, dweight, dbias)` of [`linear()`] at `x`, `weight`, `bias` for the
+/// output gradient `dy`: `dx` in the dtype of `x`, the others f32. With an activation the
+/// product is recomputed.
+pub fn linear_bwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    act: Act,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    linear_code_bwd(&x.contiguous()?, weight, bias, act_code(act), dy)
+}
+
+fn linear_code_bwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    act: i32,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let w = weight.to_dtype(x.dtype())?;
+    let g = match act {
+        0 => grad.contiguous()?,
+        act => {
+            let g = grad.to_dtype(x.dtype())?.contiguous()?;
+            x.matmul(&w.t()?)?
+                .apply_op3_no_bwd(bias, &g, &BiasActBwd(act))?
+        }
+    };
+    let db = g.apply_op1_no_bwd(&ColumnSum)?;
+    let g = g.to_dtype(x.dtype())?;
+    let dx = g.matmul(&w)?;
+    let dw = g.t()?.matmul(x)?.to_dtype(DType::F32)?;
+    Ok((dx, dw, db))
 }

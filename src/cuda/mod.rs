@@ -30,12 +30,12 @@ mod norm;
 pub mod pinned;
 
 pub use adamw::{AdamWStep, adamw, sum_squares};
-pub use attention::attention_qkv;
+pub use attention::{attention_qkv, attention_qkv_bwd};
 pub use gather::gather_rows;
 pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;
-pub use linear::linear;
-pub use norm::layer_norm;
+pub use linear::{linear, linear_bwd};
+pub use norm::{layer_norm, layer_norm_bwd};
 
 use std::sync::OnceLock;
 

@@ -97,16 +97,31 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(candle_core::D::Minus1)?;
-        let n = x.elem_count();
-        let packed =
-            x.apply_op3_no_bwd(weight, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, d)?.reshape(weight.shape())?),
-            Some(packed.narrow(0, n + d, d)?.reshape(weight.shape())?),
-        ))
+        let (dx, dw, db) = layer_norm_bwd(x, weight, self.eps as f64, grad)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// The gradients `(dx, dweight, dbias)` of [`layer_norm`] at the f32 `x` and `weight` for
+/// the output gradient `dy` (f32 or bf16), all three f32: one launch.
+pub fn layer_norm_bwd(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let n = x.elem_count();
+    let packed = x.contiguous()?.apply_op3_no_bwd(
+        weight,
+        &dy.contiguous()?,
+        &LayerNormBwd { eps: eps as f32 },
+    )?;
+    Ok((
+        packed.narrow(0, 0, n)?.reshape(x.shape())?,
+        packed.narrow(0, n, d)?.reshape(weight.shape())?,
+        packed.narrow(0, n + d, d)?.reshape(weight.shape())?,
+    ))
 }
 
 /// `(x, weight, dy)` -> `dx ++ dweight ++ dbias`, flat f32.

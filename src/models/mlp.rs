@@ -52,6 +52,19 @@ impl Dense {
     pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
         functional::linear(x, &self.weight, &self.bias, Act::Identity, out)
     }
+
+    /// `[weight, bias]`.
+    pub(crate) fn params(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
+
+    /// The same layer outside Candle's graph (its parameters detached).
+    pub(crate) fn detach(&self) -> Dense {
+        Dense {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+        }
+    }
 }
 
 impl Module for Dense {

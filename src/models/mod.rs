@@ -2,6 +2,7 @@
 //! mask) to patch tokens; the method and its losses only see the [`Encoder`] trait, so a
 //! Swin encoder can be added beside the ViT without touching them.
 
+pub mod blocks;
 pub mod mlp;
 pub mod vit;
 

@@ -6,11 +6,11 @@
 //! so MoCo v3 and timm checkpoints load without a rename table and exported students load
 //! into `timm.create_model(...)`.
 
-use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::mlp::{Dense, linear};
+use super::blocks::{self, Block, Norm};
 use super::{Encoder, Features};
 use crate::functional::{self, Act};
 
@@ -127,92 +127,6 @@ pub fn sincos_position_embedding(grid: usize, dim: usize, device: &Device) -> Re
         }
     }
     Tensor::from_vec(table, (1, 1 + grid * grid, dim), device)
-}
-
-/// LayerNorm with parameters `weight`, `bias`, through the differentiable [`functional::layer_norm`].
-#[derive(Clone, Debug)]
-pub struct Norm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl Norm {
-    /// Builds a LayerNorm of width `dim` under `vb`.
-    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Norm> {
-        Ok(Norm {
-            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
-            eps,
-        })
-    }
-}
-
-impl Norm {
-    /// The normalised f32 `x`, in `out` (the dtype of the layer that reads it).
-    pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
-        functional::layer_norm_to(x, &self.weight, &self.bias, self.eps, out)
-    }
-}
-
-/// Multi-head self-attention (`attn.qkv`, `attn.proj`) over the tokens of `(B * N, D)`.
-#[derive(Clone, Debug)]
-struct Attention {
-    qkv: Dense,
-    proj: Dense,
-    heads: usize,
-}
-
-impl Attention {
-    /// The f32 output of `attn.proj` for the residual stream.
-    fn forward(&self, x: &Tensor, tokens: usize) -> Result<Tensor> {
-        let hd = x.dim(1)? / self.heads;
-        let qkv = self.qkv.forward(x)?;
-        let out = functional::attention_qkv(&qkv, tokens, self.heads, (hd as f64).powf(-0.5))?;
-        self.proj.forward_to(&out, DType::F32)
-    }
-}
-
-/// Pre-norm transformer block (`norm1`, `attn`, `norm2`, `mlp.fc1`, `mlp.fc2`), GELU (erf).
-#[derive(Clone, Debug)]
-struct Block {
-    norm1: Norm,
-    attn: Attention,
-    norm2: Norm,
-    fc1: Dense,
-    fc2: Dense,
-}
-
-impl Block {
-    fn new(vb: VarBuilder, c: &VitConfig) -> Result<Block> {
-        let hidden = (c.dim as f64 * c.mlp_ratio) as usize;
-        Ok(Block {
-            norm1: Norm::new(vb.pp("norm1"), c.dim, c.ln_eps)?,
-            attn: Attention {
-                qkv: linear(vb.pp("attn.qkv"), c.dim, 3 * c.dim)?,
-                proj: linear(vb.pp("attn.proj"), c.dim, c.dim)?,
-                heads: c.heads,
-            },
-            norm2: Norm::new(vb.pp("norm2"), c.dim, c.ln_eps)?,
-            fc1: linear(vb.pp("mlp.fc1"), c.dim, hidden)?,
-            fc2: linear(vb.pp("mlp.fc2"), hidden, c.dim)?,
-        })
-    }
-}
-
-impl Block {
-    /// The block on `x`, `(B * N, D)` (2D, so that no reshape adds nodes to the graph).
-    /// The residual stream `x` stays f32; each branch computes in `compute`.
-    fn forward(&self, x: &Tensor, tokens: usize, compute: DType) -> Result<Tensor> {
-        let h = self
-            .attn
-            .forward(&self.norm1.forward_to(x, compute)?, tokens)?;
-        let x = (x + h)?;
-        let h = self
-            .fc1
-            .forward_act(&self.norm2.forward_to(&x, compute)?, Act::Gelu)?;
-        x + self.fc2.forward_to(&h, DType::F32)?
-    }
 }
 
 /// A ViT encoder; the student also has a `mask_token`.
@@ -343,9 +257,7 @@ impl Encoder for Vit {
         x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
         let (tokens, dim) = (x.dim(1)?, self.config.dim);
         x = x.reshape((b * tokens, dim))?;
-        for block in &self.blocks {
-            x = block.forward(&x, tokens, c)?;
-        }
+        let x = blocks::forward(&self.blocks, &x, tokens, c)?;
         let x = self
             .norm
             .forward_to(&x, DType::F32)?

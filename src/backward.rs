@@ -1,0 +1,100 @@
+//! The backward of the ops in a ViT block, called directly by a hand-written backward
+//! ([`crate::models::blocks`]) rather than by Candle's autograd.
+//!
+//! Each function returns the gradients of one op of [`crate::functional`] at its inputs
+//! for a given output gradient. Where the forward took a fused CUDA kernel, so does its
+//! backward (the kernel's own backward, checked on the GPU by `mimco bench kernels`);
+//! everywhere else Candle's autograd differentiates the composed forward on a copy of the
+//! inputs, which makes these functions exact by construction on the CPU, the reference
+//! the hand-written backward is tested against.
+
+use candle_core::{DType, Result, Tensor, Var};
+
+use crate::functional::{self, Act};
+
+/// `(dx, dweight, dbias)` of [`functional::layer_norm_to`] at `x`, `weight`, `bias` for the
+/// gradient `dy` of its output (written in `out`): f32, as the inputs.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    out: DType,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if functional::fused_layer_norm(x, weight) {
+        return crate::cuda::layer_norm_bwd(x, weight, eps, dy);
+    }
+    let [dx, dw, db] = autograd([x, weight, bias], dy, |[x, w, b]| {
+        functional::layer_norm_to(x, w, b, eps, out)
+    })?;
+    Ok((dx, dw, db))
+}
+
+/// `(dx, dweight, dbias)` of [`functional::linear`] at `x`, `weight`, `bias` for the
+/// gradient `dy` of its output (written in `out`): `dx` in the dtype of `x`, the others
+/// f32.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    act: Act,
+    out: DType,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if functional::fused_linear(x) {
+        return crate::cuda::linear_bwd(x, weight, bias, act, dy);
+    }
+    let [dx, dw, db] = autograd([x, weight, bias], dy, |[x, w, b]| {
+        functional::linear(x, w, b, act, out)
+    })?;
+    Ok((dx, dw, db))
+}
+
+/// `dqkv` of [`functional::attention_qkv`] at `qkv` for the gradient `dy` of its output,
+/// in the dtype of `qkv`.
+pub fn attention_qkv(
+    qkv: &Tensor,
+    tokens: usize,
+    heads: usize,
+    scale: f64,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if functional::fused(qkv, tokens) {
+        return crate::cuda::attention_qkv_bwd(qkv, tokens, heads, scale, dy);
+    }
+    let [dqkv] = autograd([qkv], dy, |[qkv]| {
+        functional::attention_qkv(qkv, tokens, heads, scale)
+    })?;
+    Ok(dqkv)
+}
+
+/// The gradients of `sum(f(inputs) * dy)` with respect to `inputs`, by Candle's autograd
+/// on copies of the inputs (so nothing outside sees the graph). An input that the output
+/// does not depend on gets zeros.
+fn autograd<const N: usize>(
+    inputs: [&Tensor; N],
+    dy: &Tensor,
+    f: impl FnOnce(&[Tensor; N]) -> Result<Tensor>,
+) -> Result<[Tensor; N]> {
+    let mut vars = Vec::with_capacity(N);
+    for x in inputs {
+        vars.push(Var::from_tensor(&x.detach())?.as_tensor().clone());
+    }
+    let vars: [Tensor; N] = vars.try_into().expect("N inputs");
+    let y = f(&vars)?;
+    let grads = (&y * dy.detach().to_dtype(y.dtype())?)?
+        .sum_all()?
+        .backward()?;
+    let mut out = Vec::with_capacity(N);
+    for v in &vars {
+        out.push(match grads.get(v) {
+            Some(g) => g.clone(),
+            None => v.zeros_like()?,
+        });
+    }
+    Ok(out.try_into().expect("N gradients"))
+}
