@@ -21,7 +21,9 @@ def expected():
             names += [f"softmax_{stage}_{t}_{t}_{e}" for t in ("f32", "bf16")]
         names += [f"bias_act_{stage}_{t}" for t in ("f32", "bf16")]
     for t in ("f32", "bf16"):
-        names += [f"column_sum_{t}", f"split_heads_{t}", f"merge_heads_{t}"]
+        names += [f"column_sum_{t}"]
+    for u in (1, 2, 4, 8, 16):
+        names += [f"split_heads_u{u}", f"merge_heads_u{u}"]
     names += ["scatter_add_rows_f32", "bias_add_f32_f32", "bias_add_bf16_bf16", "bias_add_bf16_f32",
               "info_nce_fwd_f32", "info_nce_bwd_f32", "normalize_u8_f32",
               "patchify_f32_f32", "patchify_f32_bf16", "sum_squares_f32"]

@@ -13,9 +13,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail,
@@ -76,78 +74,80 @@ impl Heads {
         [self.batch, self.heads, self.tokens, self.dim]
     }
 
-    fn args(&self) -> [i32; 5] {
-        [self.batch, self.tokens, self.parts, self.heads, self.dim].map(|v| v as i32)
+    /// The kernels' arguments `B, N, S, H, V` for chunks of `units` copy units.
+    fn args(&self, units: usize) -> [i32; 5] {
+        [self.batch, self.tokens, self.parts, self.heads, units].map(|v| v as i32)
     }
 
-    /// The launch of `split_heads`/`merge_heads`: a warp per chunk of `E` elements, 8
-    /// warps per block.
-    fn grid(&self) -> LaunchConfig {
-        let chunks = (self.elements() / self.dim.max(1)) as u32;
-        LaunchConfig {
-            grid_dim: (chunks.div_ceil(8).clamp(1, 1 << 20), 1, 1),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
+    /// The copy unit of `split_heads_u*`/`merge_heads_u*` for elements of `size` bytes
+    /// at `addresses` (16, 8, 4, 2 or 1 bytes: the widest that divides a chunk of `E`
+    /// elements and every address), and the chunk's length in units.
+    fn unit(&self, size: usize, addresses: &[CUdeviceptr]) -> (usize, usize) {
+        let bytes = self.dim * size;
+        let unit = [16, 8, 4, 2, 1]
+            .into_iter()
+            .find(|&u| bytes.is_multiple_of(u) && addresses.iter().all(|a| a % u as u64 == 0))
+            .unwrap_or(1);
+        (unit, bytes / unit)
+    }
+
+    /// Runs `split_heads_u*` (`split`) or `merge_heads_u*` from the token-major or
+    /// head-major `sources` (one, or one per part) into `out`, all of `dtype`.
+    fn copy(
+        &self,
+        split: bool,
+        dtype: DType,
+        sources: &[CUdeviceptr],
+        out: &CudaStorage,
+    ) -> Result<()> {
+        let dev = out.device();
+        let size = dtype.size_in_bytes();
+        let dst = address(out, 0)?;
+        let mut addresses = sources.to_vec();
+        addresses.push(dst);
+        let (unit, units) = self.unit(size, &addresses);
+        let kind = if split { "split" } else { "merge" };
+        let f = func(dev, &format!("{kind}_heads_u{unit}"))?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        // merge takes three part pointers; unused ones repeat the last (the kernel reads
+        // parts < S only).
+        let count = if split { 1 } else { 3 };
+        for i in 0..count {
+            b.arg(&sources[i.min(sources.len() - 1)]);
         }
+        b.arg(&dst);
+        let args = self.args(units);
+        for v in &args {
+            b.arg(v);
+        }
+        let total = (self.elements() * size / unit) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).clamp(1, 1 << 20), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
     }
 }
 
-/// `x` token-major -> a new head-major storage, by `split_heads_<dtype>`.
+/// `x` token-major -> a new head-major storage, by `split_heads_u*`.
 fn split(s: &CudaStorage, l: &Layout, h: Heads) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr>(
-        dev: &CudaDevice,
-        f: &CudaFunction,
-        x: CudaView<T>,
-        h: Heads,
-    ) -> Result<CudaSlice<T>> {
-        let y = unsafe { dev.alloc::<T>(h.elements())? };
-        let a = h.args();
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(f);
-        b.arg(&x).arg(&y);
-        for v in &a {
-            b.arg(v);
-        }
-        unsafe { b.launch(h.grid()) }.w()?;
-        Ok(y)
+    if !l.is_contiguous() || l.shape().elem_count() != h.elements() {
+        bail!(
+            "split_heads: a contiguous input of {} elements",
+            h.elements()
+        );
     }
-    let dev = s.device();
-    let f = func(dev, &format!("split_heads_{}", dtype_name(s.dtype())?))?;
-    let slice = match s.dtype() {
-        DType::F32 => CudaStorageSlice::F32(go(dev, &f, contiguous::<f32>(s, l, "x")?, h)?),
-        _ => CudaStorageSlice::BF16(go(dev, &f, contiguous::<bf16>(s, l, "x")?, h)?),
-    };
-    Ok(wrap(slice, dev))
+    let y = alloc(s.device(), s.dtype(), h.elements())?;
+    h.copy(true, s.dtype(), &[address(s, l.start_offset())?], &y)?;
+    Ok(y)
 }
 
 /// Head-major parts (one per `h.parts`, each `(B, H, N, E)`) -> a new token-major
-/// storage, by `merge_heads_<dtype>`.
+/// storage, by `merge_heads_u*`.
 fn merge(parts: &[(&CudaStorage, &Layout)], h: Heads) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr>(
-        dev: &CudaDevice,
-        f: &CudaFunction,
-        parts: &[(&CudaStorage, &Layout)],
-        h: Heads,
-    ) -> Result<CudaSlice<T>> {
-        let views = parts
-            .iter()
-            .map(|(s, l)| contiguous::<T>(s, l, "part"))
-            .collect::<Result<Vec<_>>>()?;
-        let y = unsafe { dev.alloc::<T>(h.elements())? };
-        let a = h.args();
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(f);
-        // Unused part pointers repeat the last part (the kernel reads parts < S only).
-        for i in 0..3 {
-            b.arg(&views[i.min(views.len() - 1)]);
-        }
-        b.arg(&y);
-        for v in &a {
-            b.arg(v);
-        }
-        unsafe { b.launch(h.grid()) }.w()?;
-        Ok(y)
-    }
     if parts.len() != h.parts || !(1..=3).contains(&parts.len()) {
         bail!(
             "merge_heads: {} parts for a layout of {}",
@@ -155,14 +155,23 @@ fn merge(parts: &[(&CudaStorage, &Layout)], h: Heads) -> Result<CudaStorage> {
             h.parts
         );
     }
-    let dev = parts[0].0.device();
-    let dt = parts[0].0.dtype();
-    let f = func(dev, &format!("merge_heads_{}", dtype_name(dt)?))?;
-    let slice = match dt {
-        DType::F32 => CudaStorageSlice::F32(go::<f32>(dev, &f, parts, h)?),
-        _ => CudaStorageSlice::BF16(go::<bf16>(dev, &f, parts, h)?),
-    };
-    Ok(wrap(slice, dev))
+    let dtype = parts[0].0.dtype();
+    let mut sources = Vec::with_capacity(parts.len());
+    for (s, l) in parts {
+        if !l.is_contiguous()
+            || l.shape().elem_count() * h.parts != h.elements()
+            || s.dtype() != dtype
+        {
+            bail!(
+                "merge_heads: contiguous {dtype:?} parts of {} elements",
+                h.elements() / h.parts
+            );
+        }
+        sources.push(address(s, l.start_offset())?);
+    }
+    let y = alloc(parts[0].0.device(), dtype, h.elements())?;
+    h.copy(false, dtype, &sources, &y)?;
+    Ok(y)
 }
 
 /// A new uninitialised storage of `n` elements of `dtype` (f32 or bf16) on `dev`.

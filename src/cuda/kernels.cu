@@ -300,9 +300,11 @@ EACH_WIDTH(SOFTMAX, float, f32)
 EACH_WIDTH(SOFTMAX, bf16, bf16)
 
 // Attention heads: x (B, N, S, H, E) token-major (the qkv projection's output, S = 3, or
-// an attention output or its gradient, S = 1) to y (S, B, H, N, E) head-major. Each
-// warp row (threadIdx.y) copies chunks of E contiguous elements: the chunk's place is
-// worked out once per chunk, not per element. Block (32, 8).
+// an attention output or its gradient, S = 1) to y (S, B, H, N, E) head-major. A chunk of
+// E contiguous elements moves as V units of type U (16, 8, 4, 2 or 1 bytes: the widest
+// that the chunk's bytes and the buffers' addresses allow), one unit per thread: 16-byte
+// units for heads of 64 bf16 or f32 elements, where 2-byte copies took several times the
+// time the bytes need (Nsight Compute, H200).
 struct HeadChunk {
     int b, tok, s, h;
 };
@@ -319,31 +321,29 @@ __device__ __forceinline__ HeadChunk head_chunk(int ch, int N, int S, int H) {
     return c;
 }
 
-template <typename T>
-__device__ void split_heads(const T *x, T *y, int B, int N, int S, int H, int E) {
-    const int chunks = B * N * S * H;
-    for (int ch = blockIdx.x * blockDim.y + threadIdx.y; ch < chunks;
-         ch += gridDim.x * blockDim.y) {
+template <typename U>
+__device__ void split_heads(const U *x, U *y, int B, int N, int S, int H, int V) {
+    const long total = (long)B * N * S * H * V;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+         i += (long)gridDim.x * blockDim.x) {
+        const int ch = (int)(i / V);
         const HeadChunk c = head_chunk(ch, N, S, H);
-        const T *src = x + (long)ch * E;
-        T *dst = y + ((((long)c.s * B + c.b) * H + c.h) * N + c.tok) * E;
-        for (int e = threadIdx.x; e < E; e += 32) dst[e] = src[e];
+        y[((((long)c.s * B + c.b) * H + c.h) * N + c.tok) * V + (i - (long)ch * V)] = x[i];
     }
 }
 
 // The inverse for S parts held apart: part s of y (B, N, S, H, E) from p[s], each
-// (B, H, N, E) head-major (S at most 3). Block (32, 8).
-template <typename T>
-__device__ void merge_heads(const T *p0, const T *p1, const T *p2, T *y, int B, int N, int S,
-                            int H, int E) {
-    const int chunks = B * N * S * H;
-    for (int ch = blockIdx.x * blockDim.y + threadIdx.y; ch < chunks;
-         ch += gridDim.x * blockDim.y) {
+// (B, H, N, E) head-major (S at most 3).
+template <typename U>
+__device__ void merge_heads(const U *p0, const U *p1, const U *p2, U *y, int B, int N, int S,
+                            int H, int V) {
+    const long total = (long)B * N * S * H * V;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+         i += (long)gridDim.x * blockDim.x) {
+        const int ch = (int)(i / V);
         const HeadChunk c = head_chunk(ch, N, S, H);
-        const T *p = c.s == 0 ? p0 : (c.s == 1 ? p1 : p2);
-        const T *src = p + (((long)c.b * H + c.h) * N + c.tok) * E;
-        T *dst = y + (long)ch * E;
-        for (int e = threadIdx.x; e < E; e += 32) dst[e] = src[e];
+        const U *p = c.s == 0 ? p0 : (c.s == 1 ? p1 : p2);
+        y[i] = p[(((long)c.b * H + c.h) * N + c.tok) * V + (i - (long)ch * V)];
     }
 }
 
@@ -364,18 +364,22 @@ extern "C" __global__ void scatter_add_rows_f32(const float *g, const unsigned i
     scatter_add_rows(g, ids, out, n, cols);
 }
 
-#define HEADS(T, N)                                                                           \
-    extern "C" __global__ void split_heads_##N(const T *x, T *y, int B, int Ntok, int S,     \
-                                               int H, int E) {                                \
-        split_heads<T>(x, y, B, Ntok, S, H, E);                                               \
+#define HEADS(U, BYTES)                                                                       \
+    extern "C" __global__ void split_heads_u##BYTES(const U *x, U *y, int B, int Ntok, int S, \
+                                                    int H, int V) {                           \
+        split_heads<U>(x, y, B, Ntok, S, H, V);                                               \
     }                                                                                         \
-    extern "C" __global__ void merge_heads_##N(const T *p0, const T *p1, const T *p2, T *y,  \
-                                               int B, int Ntok, int S, int H, int E) {        \
-        merge_heads<T>(p0, p1, p2, y, B, Ntok, S, H, E);                                      \
+    extern "C" __global__ void merge_heads_u##BYTES(const U *p0, const U *p1, const U *p2,   \
+                                                    U *y, int B, int Ntok, int S, int H,      \
+                                                    int V) {                                  \
+        merge_heads<U>(p0, p1, p2, y, B, Ntok, S, H, V);                                      \
     }
 
-HEADS(float, f32)
-HEADS(bf16, bf16)
+HEADS(uint4, 16)
+HEADS(uint2, 8)
+HEADS(unsigned int, 4)
+HEADS(unsigned short, 2)
+HEADS(unsigned char, 1)
 
 // y = x + bias, written in another dtype: a linear layer's bias, with the cast of its
 // output to the residual stream's f32 folded in.
