@@ -104,6 +104,9 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
         [1, 3, 50, 32],
         [3, 2, 17, 64],
         [1, 2, 1000, 16],
+        // Heads of 20, 12 and 10 bytes: the heads' copies in 4-, 8- and 2-byte units.
+        [2, 3, 9, 5],
+        [1, 2, 7, 6],
     ] {
         for dtype in [DType::F32, DType::BF16] {
             attention(&mut c, &shape, dtype)?;
