@@ -352,9 +352,10 @@ impl ShardSource {
                 message: format!("upload of {} failed: {e}", file.display()),
             };
             if let Err(e) = tokio::io::copy(&mut input, &mut writer).await {
-                // Abort a multipart upload, so that no parts are left behind. (Once
-                // `shutdown` has begun there is nothing to abort with: a failed
-                // completion leaves its parts to the bucket's lifecycle rules.)
+                // Abort a multipart upload, so that no parts are left behind. (In
+                // `shutdown`, object_store's `WriteMultipart::finish` aborts when a part
+                // or the completion fails; parts stay only if the abort fails too, left
+                // to the bucket's lifecycle rules.)
                 let _ = writer.abort().await;
                 return Err(failed(e));
             }
