@@ -48,6 +48,8 @@ else
     mkdir -p target/tmp
     echo "SKIPPED Fashion-MNIST study (--small): apt-get install dataset-fashion-mnist" > target/tmp/SKIPPED-fashion-mnist.txt
 fi
+# The CUDA kernels' own code, run on the CPU against plain loops.
+bash tests/kernels_on_cpu.sh
 # The CUDA build without a GPU: kernels through NVRTC, `--features cuda` through clippy.
 if [ "${MIMCO_SKIP_CUDA_BUILD:-0}" = 1 ]; then
     mkdir -p target/tmp

@@ -1,0 +1,494 @@
+// Every kernel of src/cuda/kernels.cu run on the CPU (cuda_on_cpu.h) against plain loops in
+// double: layouts, indices, the vectorised and scalar paths, bf16 rounding. It cannot see
+// the Rust side's launches or cuBLAS; `mimco bench kernels` checks those on a GPU.
+// Built and run by tests/kernels_on_cpu.sh.
+#include "cuda_on_cpu.h"
+
+#include "../../src/cuda/kernels.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <tuple>
+
+static int passed = 0, failed = 0;
+
+static void expect(bool ok, const std::string &what, double error = 0.0) {
+    if (ok) {
+        passed++;
+    } else {
+        failed++;
+        std::printf("FAILED: %s (error %g)\n", what.c_str(), error);
+    }
+}
+
+// Round to nearest even, as torch does; NaN stays NaN.
+static bf16 to_bf(double v) {
+    const float f = (float)v;
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+static double value(float v) { return v; }
+static double value(bf16 v) { return __uint_as_float((unsigned int)v << 16); }
+template <typename T> static T from(double v);
+template <> float from<float>(double v) { return (float)v; }
+template <> bf16 from<bf16>(double v) { return to_bf(v); }
+template <typename T> static const char *name();
+template <> const char *name<float>() { return "f32"; }
+template <> const char *name<bf16>() { return "bf16"; }
+// The tolerance of a result stored in T, relative to the reference's L2 norm.
+template <typename T> static double tolerance() { return sizeof(T) == 2 ? 8e-3 : 2e-6; }
+
+static std::mt19937 rng(20261128);
+template <typename T> static std::vector<T> random_values(size_t n, double lo, double hi) {
+    std::uniform_real_distribution<double> u(lo, hi);
+    std::vector<T> v(n);
+    for (auto &x : v) x = from<T>(u(rng));
+    return v;
+}
+
+// Relative L2 error of `got` against `want`; infinite if anything is NaN.
+template <typename T> static double error(const T *got, const std::vector<double> &want) {
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < want.size(); i++) {
+        const double g = value(got[i]);
+        if (std::isnan(g)) return INFINITY;
+        diff += (g - want[i]) * (g - want[i]);
+        norm += want[i] * want[i];
+    }
+    return std::sqrt(diff) / std::max(std::sqrt(norm), 1e-300);
+}
+
+template <typename T>
+static void expect_close(const T *got, const std::vector<double> &want, const std::string &what,
+                         double tol = tolerance<T>()) {
+    const double e = error(got, want);
+    expect(e <= tol, what, e);
+}
+
+// A 64-byte aligned buffer of n T, with `offset` elements in front (to misalign it).
+template <typename T> struct Buffer {
+    std::vector<T> store;
+    T *p;
+    Buffer(size_t n, size_t offset = 0) : store(n + offset + 64 / sizeof(T)) {
+        const auto base = reinterpret_cast<uintptr_t>(store.data());
+        p = reinterpret_cast<T *>((base + 63) / 64 * 64) + offset;
+    }
+    Buffer(const std::vector<T> &v, size_t offset = 0) : Buffer(v.size(), offset) {
+        std::copy(v.begin(), v.end(), p);
+    }
+};
+
+#define WIDTH_KERNEL(name, e)                                                                 \
+    ((e) == 1    ? name##_1                                                                   \
+     : (e) == 2  ? name##_2                                                                   \
+     : (e) == 4  ? name##_4                                                                   \
+     : (e) == 8  ? name##_8                                                                   \
+     : (e) == 12 ? name##_12                                                                  \
+     : (e) == 16 ? name##_16                                                                  \
+     : (e) == 24 ? name##_24                                                                  \
+                 : name##_32)
+
+// Elements per lane for rows of d elements, as src/cuda/mod.rs picks them.
+static int width(int d) {
+    for (int e : {1, 2, 4, 8, 12, 16, 24, 32})
+        if (32 * e >= d) return e;
+    std::abort();
+}
+
+// --- attention heads -------------------------------------------------------------------
+
+typedef void (*SplitKernel)(const void *, void *, int, int, int, int, int);
+typedef void (*MergeKernel)(const void *, const void *, const void *, void *, int, int, int,
+                            int, int);
+
+template <typename U> static void split_as(const void *x, void *y, int B, int N, int S, int H, int V) {
+    split_heads<U>((const U *)x, (U *)y, B, N, S, H, V);
+}
+template <typename U>
+static void merge_as(const void *p0, const void *p1, const void *p2, void *y, int B, int N,
+                     int S, int H, int V) {
+    merge_heads<U>((const U *)p0, (const U *)p1, (const U *)p2, (U *)y, B, N, S, H, V);
+}
+
+// (B, N, S, H, E) of `size`-byte elements, token-major -> head-major and back, in the
+// widest unit the chunk and the (offset) buffers allow, as attention.rs picks it.
+static void heads(int B, int N, int S, int H, int E, int size, int offset) {
+    const size_t n = (size_t)B * N * S * H * E, bytes = n * size;
+    Buffer<unsigned char> x(bytes, offset * size), y(bytes), back(bytes, offset * size);
+    for (size_t i = 0; i < bytes; i++) x.p[i] = (unsigned char)(i * 7 + i / 251);
+    int unit = 16;
+    while ((E * size) % unit || reinterpret_cast<uintptr_t>(x.p) % unit) unit /= 2;
+    const int V = E * size / unit;
+    SplitKernel split = unit == 16  ? split_as<uint4>
+                        : unit == 8 ? split_as<uint2>
+                        : unit == 4 ? split_as<unsigned int>
+                        : unit == 2 ? split_as<unsigned short>
+                                    : split_as<unsigned char>;
+    MergeKernel merge = unit == 16  ? merge_as<uint4>
+                        : unit == 8 ? merge_as<uint2>
+                        : unit == 4 ? merge_as<unsigned int>
+                        : unit == 2 ? merge_as<unsigned short>
+                                    : merge_as<unsigned char>;
+    // Few threads, so that the grid-stride loops go round.
+    launch(split, {3}, {64}, (const void *)x.p, (void *)y.p, B, N, S, H, V);
+    bool same = true;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < N; t++)
+            for (int s = 0; s < S; s++)
+                for (int h = 0; h < H; h++) {
+                    const size_t from_at = ((((size_t)b * N + t) * S + s) * H + h) * E * size;
+                    const size_t to_at = ((((size_t)s * B + b) * H + h) * N + t) * E * size;
+                    same &= std::memcmp(x.p + from_at, y.p + to_at, E * size) == 0;
+                }
+    const std::string what = "heads (" + std::to_string(B) + ", " + std::to_string(N) + ", " +
+                             std::to_string(S) + ", " + std::to_string(H) + ", " +
+                             std::to_string(E) + ") of " + std::to_string(size) +
+                             " bytes in " + std::to_string(unit) + "-byte units";
+    expect(same, "split " + what);
+    const size_t part = bytes / S;
+    const unsigned char *p0 = y.p, *p1 = y.p + (S > 1 ? part : 0), *p2 = y.p + (S > 2 ? 2 * part : 0);
+    launch(merge, {2}, {96}, (const void *)p0, (const void *)p1, (const void *)p2, (void *)back.p, B,
+           N, S, H, V);
+    expect(std::memcmp(x.p, back.p, bytes) == 0, "merge " + what);
+}
+
+// --- bias, activation, column sums -----------------------------------------------------
+
+static double act_ref(double z, int act) {
+    if (act == 1) return 0.5 * z * (1 + std::erf(z / std::sqrt(2.0)));
+    if (act == 2) return z > 0 ? z : 0;
+    return z;
+}
+static double act_grad_ref(double z, int act) {
+    if (act == 1)
+        return 0.5 * (1 + std::erf(z / std::sqrt(2.0))) +
+               z * std::exp(-0.5 * z * z) * 0.39894228040143268;
+    if (act == 2) return z > 0 ? 1 : 0;
+    return 1;
+}
+
+template <typename T>
+static void bias_act(void (*fwd)(const T *, const float *, T *, long, int, int),
+                     void (*bwd)(const T *, const float *, const T *, T *, long, int, int),
+                     int rows, int cols, int act, int offset) {
+    const long n = (long)rows * cols;
+    const auto xv = random_values<T>(n, -3, 3), gv = random_values<T>(n, -1, 1);
+    const auto bv = random_values<float>(cols, -1, 1);
+    Buffer<T> x(xv, offset), g(gv, offset), y(n, offset), dz(n, offset);
+    Buffer<float> b(bv);
+    launch(fwd, {3}, {64}, (const T *)x.p, (const float *)b.p, y.p, n, cols, act);
+    launch(bwd, {2}, {32}, (const T *)x.p, (const float *)b.p, (const T *)g.p, dz.p, n, cols, act);
+    std::vector<double> want_y(n), want_dz(n);
+    for (long i = 0; i < n; i++) {
+        const double z = value(xv[i]) + bv[i % cols];
+        want_y[i] = act_ref(z, act);
+        want_dz[i] = value(gv[i]) * act_grad_ref(z, act);
+    }
+    const std::string what = std::string(name<T>()) + " act " + std::to_string(act) + " " +
+                             std::to_string(rows) + "x" + std::to_string(cols) +
+                             (offset ? " misaligned" : "");
+    expect_close(y.p, want_y, "bias_act_fwd " + what);
+    expect_close(dz.p, want_dz, "bias_act_bwd " + what);
+}
+
+// The eight-at-a-time path and the one-at-a-time path give the same bits.
+template <typename T>
+static void bias_act_paths(void (*fwd)(const T *, const float *, T *, long, int, int), int act) {
+    const int rows = 5, cols = 40;
+    const long n = rows * cols;
+    const auto xv = random_values<T>(n, -3, 3);
+    const auto bv = random_values<float>(cols, -1, 1);
+    Buffer<T> x8(xv), y8(n), x1(xv, 1), y1(n, 1);
+    Buffer<float> b(bv);
+    launch(fwd, {2}, {64}, (const T *)x8.p, (const float *)b.p, y8.p, n, cols, act);
+    launch(fwd, {2}, {64}, (const T *)x1.p, (const float *)b.p, y1.p, n, cols, act);
+    expect(std::memcmp(y8.p, y1.p, n * sizeof(T)) == 0,
+           std::string("bias_act_fwd ") + name<T>() + " act " + std::to_string(act) +
+               ": vector and scalar paths differ");
+}
+
+template <typename TI, typename TO>
+static void bias_add_check(void (*k)(const TI *, const float *, TO *, long, int), int rows,
+                           int cols, int offset) {
+    const long n = (long)rows * cols;
+    const auto xv = random_values<TI>(n, -3, 3);
+    const auto bv = random_values<float>(cols, -1, 1);
+    Buffer<TI> x(xv, offset);
+    Buffer<TO> y(n, offset);
+    Buffer<float> b(bv);
+    launch(k, {2}, {64}, (const TI *)x.p, (const float *)b.p, y.p, n, cols);
+    std::vector<double> want(n);
+    for (long i = 0; i < n; i++) want[i] = value(xv[i]) + bv[i % cols];
+    expect_close(y.p, want,
+                 std::string("bias_add ") + name<TI>() + " -> " + name<TO>() + " " +
+                     std::to_string(rows) + "x" + std::to_string(cols) +
+                     (offset ? " misaligned" : ""));
+}
+
+template <typename T>
+static void column_sum_check(void (*k)(const T *, float *, int, int), int rows, int cols) {
+    const auto xv = random_values<T>((size_t)rows * cols, -1, 1);
+    Buffer<T> x(xv);
+    Buffer<float> out(std::vector<float>(cols, 0.f));
+    launch(k, {(unsigned)(cols + 31) / 32, 3}, {32}, (const T *)x.p, out.p, rows, cols);
+    std::vector<double> want(cols, 0.0);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) want[c] += value(xv[(size_t)r * cols + c]);
+    expect_close(out.p, want, std::string("column_sum ") + name<T>(), 1e-6);
+}
+
+// --- LayerNorm and softmax ---------------------------------------------------------------
+
+template <typename TO>
+static void layer_norm(void (*fwd)(const float *, const float *, const float *, TO *, int, int,
+                                   float),
+                       void (*bwd)(const float *, const float *, const TO *, float *, int, int,
+                                   float),
+                       int rows, int d) {
+    const float eps = 1e-6f;
+    const auto xv = random_values<float>((size_t)rows * d, -2, 3);
+    const auto wv = random_values<float>(d, 0, 2), bv = random_values<float>(d, -1, 1);
+    const auto gv = random_values<TO>((size_t)rows * d, -1, 1);
+    Buffer<float> x(xv), w(wv), b(bv), out(std::vector<float>((size_t)rows * d + 2 * d, 0.f));
+    Buffer<TO> y((size_t)rows * d), g(gv);
+    launch(fwd, {(unsigned)(rows + 3) / 4}, {128}, (const float *)x.p, (const float *)w.p,
+           (const float *)b.p, y.p, rows, d, eps);
+    // Two warps in all, so that each goes over several rows.
+    launch(bwd, {1}, {64}, (const float *)x.p, (const float *)w.p, (const TO *)g.p, out.p, rows,
+           d, eps);
+    std::vector<double> want_y((size_t)rows * d), dx((size_t)rows * d), dw(d, 0.0), db(d, 0.0);
+    for (int r = 0; r < rows; r++) {
+        const float *xr = &xv[(size_t)r * d];
+        double mean = 0, var = 0;
+        for (int c = 0; c < d; c++) mean += xr[c];
+        mean /= d;
+        for (int c = 0; c < d; c++) var += (xr[c] - mean) * (xr[c] - mean);
+        const double rstd = 1 / std::sqrt(var / d + eps);
+        double sg = 0, sgx = 0;
+        for (int c = 0; c < d; c++) {
+            const double xhat = (xr[c] - mean) * rstd, dy = value(gv[(size_t)r * d + c]);
+            want_y[(size_t)r * d + c] = xhat * wv[c] + bv[c];
+            dw[c] += dy * xhat;
+            db[c] += dy;
+            sg += dy * wv[c];
+            sgx += dy * wv[c] * xhat;
+        }
+        for (int c = 0; c < d; c++) {
+            const double xhat = (xr[c] - mean) * rstd, dy = value(gv[(size_t)r * d + c]);
+            dx[(size_t)r * d + c] = rstd * (dy * wv[c] - sg / d - xhat * sgx / d);
+        }
+    }
+    const std::string what = std::string(name<TO>()) + " " + std::to_string(rows) + "x" +
+                             std::to_string(d);
+    expect_close(y.p, want_y, "layer_norm_fwd " + what);
+    expect_close(out.p, dx, "layer_norm_bwd dx " + what, 1e-5);
+    expect_close(out.p + (size_t)rows * d, dw, "layer_norm_bwd dweight " + what, 1e-5);
+    expect_close(out.p + (size_t)rows * d + d, db, "layer_norm_bwd dbias " + what, 1e-5);
+}
+
+template <typename T>
+static void softmax(void (*fwd)(const T *, T *, int, int, int, float),
+                    void (*bwd)(const T *, const T *, T *, int, int, int, float), int rows,
+                    int cols) {
+    const int ld = (cols + 7) / 8 * 8;
+    const float scale = 0.125f;
+    const auto xv = random_values<T>((size_t)rows * ld, -20, 20);
+    const auto gv = random_values<T>((size_t)rows * ld, -1, 1);
+    Buffer<T> x(xv), y(xv), g(gv), dx((size_t)rows * ld);
+    launch(fwd, {(unsigned)(rows + 1) / 2}, {64}, (const T *)x.p, y.p, rows, cols, ld, scale);
+    launch(bwd, {(unsigned)(rows + 1) / 2}, {64}, (const T *)y.p, (const T *)g.p, dx.p, rows, cols,
+           ld, scale);
+    std::vector<double> want_y, want_dx, got_y, got_dx;
+    for (int r = 0; r < rows; r++) {
+        double m = -INFINITY, s = 0, sgy = 0;
+        for (int c = 0; c < cols; c++) m = std::max(m, scale * value(xv[(size_t)r * ld + c]));
+        for (int c = 0; c < cols; c++) s += std::exp(scale * value(xv[(size_t)r * ld + c]) - m);
+        for (int c = 0; c < cols; c++) {
+            const double p = std::exp(scale * value(xv[(size_t)r * ld + c]) - m) / s;
+            want_y.push_back(p);
+            got_y.push_back(value(y.p[(size_t)r * ld + c]));
+            // The backward from the kernel's own (rounded) output, as in the trainer.
+            sgy += value(y.p[(size_t)r * ld + c]) * value(gv[(size_t)r * ld + c]);
+        }
+        for (int c = 0; c < cols; c++) {
+            const double yy = value(y.p[(size_t)r * ld + c]);
+            want_dx.push_back(scale * yy * (value(gv[(size_t)r * ld + c]) - sgy));
+            got_dx.push_back(value(dx.p[(size_t)r * ld + c]));
+        }
+    }
+    const std::string what = std::string(name<T>()) + " " + std::to_string(rows) + "x" +
+                             std::to_string(cols) + " (rows " + std::to_string(ld) + " apart)";
+    std::vector<float> gy(got_y.begin(), got_y.end()), gdx(got_dx.begin(), got_dx.end());
+    expect_close(gy.data(), want_y, "softmax_fwd " + what, tolerance<T>());
+    expect_close(gdx.data(), want_dx, "softmax_bwd " + what, tolerance<T>());
+}
+
+// --- losses, optimiser, images ------------------------------------------------------------
+
+static void info_nce(int n, int K, int C) {
+    const float inv_tau = 5.f;
+    const auto qv = random_values<float>((size_t)n * C, -0.3, 0.3);
+    const auto kv = random_values<float>((size_t)n * C, -0.3, 0.3);
+    const auto negv = random_values<float>((size_t)n * K, -1, 1);
+    const auto gv = random_values<float>(n, 0.5, 1.5);
+    Buffer<float> q(qv), k(kv), neg(negv), g(gv), loss(n), pos(n), dneg((size_t)n * K);
+    launch(info_nce_fwd_f32, {(unsigned)(n + 1) / 2}, {64}, (const float *)q.p, (const float *)k.p,
+           (const float *)neg.p, loss.p, n, K, C, inv_tau);
+    std::vector<double> want_loss(n), want_dneg((size_t)n * K);
+    for (int r = 0; r < n; r++) {
+        double p = 0;
+        for (int c = 0; c < C; c++) p += (double)qv[(size_t)r * C + c] * kv[(size_t)r * C + c];
+        pos.p[r] = (float)p;
+        double m = p * inv_tau;
+        for (int j = 0; j < K; j++) m = std::max(m, (double)negv[(size_t)r * K + j] * inv_tau);
+        double s = std::exp(p * inv_tau - m);
+        for (int j = 0; j < K; j++) s += std::exp(negv[(size_t)r * K + j] * inv_tau - m);
+        const double lse = m + std::log(s);
+        want_loss[r] = lse - p * inv_tau;
+        for (int j = 0; j < K; j++)
+            want_dneg[(size_t)r * K + j] =
+                gv[r] * inv_tau * std::exp(negv[(size_t)r * K + j] * inv_tau - lse);
+    }
+    launch(info_nce_bwd_f32, {(unsigned)(n + 1) / 2}, {64}, (const float *)neg.p,
+           (const float *)pos.p, (const float *)g.p, dneg.p, n, K, inv_tau);
+    expect_close(loss.p, want_loss, "info_nce_fwd", 1e-5);
+    expect_close(dneg.p, want_dneg, "info_nce_bwd", 1e-5);
+}
+
+static void scatter_add_rows_check() {
+    const int n = 9, cols = 13, out_rows = 4;
+    const auto gv = random_values<float>((size_t)n * cols, -1, 1);
+    const std::vector<unsigned int> ids = {3, 0, 3, 1, 3, 0, 2, 1, 3};
+    Buffer<float> g(gv), out(std::vector<float>((size_t)out_rows * cols, 0.f));
+    Buffer<unsigned int> id(ids);
+    launch(scatter_add_rows_f32, {2}, {32}, (const float *)g.p, (const unsigned int *)id.p, out.p,
+           n, cols);
+    std::vector<double> want((size_t)out_rows * cols, 0.0);
+    for (int r = 0; r < n; r++)
+        for (int c = 0; c < cols; c++) want[(size_t)ids[r] * cols + c] += gv[(size_t)r * cols + c];
+    expect_close(out.p, want, "scatter_add_rows", 1e-6);
+}
+
+static void adamw_check() {
+    const long n = 1000;
+    const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, decay = 0.9995f, c1 = 0.19f,
+                c2 = 0.0975f, scale = 0.5f;
+    const auto pv = random_values<float>(n, -1, 1), gv = random_values<float>(n, -1, 1);
+    auto sv = random_values<float>(2 * n, 0, 0.1);
+    Buffer<float> p(pv), g(gv), s(sv), out(3 * n);
+    launch(adamw_f32, {3}, {64}, (const float *)p.p, (const float *)g.p, (const float *)s.p, out.p,
+           n, lr, b1, b2, eps, decay, c1, c2, scale);
+    std::vector<double> want(3 * n);
+    for (long i = 0; i < n; i++) {
+        const double gi = (double)gv[i] * scale;
+        const double m = b1 * sv[i] + (1 - b1) * gi, v = b2 * sv[n + i] + (1 - b2) * gi * gi;
+        want[i] = pv[i] * (double)decay - lr * (m / c1) / (std::sqrt(v / c2) + eps);
+        want[n + i] = m;
+        want[2 * n + i] = v;
+    }
+    expect_close(out.p, want, "adamw", 1e-6);
+}
+
+template <typename T>
+static void patchify_check(void (*k)(const float *, T *, int, int, int, int, int), int B, int H,
+                           int W, int p) {
+    const int C = 3;
+    const auto xv = random_values<float>((size_t)B * C * H * W, -2, 2);
+    Buffer<float> x(xv);
+    Buffer<T> y(xv.size());
+    launch(k, {5}, {64}, (const float *)x.p, y.p, B, C, H, W, p);
+    std::vector<double> want;
+    for (int b = 0; b < B; b++)
+        for (int gy = 0; gy < H / p; gy++)
+            for (int gx = 0; gx < W / p; gx++)
+                for (int c = 0; c < C; c++)
+                    for (int py = 0; py < p; py++)
+                        for (int px = 0; px < p; px++)
+                            want.push_back(
+                                xv[(((size_t)b * C + c) * H + gy * p + py) * W + gx * p + px]);
+    expect_close(y.p, want, std::string("patchify -> ") + name<T>());
+}
+
+static void normalize_check() {
+    const int planes = 6, plane = 77;
+    std::vector<unsigned char> xv(planes * plane);
+    for (size_t i = 0; i < xv.size(); i++) xv[i] = (unsigned char)(i * 37);
+    Buffer<unsigned char> x(xv);
+    Buffer<float> y(xv.size());
+    const float s[3] = {0.1f, 0.2f, 0.3f}, t[3] = {-1.f, 0.5f, 2.f};
+    launch(normalize_u8_f32, {2, (unsigned)planes}, {32}, (const unsigned char *)x.p, y.p, plane,
+           s[0], s[1], s[2], t[0], t[1], t[2]);
+    std::vector<double> want(xv.size());
+    for (int i = 0; i < planes * plane; i++) want[i] = xv[i] * s[(i / plane) % 3] + t[(i / plane) % 3];
+    expect_close(y.p, want, "normalize_u8", 1e-6);
+}
+
+static void sum_squares_check() {
+    const long n = 5000;
+    const auto gv = random_values<float>(n, -1, 1);
+    Buffer<float> g(gv);
+    Buffer<double> out(std::vector<double>{0.0});
+    launch(sum_squares_f32, {3}, {64}, (const float *)g.p, n, out.p);
+    double want = 0;
+    for (float v : gv) want += (double)v * v;
+    const double e = std::abs(out.p[0] - want) / want;
+    expect(e < 1e-6, "sum_squares", e);
+}
+
+int main() {
+    // Heads of 64 bf16 / f32 (16-byte units), of 5, 6 and 3 elements (narrower units), and
+    // misaligned buffers.
+    heads(2, 5, 3, 2, 64, 2, 0);
+    heads(2, 5, 1, 3, 64, 4, 0);
+    heads(1, 7, 3, 2, 5, 4, 0);
+    heads(2, 3, 3, 2, 5, 2, 0);
+    heads(1, 4, 3, 2, 6, 2, 0);
+    heads(1, 4, 1, 2, 6, 4, 0);
+    heads(2, 3, 3, 1, 64, 2, 1);
+    heads(2, 3, 3, 1, 64, 4, 1);
+    for (int act = 0; act < 3; act++) {
+        for (int offset : {0, 1}) {
+            bias_act<float>(bias_act_fwd_f32, bias_act_bwd_f32, 6, 24, act, offset);
+            bias_act<bf16>(bias_act_fwd_bf16, bias_act_bwd_bf16, 6, 24, act, offset);
+        }
+        bias_act<float>(bias_act_fwd_f32, bias_act_bwd_f32, 5, 7, act, 0);
+        bias_act<bf16>(bias_act_fwd_bf16, bias_act_bwd_bf16, 5, 7, act, 0);
+        bias_act_paths<float>(bias_act_fwd_f32, act);
+        bias_act_paths<bf16>(bias_act_fwd_bf16, act);
+    }
+    for (auto [rows, cols, offset] :
+         std::vector<std::tuple<int, int, int>>{{6, 24, 0}, {5, 7, 0}, {6, 24, 1}}) {
+        bias_add_check<float, float>(bias_add_f32_f32, rows, cols, offset);
+        bias_add_check<bf16, bf16>(bias_add_bf16_bf16, rows, cols, offset);
+        bias_add_check<bf16, float>(bias_add_bf16_f32, rows, cols, offset);
+    }
+    column_sum_check<float>(column_sum_f32, 37, 45);
+    column_sum_check<bf16>(column_sum_bf16, 37, 45);
+    for (int d : {3, 64, 384, 1000}) {
+        const int e = width(d);
+        layer_norm<float>(WIDTH_KERNEL(layer_norm_fwd_f32_f32, e),
+                          WIDTH_KERNEL(layer_norm_bwd_f32_f32, e), 5, d);
+        layer_norm<bf16>(WIDTH_KERNEL(layer_norm_fwd_f32_bf16, e),
+                         WIDTH_KERNEL(layer_norm_bwd_f32_bf16, e), 5, d);
+    }
+    for (int cols : {5, 197, 1000}) {
+        const int e = width(cols);
+        softmax<float>(WIDTH_KERNEL(softmax_fwd_f32_f32, e), WIDTH_KERNEL(softmax_bwd_f32_f32, e),
+                       3, cols);
+        softmax<bf16>(WIDTH_KERNEL(softmax_fwd_bf16_bf16, e),
+                      WIDTH_KERNEL(softmax_bwd_bf16_bf16, e), 3, cols);
+    }
+    info_nce(5, 37, 16);
+    scatter_add_rows_check();
+    adamw_check();
+    patchify_check<float>(patchify_f32_f32, 2, 8, 12, 4);
+    patchify_check<bf16>(patchify_f32_bf16, 2, 8, 12, 4);
+    normalize_check();
+    sum_squares_check();
+    std::printf("kernels on CPU: %d checks passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
