@@ -15,7 +15,8 @@
 //! - [`pinned`]: page-locked batch buffers for the pipeline.
 //!
 //! [`crate::functional`] sends CUDA tensors here and everything else to the composed ops,
-//! which stay the reference: [`check`] compares the two on the GPU.
+//! which stay the reference: [`check`] compares the two on the GPU. Without a GPU,
+//! `tests/kernels_on_cpu.sh` runs `kernels.cu` itself on the CPU against plain loops.
 
 mod adamw;
 mod attention;
