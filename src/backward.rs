@@ -53,10 +53,11 @@ pub fn linear(
     Ok((dx, dw, db))
 }
 
-/// `dqkv` of [`functional::attention_qkv`] at `qkv` for the gradient `dy` of its output,
-/// in the dtype of `qkv`.
+/// `dqkv` of [`functional::attention_qkv`] at `qkv` (whose output was `out`) for the
+/// gradient `dy` of its output, in the dtype of `qkv`.
 pub fn attention_qkv(
     qkv: &Tensor,
+    out: &Tensor,
     tokens: usize,
     heads: usize,
     scale: f64,
@@ -64,8 +65,9 @@ pub fn attention_qkv(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if functional::fused(qkv, tokens) {
-        return crate::cuda::attention_qkv_bwd(qkv, tokens, heads, scale, dy);
+        return crate::cuda::attention_qkv_bwd(qkv, out, tokens, heads, scale, dy);
     }
+    let _ = out; // the composed backward recomputes everything from qkv
     let [dqkv] = autograd([qkv], dy, |[qkv]| {
         functional::attention_qkv(qkv, tokens, heads, scale)
     })?;

@@ -31,7 +31,7 @@ else
 fi
 # Candle's kernels are built for Hopper unless told otherwise (no GPU to ask here).
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
-python3 tests/nvrtc_check.py src/cuda/kernels.cu
+python3 tests/nvrtc_check.py src/cuda/kernels.cu src/cuda/flash.cu
 cargo clippy --release --locked --features cuda --all-targets --target-dir target-cuda --quiet -- -D warnings
 RUSTDOCFLAGS=-Dwarnings cargo doc --release --locked --features cuda --target-dir target-cuda \
     --no-deps --quiet -p mimco

@@ -10,6 +10,6 @@ if ! command -v g++ > /dev/null; then
     exit 0
 fi
 mkdir -p target/kernels-on-cpu
-g++ -std=c++20 -O1 -pthread -Wall -Wextra -Wno-unknown-pragmas -Wno-unused-parameter \
+g++ -std=c++20 -O1 -pthread -Wall -Wextra -Werror -Wno-unknown-pragmas -Wno-unused-parameter \
     -o target/kernels-on-cpu/kernels tests/kernels_on_cpu/kernels.cpp
 target/kernels-on-cpu/kernels

@@ -1,8 +1,8 @@
-"""Compiles src/cuda/kernels.cu with NVRTC, as mimco does at run time, for Hopper (sm_90)
-and Ampere (sm_80), and checks that every kernel the Rust side launches is in the PTX.
-Needs libnvrtc (CUDA 13) on the loader path; no GPU.
+"""Compiles src/cuda/kernels.cu and flash.cu (one source, in that order) with NVRTC, as
+mimco does at run time, for Hopper (sm_90) and Ampere (sm_80), and checks that every kernel
+the Rust side launches is in the PTX. Needs libnvrtc (CUDA 13) on the loader path; no GPU.
 
-    python3 tests/nvrtc_check.py src/cuda/kernels.cu
+    python3 tests/nvrtc_check.py src/cuda/kernels.cu src/cuda/flash.cu
 """
 
 import ctypes
@@ -27,6 +27,8 @@ def expected():
     names += ["scatter_add_rows_f32", "bias_add_f32_f32", "bias_add_bf16_bf16", "bias_add_bf16_f32",
               "info_nce_fwd_f32", "info_nce_bwd_f32", "normalize_u8_f32",
               "patchify_f32_f32", "patchify_f32_bf16", "sum_squares_f32"]
+    for e in (32, 64):
+        names += [f"flash_fwd_bf16_{e}", f"flash_bwd_dq_bf16_{e}", f"flash_bwd_dkv_bf16_{e}"]
     return names
 
 
@@ -49,7 +51,7 @@ def compile_ptx(nvrtc, src, arch):
 
 
 def main():
-    src = open(sys.argv[1], "rb").read()
+    src = b"".join(open(path, "rb").read() for path in sys.argv[1:])
     nvrtc = None
     for name in ("libnvrtc.so.13", "libnvrtc.so", ctypes.util.find_library("nvrtc")):
         try:

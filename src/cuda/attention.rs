@@ -4,22 +4,25 @@
 //! Written with Candle's ops, attention is a dozen graph nodes per block (reshape,
 //! permute, three narrows, three copies, transpose, reshape), and Candle's backward gives
 //! each node a zero-filled gradient plus an addition, all the size of `qkv`: on one H200
-//! that was a third of a ViT-S/16 MimCo step (Nsight Compute, benches/results/). Here one
-//! kernel splits the heads, cuBLAS computes `q k^T` and `p v` with the score rows padded
-//! to 16 bytes (see [`super::gemm`]: it did not make cuBLAS faster), the fused softmax runs in place between them, and
-//! one kernel merges the heads. The `(B, H, N, N)` probabilities are not kept: the
-//! backward recomputes them from `q` and `k`, trading one more `q k^T` for `B * H * N^2`
-//! stored elements per layer.
+//! that was a third of a ViT-S/16 MimCo step (Nsight Compute, benches/results/). Here bf16
+//! heads of 32 or 64 on sm_80 and newer take the tensor-core kernels of [`super::flash`].
+//! Every other case: one kernel splits the heads, cuBLAS computes `q k^T` and `p v` with
+//! the score rows padded to 16 bytes (see [`super::gemm`]: it did not make cuBLAS faster;
+//! cuBLAS picked a generic kernel for these products, 24 ms of a ViT-S/16 step on an
+//! H200), the fused softmax runs in place between them, and one kernel merges the heads.
+//! Either way the `(B, H, N, N)` probabilities are not kept: the backward recomputes them
+//! from `q` and `k`, trading one more `q k^T` for `B * H * N^2` stored elements per layer.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail,
 };
 use half::bf16;
 
+use super::flash;
 use super::gemm::{Operand, gemm};
 use super::*;
 
@@ -39,12 +42,12 @@ pub fn attention_qkv(qkv: &Tensor, tokens: usize, heads: usize, scale: f64) -> R
 /// The shape of a heads layout change: `(B, N, S, H, E)` token-major, `(S, B, H, N, E)`
 /// head-major.
 #[derive(Clone, Copy, Debug)]
-struct Heads {
-    batch: usize,
-    tokens: usize,
-    parts: usize,
-    heads: usize,
-    dim: usize,
+pub(super) struct Heads {
+    pub(super) batch: usize,
+    pub(super) tokens: usize,
+    pub(super) parts: usize,
+    pub(super) heads: usize,
+    pub(super) dim: usize,
 }
 
 impl Heads {
@@ -65,7 +68,7 @@ impl Heads {
         })
     }
 
-    fn elements(&self) -> usize {
+    pub(super) fn elements(&self) -> usize {
         self.batch * self.tokens * self.parts * self.heads * self.dim
     }
 
@@ -175,7 +178,7 @@ fn merge(parts: &[(&CudaStorage, &Layout)], h: Heads) -> Result<CudaStorage> {
 }
 
 /// A new uninitialised storage of `n` elements of `dtype` (f32 or bf16) on `dev`.
-fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+pub(super) fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
     let slice = match dtype {
         DType::F32 => CudaStorageSlice::F32(unsafe { dev.alloc::<f32>(n)? }),
         DType::BF16 => CudaStorageSlice::BF16(unsafe { dev.alloc::<bf16>(n)? }),
@@ -185,7 +188,7 @@ fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
 }
 
 /// The device address of element `offset` of `s`.
-fn address(s: &CudaStorage, offset: usize) -> Result<CUdeviceptr> {
+pub(super) fn address(s: &CudaStorage, offset: usize) -> Result<CUdeviceptr> {
     let stream = s.device().cuda_stream();
     Ok(match &s.slice {
         CudaStorageSlice::F32(x) => x.device_ptr(&stream).0 + 4 * offset as u64,
@@ -345,6 +348,10 @@ impl CustomOp1 for AttentionQkv {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, cols) = l.shape().dims2()?;
         let h = Heads::new(rows, cols, self.tokens, 3, self.heads)?;
+        if flash::applies(s.device(), s.dtype(), &h) {
+            let out = flash::forward(s, l, h, self.scale)?;
+            return Ok((out, Shape::from((rows, cols / 3))));
+        }
         let parts = split(s, l, h)?;
         let plan = Plan::new(&parts, h);
         let p = plan.probabilities(self.scale)?;
@@ -364,22 +371,24 @@ impl CustomOp1 for AttentionQkv {
         Ok((merged, Shape::from((rows, cols / 3))))
     }
 
-    fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        attention_qkv_bwd(qkv, self.tokens, self.heads, self.scale as f64, grad).map(Some)
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        attention_qkv_bwd(qkv, out, self.tokens, self.heads, self.scale as f64, grad).map(Some)
     }
 }
 
-/// The gradient of [`attention_qkv`] at `qkv` for the output gradient `dy`, in the dtype
-/// of `qkv`, recomputing the probabilities.
+/// The gradient of [`attention_qkv`] at `qkv` (whose output was `out`) for the output
+/// gradient `dy`, in the dtype of `qkv`, recomputing the probabilities.
 pub fn attention_qkv_bwd(
     qkv: &Tensor,
+    out: &Tensor,
     tokens: usize,
     heads: usize,
     scale: f64,
     dy: &Tensor,
 ) -> Result<Tensor> {
     let dy = dy.to_dtype(qkv.dtype())?.contiguous()?;
-    qkv.contiguous()?.apply_op2_no_bwd(
+    qkv.contiguous()?.apply_op3_no_bwd(
+        &out.contiguous()?,
         &dy,
         &AttentionQkvBwd {
             tokens,
@@ -389,35 +398,44 @@ pub fn attention_qkv_bwd(
     )
 }
 
-/// `(qkv, d out)` -> `d qkv` of [`AttentionQkv`], recomputing the probabilities.
+/// `(qkv, out, d out)` -> `d qkv` of [`AttentionQkv`], recomputing the probabilities
+/// (`out` is read by the tensor-core kernels only).
 struct AttentionQkvBwd {
     tokens: usize,
     heads: usize,
     scale: f32,
 }
 
-impl CustomOp2 for AttentionQkvBwd {
+impl CustomOp3 for AttentionQkvBwd {
     fn name(&self) -> &'static str {
         "mimco-attention-bwd"
     }
 
-    cuda_only!(2);
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
         s: &CudaStorage,
         l: &Layout,
+        os: &CudaStorage,
+        ol: &Layout,
         gs: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (rows, cols) = l.shape().dims2()?;
         let h = Heads::new(rows, cols, self.tokens, 3, self.heads)?;
-        if gl.shape().dims2()? != (rows, cols / 3) || gs.dtype() != s.dtype() {
-            bail!(
-                "attention backward: gradient {:?} for qkv {:?}",
-                gl.dims(),
-                l.dims()
-            );
+        for (what, (ts, tl)) in [("gradient", (gs, gl)), ("output", (os, ol))] {
+            if tl.shape().dims2()? != (rows, cols / 3) || ts.dtype() != s.dtype() {
+                bail!(
+                    "attention backward: {what} {:?} for qkv {:?}",
+                    tl.dims(),
+                    l.dims()
+                );
+            }
+        }
+        if flash::applies(s.device(), s.dtype(), &h) {
+            let dqkv = flash::backward((s, l), (os, ol), (gs, gl), h, self.scale)?;
+            return Ok((dqkv, Shape::from((rows, cols))));
         }
         let parts = split(s, l, h)?;
         let d_out = split(gs, gl, Heads { parts: 1, ..h })?;

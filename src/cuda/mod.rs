@@ -4,7 +4,8 @@
 //! - [`layer_norm`]: f32 input and affine, f32 or bf16 output; one pass forward, one pass
 //!   backward for dx with dw/db summed per warp.
 //! - [`attention_qkv`]: multi-head self-attention from the packed `q|k|v` projection to
-//!   the heads' concatenated outputs, one graph node with its backward.
+//!   the heads' concatenated outputs, one graph node with its backward: on tensor cores
+//!   (`flash.cu`) for bf16 heads of 32 or 64 on sm_80 and newer, through cuBLAS otherwise.
 //! - [`linear()`]: `act(x W^T + b)` from f32 master weights, written in the next layer's
 //!   dtype.
 //! - [`info_nce()`]: MimCo's InfoNCE against a queue, per row, with its backward.
@@ -22,6 +23,7 @@ mod adamw;
 mod attention;
 mod bias;
 pub mod check;
+mod flash;
 mod gather;
 mod gemm;
 mod images;
@@ -45,7 +47,7 @@ use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, bail};
 
-const SOURCE: &str = include_str!("kernels.cu");
+const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("flash.cu"));
 /// Row widths (elements per lane) the kernels are instantiated for: rows up to 32x that.
 const WIDTHS: [usize; 8] = [1, 2, 4, 8, 12, 16, 24, 32];
 /// The longest row the row kernels take; longer rows go to the composed ops.

@@ -6,11 +6,11 @@
 //! additions were still 29 ms of the 130 ms of kernels in a ViT-S/16 MimCo step on an H200
 //! (`badd` in `benches/results/2026-11-27-h200-fused/final`), most of them for the blocks'
 //! nine nodes each. So while gradients are recorded and the fused kernels are in use,
-//! [`forward`] runs the blocks outside the graph, keeps what their backward needs, and
+//! `forward` runs the blocks outside the graph, keeps what their backward needs, and
 //! joins the graph as one node whose backward calls each op's backward
 //! ([`crate::backward`]) in reverse, adding gradients only where two paths meet (the two
 //! residual joins per block). Everywhere else (CPU, `--kernels stock`, no gradients) the
-//! blocks are ordinary graph nodes. [`compare_stack`] measures the two against each other;
+//! blocks are ordinary graph nodes. `compare_stack` measures the two against each other;
 //! a CPU test and `mimco bench kernels` on the GPU run it.
 //!
 //! The stack keeps per block its input, `qkv`, the attention output, the residual stream
@@ -153,8 +153,14 @@ impl Block {
         let [w, b] = self.proj.params();
         let (d_attention, d_proj_w, d_proj_b) =
             backward::linear(&s.attention, w, b, Act::Identity, f32, &d_x1)?;
-        let d_qkv =
-            backward::attention_qkv(&s.qkv, tokens, self.heads, self.scale()?, &d_attention)?;
+        let d_qkv = backward::attention_qkv(
+            &s.qkv,
+            &s.attention,
+            tokens,
+            self.heads,
+            self.scale()?,
+            &d_attention,
+        )?;
         let normed1 = self.norm1.forward_to(&s.x, compute)?;
         let [w, b] = self.qkv.params();
         let (d_normed1, d_qkv_w, d_qkv_b) =

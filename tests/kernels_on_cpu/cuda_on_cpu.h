@@ -74,6 +74,7 @@ inline double atomicAdd(double *p, double v) {
 struct Warp {
     std::barrier<> *step;
     float slots[32];
+    unsigned int a[32][4], b[32][2];
 };
 inline thread_local Warp *warp_now;
 inline thread_local int lane_now;
@@ -84,6 +85,35 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
     const float got = warp_now->slots[lane_now ^ mask];
     warp_now->step->arrive_and_wait();
     return got;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (c += a b) for kernels that use it
+// through mma_16816: each lane publishes its fragments, then computes its four outputs
+// from the whole tiles, with the fragment layout of the PTX ISA:
+//   a[r] holds A[g + 8 (r % 2)][2t + 8 (r / 2) + {0, 1}], b[r] holds B[2t + 8 r + {0, 1}][g],
+//   c[r] is C[g + 8 (r / 2)][2t + r % 2], for g = lane / 4, t = lane % 4.
+#define MIMCO_MMA_ON_CPU
+inline float bf16_half(unsigned int word, int half) {
+    return __uint_as_float(half ? word & 0xffff0000u : word << 16);
+}
+inline void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    Warp &w = *warp_now;
+    const int lane = lane_now, g = lane / 4, t = lane % 4;
+    for (int r = 0; r < 4; r++) w.a[lane][r] = a[r];
+    w.b[lane][0] = b[0];
+    w.b[lane][1] = b[1];
+    w.step->arrive_and_wait();
+    for (int r = 0; r < 4; r++) {
+        const int row = g + 8 * (r / 2), col = 2 * t + r % 2;
+        float acc = 0.f;
+        for (int k = 0; k < 16; k++) {
+            const float x = bf16_half(w.a[(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+            const float y = bf16_half(w.b[col * 4 + (k % 8) / 2][k / 8], k % 2);
+            acc += x * y;
+        }
+        c[r] += acc;
+    }
+    w.step->arrive_and_wait();
 }
 
 // Runs `kernel` over `grid` x `block`: blocks and warps in turn, the lanes of a warp
@@ -99,7 +129,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
                 for (unsigned first = 0; first < threads; first += 32) {
                     const unsigned lanes = threads - first < 32 ? threads - first : 32;
                     std::barrier<> step(lanes);
-                    Warp w{&step, {}};
+                    Warp w{&step, {}, {}, {}};
                     std::vector<std::thread> running;
                     for (unsigned l = 0; l < lanes; l++)
                         running.emplace_back([&, l] {

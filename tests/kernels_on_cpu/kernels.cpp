@@ -5,6 +5,7 @@
 #include "cuda_on_cpu.h"
 
 #include "../../src/cuda/kernels.cu"
+#include "../../src/cuda/flash.cu"
 
 #include <cstdio>
 #include <cstdlib>
@@ -66,6 +67,7 @@ template <typename T>
 static void expect_close(const T *got, const std::vector<double> &want, const std::string &what,
                          double tol = tolerance<T>()) {
     const double e = error(got, want);
+    if (std::getenv("MIMCO_SHOW_ERRORS")) std::printf("%-60s %.3g\n", what.c_str(), e);
     expect(e <= tol, what, e);
 }
 
@@ -439,6 +441,96 @@ static void sum_squares_check() {
     expect(e < 1e-6, "sum_squares", e);
 }
 
+// --- attention on tensor cores (flash.cu) ---------------------------------------------------
+
+// Forward and backward of attention on a packed bf16 qkv (B * N, 3 H E) against softmax
+// attention in double.
+static void flash(int B, int H, int N, int E) {
+    const int D = H * E;
+    const double scale = 1 / std::sqrt((double)E);
+    const auto qkv_v = random_values<bf16>((size_t)B * N * 3 * D, -1.5, 1.5);
+    const auto dout_v = random_values<bf16>((size_t)B * N * D, -1, 1);
+    Buffer<bf16> qkv(qkv_v), out((size_t)B * N * D), dout(dout_v), dqkv((size_t)B * N * 3 * D);
+    Buffer<float> stats((size_t)2 * B * H * N);
+    const dim3 grid{(unsigned)(N + 63) / 64, (unsigned)(B * H)};
+    auto fwd = E == 32 ? flash_fwd_bf16_32 : flash_fwd_bf16_64;
+    auto bwd_dq = E == 32 ? flash_bwd_dq_bf16_32 : flash_bwd_dq_bf16_64;
+    auto bwd_dkv = E == 32 ? flash_bwd_dkv_bf16_32 : flash_bwd_dkv_bf16_64;
+    launch(fwd, grid, {128}, (const bf16 *)qkv.p, out.p, N, H, (float)scale);
+    launch(bwd_dq, grid, {128}, (const bf16 *)qkv.p, (const bf16 *)out.p, (const bf16 *)dout.p,
+           dqkv.p, stats.p, N, H, (float)scale);
+    launch(bwd_dkv, grid, {128}, (const bf16 *)qkv.p, (const bf16 *)dout.p,
+           (const float *)stats.p, dqkv.p, N, H, (float)scale);
+    std::vector<double> want_out((size_t)B * N * D), want_d((size_t)B * N * 3 * D);
+    auto at = [&](int b, int t, int part, int h, int e) {
+        return (((size_t)b * N + t) * 3 + part) * D + h * E + e;
+    };
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            std::vector<double> p((size_t)N * N), dp((size_t)N * N);
+            for (int i = 0; i < N; i++) {
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j < N; j++) {
+                    double s = 0;
+                    for (int e = 0; e < E; e++)
+                        s += value(qkv_v[at(b, i, 0, h, e)]) * value(qkv_v[at(b, j, 1, h, e)]);
+                    p[(size_t)i * N + j] = s * scale;
+                    mx = std::max(mx, s * scale);
+                }
+                for (int j = 0; j < N; j++) sum += std::exp(p[(size_t)i * N + j] - mx);
+                for (int j = 0; j < N; j++)
+                    p[(size_t)i * N + j] = std::exp(p[(size_t)i * N + j] - mx) / sum;
+            }
+            auto d_o = [&](int i, int e) { return value(dout_v[((size_t)b * N + i) * D + h * E + e]); };
+            for (int i = 0; i < N; i++) {
+                for (int e = 0; e < E; e++) {
+                    double o = 0;
+                    for (int j = 0; j < N; j++)
+                        o += p[(size_t)i * N + j] * value(qkv_v[at(b, j, 2, h, e)]);
+                    want_out[((size_t)b * N + i) * D + h * E + e] = o;
+                }
+                double row = 0;
+                for (int j = 0; j < N; j++) {
+                    double s = 0;
+                    for (int e = 0; e < E; e++) s += d_o(i, e) * value(qkv_v[at(b, j, 2, h, e)]);
+                    dp[(size_t)i * N + j] = s;
+                    row += s * p[(size_t)i * N + j];
+                }
+                for (int j = 0; j < N; j++)  // ds, in place
+                    dp[(size_t)i * N + j] = p[(size_t)i * N + j] * (dp[(size_t)i * N + j] - row);
+            }
+            for (int i = 0; i < N; i++)
+                for (int e = 0; e < E; e++) {
+                    double dq = 0, dk = 0, dv = 0;
+                    for (int j = 0; j < N; j++) {
+                        dq += dp[(size_t)i * N + j] * value(qkv_v[at(b, j, 1, h, e)]);
+                        dk += dp[(size_t)j * N + i] * value(qkv_v[at(b, j, 0, h, e)]);
+                        dv += p[(size_t)j * N + i] * d_o(j, e);
+                    }
+                    want_d[at(b, i, 0, h, e)] = dq * scale;
+                    want_d[at(b, i, 1, h, e)] = dk * scale;
+                    want_d[at(b, i, 2, h, e)] = dv;
+                }
+        }
+    const std::string what = "(B " + std::to_string(B) + ", H " + std::to_string(H) + ", N " +
+                             std::to_string(N) + ", E " + std::to_string(E) + ")";
+    expect_close(out.p, want_out, "flash_fwd " + what, 1e-2);
+    // Each part of dqkv on its own, so that a part left unwritten shows.
+    for (int part = 0; part < 3; part++) {
+        std::vector<double> want;
+        std::vector<bf16> got;
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < N; t++)
+                for (int h = 0; h < H; h++)
+                    for (int e = 0; e < E; e++) {
+                        want.push_back(want_d[at(b, t, part, h, e)]);
+                        got.push_back(dqkv.p[at(b, t, part, h, e)]);
+                    }
+        expect_close(got.data(), want, std::string("flash_bwd d") + "qkv"[part] + " " + what,
+                     1.5e-2);
+    }
+}
+
 int main() {
     // Heads of 64 bf16 / f32 (16-byte units), of 5, 6 and 3 elements (narrower units), and
     // misaligned buffers.
@@ -489,6 +581,9 @@ int main() {
     patchify_check<bf16>(patchify_f32_bf16, 2, 8, 12, 4);
     normalize_check();
     sum_squares_check();
+    flash(1, 2, 70, 64);
+    flash(2, 1, 33, 32);
+    flash(1, 1, 197, 64);
     std::printf("kernels on CPU: %d checks passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }

@@ -1,0 +1,323 @@
+// Attention on tensor cores for bf16 heads of E = 32 or 64 elements, any number of tokens,
+// read from and written to the packed layouts the linear layers use, so no copy splits or
+// merges the heads: qkv is (B * N, 3 * H * E), each token's q | k | v with the heads side
+// by side in each (timm's `attn.qkv`), and the output (B * N, H * E). Compiled after
+// kernels.cu (it uses its bf16 helpers), for sm_80 and newer.
+//
+// The products run as mma.sync m16n8k16 tiles (bf16 in, f32 accumulation). Per lane
+// (g = lane / 4, t = lane % 4), as the PTX ISA lays the fragments out:
+//   A (16 x 16, row-major): a[r] holds A[g + 8 (r % 2)][2t + 8 (r / 2) + {0, 1}]
+//   B (16 x 8, as k x n):    b[r] holds B[2t + 8 r + {0, 1}][g]
+//   C (16 x 8, f32):         c[r] is   C[g + 8 (r / 2)][2t + r % 2]
+// Each warp owns 16 rows (queries in the forward and for dq, keys for dk and dv) and walks
+// the other side in tiles of 64, so a block of 4 warps covers 64 rows; the softmax runs
+// online (a running maximum and sum per row), so the scores are never stored.
+
+#ifndef MIMCO_MMA_ON_CPU
+// c += a b for one m16n8k16 tile.
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
+                                          const unsigned (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();  // the host sends bf16 attention here only on sm_80 and newer
+#endif
+}
+#endif
+
+#define MINUS_INF __int_as_float(0xff800000)
+
+// Two bf16 as one 32-bit word, the first in the low half.
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)to_bf16(lo) | ((unsigned)to_bf16(hi) << 16);
+}
+// Elements p[0], p[1] (4-byte aligned) as one word.
+__device__ __forceinline__ unsigned load_pair(const bf16 *p) { return *(const unsigned *)p; }
+// Elements p[0] and p[step] as one word.
+__device__ __forceinline__ unsigned load_apart(const bf16 *p, long step) {
+    return (unsigned)p[0] | ((unsigned)p[step] << 16);
+}
+
+// The sum and the maximum over the four lanes of a quad (the lanes that share a row of a
+// C fragment).
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// The A fragments of 16 rows from `row0` of a row-major matrix (rows `ld` apart, E
+// columns), zero past `rows`.
+template <int E>
+__device__ __forceinline__ void load_a(const bf16 *m, long ld, int row0, int rows,
+                                       unsigned (&a)[E / 16][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < E / 16; kk++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int row = row0 + g + 8 * (r & 1);
+            a[kk][r] = row < rows ? load_pair(m + row * ld + kk * 16 + 2 * t + 8 * (r >> 1)) : 0u;
+        }
+}
+
+// s = A X^T for the 16 rows of `a` and the 64 rows from `col0` of X (row-major, rows `ld`
+// apart, E columns; zero past `cols`): 8 C tiles of 8 columns.
+template <int E>
+__device__ __forceinline__ void times_rows(const unsigned (&a)[E / 16][4], const bf16 *x, long ld,
+                                           int col0, int cols, float (&s)[8][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        const int col = col0 + nt * 8 + g;
+#pragma unroll
+        for (int kk = 0; kk < E / 16; kk++) {
+            const unsigned b[2] = {
+                col < cols ? load_pair(x + col * ld + kk * 16 + 2 * t) : 0u,
+                col < cols ? load_pair(x + col * ld + kk * 16 + 2 * t + 8) : 0u,
+            };
+            mma_16816(s[nt], a[kk], b);
+        }
+    }
+}
+
+// acc += P Y for P the 16 x 64 tile `p` (C fragments, made bf16) and Y the 64 rows from
+// `row0` of a row-major matrix (rows `ld` apart, E columns; zero past `rows`).
+template <int E>
+__device__ __forceinline__ void add_times(const float (&p)[8][4], const bf16 *y, long ld, int row0,
+                                          int rows, float (&acc)[E / 8][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        const unsigned a[4] = {
+            pack_bf16(p[2 * kk][0], p[2 * kk][1]),
+            pack_bf16(p[2 * kk][2], p[2 * kk][3]),
+            pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+            pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]),
+        };
+        const int r0 = row0 + kk * 16 + 2 * t;
+#pragma unroll
+        for (int en = 0; en < E / 8; en++) {
+            const bf16 *col = y + en * 8 + g;
+            unsigned b[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = r0 + 8 * h;
+                b[h] = r + 1 < rows ? load_apart(col + r * ld, ld)
+                       : r < rows   ? (unsigned)col[r * ld]
+                                    : 0u;
+            }
+            mma_16816(acc[en], a, b);
+        }
+    }
+}
+
+// The row of element r of a C fragment: 0 for g, 1 for g + 8.
+#define HALF(r) ((r) >> 1)
+// Its column within a tile of 8.
+#define COL(nt, r) ((nt) * 8 + 2 * (int)(threadIdx.x & 3) + ((r) & 1))
+
+// One tile of scores s (16 rows x 64 columns from col0, scaled here; columns past `cols`
+// masked) into exp(s - m) with the running row maxima m and sums l updated; `keep`
+// receives exp(old m - new m), the factor for what was summed before.
+__device__ __forceinline__ void online_softmax(float (&s)[8][4], int col0, int cols, float scale,
+                                               float (&m)[2], float (&l)[2], float (&keep)[2]) {
+    float mx[2] = {m[0], m[1]}, sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            s[nt][r] = col0 + COL(nt, r) < cols ? s[nt][r] * scale : MINUS_INF;
+            mx[HALF(r)] = fmaxf(mx[HALF(r)], s[nt][r]);
+        }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        mx[i] = quad_max(mx[i]);
+        keep[i] = __expf(m[i] - mx[i]);  // 0 for the first tile (m = -inf)
+        m[i] = mx[i];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            s[nt][r] = __expf(s[nt][r] - m[HALF(r)]);
+            sum[HALF(r)] += s[nt][r];
+        }
+#pragma unroll
+    for (int i = 0; i < 2; i++) l[i] = l[i] * keep[i] + quad_sum(sum[i]);
+}
+
+// Writes the 16 rows from row0 of acc (C fragments over E columns), row half i times
+// f[i], as bf16 rows `ld` apart from `dst`; rows past `rows` are not written.
+template <int E>
+__device__ __forceinline__ void store_rows(const float (&acc)[E / 8][4], const float (&f)[2],
+                                           bf16 *dst, long ld, int row0, int rows) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int row = row0 + g + 8 * i;
+        if (row >= rows) continue;
+        unsigned *words = (unsigned *)(dst + row * ld + 2 * t);
+#pragma unroll
+        for (int en = 0; en < E / 8; en++)
+            words[en * 4] = pack_bf16(acc[en][2 * i] * f[i], acc[en][2 * i + 1] * f[i]);
+    }
+}
+
+// One (image, head): q, k, v rows 3 H E apart in qkv, and its rows of an output-shaped
+// (B * N, H * E) matrix, H E apart.
+struct Head {
+    long b, h, ld, ld_out;
+    template <int E> __device__ static Head of(int N, int H) {
+        return {blockIdx.y / H, blockIdx.y % H, 3L * H * E, (long)H * E};
+    }
+    __device__ const bf16 *part(const bf16 *qkv, int N, int s, int E) const {
+        return qkv + b * N * ld + s * (ld / 3) + h * E;
+    }
+    template <typename T> __device__ T *rows(T *m, int N, int E) const {
+        return m + b * N * ld_out + h * E;
+    }
+};
+
+// Forward: out = softmax(scale q k^T) v for 16 queries per warp. Grid (ceil(N / 64), B H),
+// 128 threads.
+template <int E>
+__device__ void flash_fwd(const bf16 *qkv, bf16 *out, int N, int H, float scale) {
+    const Head hd = Head::of<E>(N, H);
+    const int q0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
+    if (q0 >= N) return;
+    unsigned qa[E / 16][4];
+    load_a<E>(hd.part(qkv, N, 0, E), hd.ld, q0, N, qa);
+    float o[E / 8][4] = {};
+    float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
+    for (int k0 = 0; k0 < N; k0 += 64) {
+        float s[8][4];
+        times_rows<E>(qa, hd.part(qkv, N, 1, E), hd.ld, k0, N, s);
+        online_softmax(s, k0, N, scale, m, l, keep);
+#pragma unroll
+        for (int en = 0; en < E / 8; en++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) o[en][r] *= keep[HALF(r)];
+        add_times<E>(s, hd.part(qkv, N, 2, E), hd.ld, k0, N, o);
+    }
+    const float f[2] = {1.f / l[0], 1.f / l[1]};
+    store_rows<E>(o, f, hd.rows(out, N, E), hd.ld_out, q0, N);
+}
+
+// Backward, first kernel: for 16 queries per warp, the softmax's row logsumexp (`stats`
+// [B H N]) and D = rowsum(dout * out) (`stats` [B H N ..]), kept for the second kernel,
+// and dq = scale (p * (dout v^T - D)) k into the q part of dqkv, p recomputed.
+template <int E>
+__device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout, bf16 *dqkv,
+                             float *stats, int N, int H, float scale) {
+    const Head hd = Head::of<E>(N, H);
+    const int q0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
+    if (q0 >= N) return;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16 *k = hd.part(qkv, N, 1, E), *v = hd.part(qkv, N, 2, E);
+    unsigned qa[E / 16][4], da[E / 16][4];
+    load_a<E>(hd.part(qkv, N, 0, E), hd.ld, q0, N, qa);
+    const bf16 *d_o = hd.rows(dout, N, E), *o = hd.rows(out, N, E);
+    load_a<E>(d_o, hd.ld_out, q0, N, da);
+    float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
+    for (int k0 = 0; k0 < N; k0 += 64) {
+        float s[8][4];
+        times_rows<E>(qa, k, hd.ld, k0, N, s);
+        online_softmax(s, k0, N, scale, m, l, keep);
+    }
+    float lse[2], dot[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int row = q0 + g + 8 * i;
+        lse[i] = m[i] + logf(l[i]);
+        float d = 0.f;
+        if (row < N)
+            for (int e = 2 * t; e < E; e += 8)
+                d += to_f32(d_o[row * hd.ld_out + e]) * to_f32(o[row * hd.ld_out + e]) +
+                     to_f32(d_o[row * hd.ld_out + e + 1]) * to_f32(o[row * hd.ld_out + e + 1]);
+        dot[i] = quad_sum(d);
+        if (t == 0 && row < N) {
+            stats[(long)blockIdx.y * N + row] = lse[i];
+            stats[((long)gridDim.y + blockIdx.y) * N + row] = dot[i];
+        }
+    }
+    float dq[E / 8][4] = {};
+    for (int k0 = 0; k0 < N; k0 += 64) {
+        float p[8][4], dp[8][4];
+        times_rows<E>(qa, k, hd.ld, k0, N, p);
+        times_rows<E>(da, v, hd.ld, k0, N, dp);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const float pr = k0 + COL(nt, r) < N ? __expf(p[nt][r] * scale - lse[HALF(r)]) : 0.f;
+                p[nt][r] = pr * (dp[nt][r] - dot[HALF(r)]);  // ds
+            }
+        add_times<E>(p, k, hd.ld, k0, N, dq);
+    }
+    const float f[2] = {scale, scale};
+    store_rows<E>(dq, f, (bf16 *)hd.part(dqkv, N, 0, E), hd.ld, q0, N);
+}
+
+// Backward, second kernel: for 16 keys per warp, dv = p^T dout and dk = scale ds^T q, with
+// p and ds recomputed over every query from the first kernel's `stats`.
+template <int E>
+__device__ void flash_bwd_dkv(const bf16 *qkv, const bf16 *dout, const float *stats, bf16 *dqkv,
+                              int N, int H, float scale) {
+    const Head hd = Head::of<E>(N, H);
+    const int k0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
+    if (k0 >= N) return;
+    const bf16 *q = hd.part(qkv, N, 0, E), *d_o = hd.rows(dout, N, E);
+    const float *lse = stats + (long)blockIdx.y * N;
+    const float *dot = stats + ((long)gridDim.y + blockIdx.y) * N;
+    unsigned ka[E / 16][4], va[E / 16][4];
+    load_a<E>(hd.part(qkv, N, 1, E), hd.ld, k0, N, ka);
+    load_a<E>(hd.part(qkv, N, 2, E), hd.ld, k0, N, va);
+    float dk[E / 8][4] = {}, dv[E / 8][4] = {};
+    for (int q0 = 0; q0 < N; q0 += 64) {
+        float p[8][4], ds[8][4];
+        times_rows<E>(ka, q, hd.ld, q0, N, p);        // s^T
+        times_rows<E>(va, d_o, hd.ld_out, q0, N, ds);  // dp^T = v dout^T
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int col = q0 + COL(nt, r);
+                p[nt][r] = col < N ? __expf(p[nt][r] * scale - lse[col]) : 0.f;
+                ds[nt][r] = col < N ? p[nt][r] * (ds[nt][r] - dot[col]) : 0.f;
+            }
+        add_times<E>(p, d_o, hd.ld_out, q0, N, dv);
+        add_times<E>(ds, q, hd.ld, q0, N, dk);
+    }
+    const float fk[2] = {scale, scale}, fv[2] = {1.f, 1.f};
+    store_rows<E>(dk, fk, (bf16 *)hd.part(dqkv, N, 1, E), hd.ld, k0, N);
+    store_rows<E>(dv, fv, (bf16 *)hd.part(dqkv, N, 2, E), hd.ld, k0, N);
+}
+
+#define FLASH(E)                                                                              \
+    extern "C" __global__ void flash_fwd_bf16_##E(const bf16 *qkv, bf16 *out, int N, int H,  \
+                                                  float scale) {                              \
+        flash_fwd<E>(qkv, out, N, H, scale);                                                  \
+    }                                                                                         \
+    extern "C" __global__ void flash_bwd_dq_bf16_##E(const bf16 *qkv, const bf16 *out,       \
+                                                     const bf16 *dout, bf16 *dqkv,            \
+                                                     float *stats, int N, int H,              \
+                                                     float scale) {                           \
+        flash_bwd_dq<E>(qkv, out, dout, dqkv, stats, N, H, scale);                            \
+    }                                                                                         \
+    extern "C" __global__ void flash_bwd_dkv_bf16_##E(const bf16 *qkv, const bf16 *dout,     \
+                                                      const float *stats, bf16 *dqkv, int N,  \
+                                                      int H, float scale) {                   \
+        flash_bwd_dkv<E>(qkv, dout, stats, dqkv, N, H, scale);                                \
+    }
+
+FLASH(32)
+FLASH(64)

@@ -1,0 +1,107 @@
+//! Attention on tensor cores (`flash.cu`): bf16 heads of 32 or 64 elements on sm_80 and
+//! newer, read from the packed `qkv` and written to the packed output, so no copy splits or
+//! merges the heads, and the scores are never stored. The forward is one kernel; the
+//! backward two: one for `dq`, which also keeps each query's logsumexp and the row sums of
+//! `dout` times `out`, then one for `dk` and `dv` from those. [`super::attention_qkv`]
+//! sends its other cases (f32, other head widths, older GPUs) through cuBLAS.
+//!
+//! The kernels' arithmetic is tested on the CPU (`tests/kernels_on_cpu.sh`, with the
+//! tensor-core tile emulated); `mimco bench kernels` checks these launches on a GPU.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, bail};
+
+use super::attention::{Heads, address, alloc};
+use super::func;
+
+/// Whether attention with heads `h` of `dtype` on `dev` takes the tensor-core kernels.
+pub(super) fn applies(dev: &CudaDevice, dtype: DType, h: &Heads) -> bool {
+    let ampere = dev
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .is_ok_and(|(major, _)| major >= 8);
+    dtype == DType::BF16 && matches!(h.dim, 32 | 64) && ampere
+}
+
+/// The address of the contiguous `s` at its layout's start, checked 4-byte aligned (the
+/// kernels read pairs of bf16 as words).
+fn start(s: &CudaStorage, l: &Layout, what: &str) -> Result<CUdeviceptr> {
+    if !l.is_contiguous() {
+        bail!("attention: {what} must be contiguous");
+    }
+    let at = address(s, l.start_offset())?;
+    if at % 4 != 0 {
+        bail!("attention: {what} is not 4-byte aligned");
+    }
+    Ok(at)
+}
+
+fn launch_config(h: &Heads) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (h.tokens.div_ceil(64) as u32, (h.batch * h.heads) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `softmax(scale q k^T) v` per head from the packed `qkv` (rows x 3 H E) into a new
+/// (rows x H E) storage.
+pub(super) fn forward(s: &CudaStorage, l: &Layout, h: Heads, scale: f32) -> Result<CudaStorage> {
+    let dev = s.device();
+    let qkv = start(s, l, "qkv")?;
+    let out = alloc(dev, DType::BF16, h.elements() / 3)?;
+    let out_at = address(&out, 0)?;
+    let (n, heads) = (h.tokens as i32, h.heads as i32);
+    let f = func(dev, &format!("flash_fwd_bf16_{}", h.dim))?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&qkv).arg(&out_at).arg(&n).arg(&heads).arg(&scale);
+    unsafe { b.launch(launch_config(&h)) }.w()?;
+    Ok(out)
+}
+
+/// `dqkv` from the packed `qkv`, the forward's `out` and its gradient `dout` (all
+/// contiguous bf16), into a new (rows x 3 H E) storage.
+pub(super) fn backward(
+    qkv: (&CudaStorage, &Layout),
+    out: (&CudaStorage, &Layout),
+    dout: (&CudaStorage, &Layout),
+    h: Heads,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = qkv.0.device();
+    let (qkv, out, dout) = (
+        start(qkv.0, qkv.1, "qkv")?,
+        start(out.0, out.1, "the output")?,
+        start(dout.0, dout.1, "the output's gradient")?,
+    );
+    let dqkv = alloc(dev, DType::BF16, h.elements())?;
+    let dqkv_at = address(&dqkv, 0)?;
+    // Per query: the logsumexp of its scores, then D = rowsum(dout * out).
+    let stats = alloc(dev, DType::F32, 2 * h.batch * h.heads * h.tokens)?;
+    let stats_at = address(&stats, 0)?;
+    let (n, heads) = (h.tokens as i32, h.heads as i32);
+    let stream = dev.cuda_stream();
+    let f = func(dev, &format!("flash_bwd_dq_bf16_{}", h.dim))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&qkv)
+        .arg(&out)
+        .arg(&dout)
+        .arg(&dqkv_at)
+        .arg(&stats_at);
+    b.arg(&n).arg(&heads).arg(&scale);
+    unsafe { b.launch(launch_config(&h)) }.w()?;
+    let f = func(dev, &format!("flash_bwd_dkv_bf16_{}", h.dim))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&qkv).arg(&dout).arg(&stats_at).arg(&dqkv_at);
+    b.arg(&n).arg(&heads).arg(&scale);
+    unsafe { b.launch(launch_config(&h)) }.w()?;
+    // Freed in stream order (cudarc frees on the stream, or synchronises first), after
+    // the kernels that read it.
+    drop(stats);
+    Ok(dqkv)
+}
