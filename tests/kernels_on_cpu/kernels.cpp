@@ -12,6 +12,9 @@
 #include <random>
 #include <string>
 #include <tuple>
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/asan_interface.h>
+#endif
 
 static int passed = 0, failed = 0;
 
@@ -71,16 +74,36 @@ static void expect_close(const T *got, const std::vector<double> &want, const st
     expect(e <= tol, what, e);
 }
 
-// A 64-byte aligned buffer of n T, with `offset` elements in front (to misalign it).
+// A 64-byte aligned buffer of n T, with `offset` elements in front (to misalign it). Under
+// AddressSanitizer (as tests/kernels_on_cpu.sh builds it unless MIMCO_ASAN=0) the bytes
+// around the n elements are poisoned, so a kernel that reads or writes past its buffer
+// fails.
 template <typename T> struct Buffer {
     std::vector<T> store;
     T *p;
-    Buffer(size_t n, size_t offset = 0) : store(n + offset + 64 / sizeof(T)) {
+    size_t n;
+    Buffer(size_t n, size_t offset = 0) : store(n + offset + 128 / sizeof(T)), n(n) {
         const auto base = reinterpret_cast<uintptr_t>(store.data());
         p = reinterpret_cast<T *>((base + 63) / 64 * 64) + offset;
+        poison(true);
     }
     Buffer(const std::vector<T> &v, size_t offset = 0) : Buffer(v.size(), offset) {
         std::copy(v.begin(), v.end(), p);
+    }
+    Buffer(const Buffer &) = delete;
+    ~Buffer() { poison(false); }
+    void poison(bool on) {
+#ifdef __SANITIZE_ADDRESS__
+        char *begin = (char *)store.data(), *end = (char *)(store.data() + store.size());
+        if (on) {
+            ASAN_POISON_MEMORY_REGION(begin, (char *)p - begin);
+            ASAN_POISON_MEMORY_REGION((char *)(p + n), end - (char *)(p + n));
+        } else {
+            ASAN_UNPOISON_MEMORY_REGION(begin, end - begin);
+        }
+#else
+        (void)on;
+#endif
     }
 };
 
