@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA kernels (src/cuda/kernels.cu) run on the CPU against plain loops
+# The CUDA kernels (src/cuda/kernels.cu, flash.cu) run on the CPU against plain loops
 # (tests/kernels_on_cpu/), so that their indexing and arithmetic are tested on machines
 # without a GPU. Needs g++ 11 or newer (C++20); tests/run.sh calls it.
 set -euo pipefail
