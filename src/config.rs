@@ -178,8 +178,9 @@ pub struct TrainConfig {
     /// Samples of each split the k-NN check uses. By default, 1000.
     pub knn_samples: usize,
     /// `"f32"`, `"tf32"` (f32 with TensorFloat-32 matmuls, CUDA) or `"bf16"` (mixed
-    /// precision: bf16 matmuls and attention with f32 accumulation; f32 weights, optimiser
-    /// state, residual stream, norms' statistics and losses). By default, "f32".
+    /// precision: bf16 matmuls and attention with f32 accumulation, the InfoNCE logits'
+    /// product included (f32 logits); f32 weights, optimiser state, residual stream, norms'
+    /// statistics and losses). By default, "f32".
     pub precision: Precision,
 }
 

@@ -3,7 +3,7 @@
 //! queue, used at patch level (Eq. 1) and image level (Eq. 3), and the l1 feature
 //! regression of MaskFeat that Table 7 compares with.
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 
 use crate::functional::{l2_normalize, logsumexp};
 
@@ -12,15 +12,27 @@ use crate::functional::{l2_normalize, logsumexp};
 ///
 /// `q`: `(M, C)` predictions, `k`: `(M, C)` positive keys (no gradient flows into them),
 /// `queue`: `(K, C)` negative keys, already unit length. `q` and `k` are L2-normalised here.
-pub fn info_nce(q: &Tensor, k: &Tensor, queue: &Tensor, tau: f64) -> Result<Tensor> {
+/// The product `q queue^T` takes its inputs in `product`, the training's compute dtype
+/// (bf16 inputs, as `torch.autocast` runs a matmul; f32 accumulation and logits either
+/// way); everything else is f32.
+pub fn info_nce(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    tau: f64,
+    product: DType,
+) -> Result<Tensor> {
     let q = l2_normalize(q)?;
     let k = l2_normalize(&k.detach())?;
     #[cfg(feature = "cuda")]
-    if crate::functional::fused(&q, 0) && q.dtype() == candle_core::DType::F32 {
-        return crate::cuda::info_nce(&q, &k, queue, tau)?.mean_all();
+    if crate::functional::fused(&q, 0) && q.dtype() == DType::F32 {
+        return crate::cuda::info_nce(&q, &k, queue, tau, product)?.mean_all();
     }
     let positive = (&q * &k)?.sum_keepdim(D::Minus1)?;
-    let negative = q.matmul(&queue.detach().t()?)?;
+    // Inputs rounded to `product`, then an f32 product: what a bf16 x bf16 -> f32 GEMM
+    // computes (the products of two bf16 are exact in f32).
+    let rounded = |t: &Tensor| t.to_dtype(product)?.to_dtype(q.dtype());
+    let negative = rounded(&q)?.matmul(&rounded(&queue.detach())?.t()?)?;
     let logits = (Tensor::cat(&[&positive, &negative], 1)? / tau)?;
     (logsumexp(&logits)? - &logits.narrow(1, 0, 1)?)?.mean_all()
 }
@@ -72,7 +84,7 @@ mod tests {
             z.ln() - pos / 0.2
         };
         let expected = (row(0.8, [0.6, -0.8, 1.0]) + row(0.5f64.sqrt(), [1.0, 0.0, 0.6])) / 2.0;
-        let got = info_nce(&q, &k, &queue, 0.2)
+        let got = info_nce(&q, &k, &queue, 0.2, DType::F64)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap();
@@ -80,6 +92,42 @@ mod tests {
         // By hand: row 1 = ln(e^4 + e^3 + e^-4 + e^5) - 4 = 1.40769,
         // row 2 = ln(e^3.53553 + e^5 + e^0 + e^3) - 3.53553 = 1.78166.
         assert!((expected - 1.594_676).abs() < 1e-6, "{expected}");
+    }
+
+    /// Under bf16 the negatives' product takes `q` (normalised) and the queue rounded to
+    /// bf16, in f32: the same loss as the f64 formula on the rounded values.
+    #[test]
+    fn info_nce_takes_the_product_inputs_in_bf16() {
+        let dev = Device::Cpu;
+        let wave = |n: usize, phase: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * 0.731 + phase).sin()).collect()
+        };
+        let f32s = |v: Vec<f32>, rows: usize| Tensor::from_vec(v, (rows, 8), &dev).unwrap();
+        let q = f32s(wave(24, 0.0), 3);
+        let k = f32s(wave(24, 1.0), 3);
+        let queue = l2_normalize(&f32s(wave(40, 2.0), 5)).unwrap();
+        let loss = |product| {
+            info_nce(&q, &k, &queue, 0.2, product)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let bf16 = |t: &Tensor| f64s(&t.to_dtype(DType::BF16).unwrap());
+        let (qn, kn) = (l2_normalize(&q).unwrap(), l2_normalize(&k).unwrap());
+        let positive = (f64s(&qn) * f64s(&kn)).unwrap().sum_keepdim(1).unwrap();
+        let negative = bf16(&qn).matmul(&bf16(&queue).t().unwrap()).unwrap();
+        let logits = (Tensor::cat(&[&positive, &negative], 1).unwrap() / 0.2).unwrap();
+        let want = (logsumexp(&logits).unwrap() - logits.narrow(1, 0, 1).unwrap())
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let (in_bf16, in_f32) = (loss(DType::BF16), loss(DType::F32));
+        assert!((in_bf16 - want).abs() < 1e-5, "{in_bf16} vs {want}");
+        // The rounding is there: f32 inputs give another loss.
+        assert!((in_f32 - want).abs() > 1e-5, "{in_f32} vs {want}");
     }
 
     /// ```python

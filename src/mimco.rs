@@ -175,7 +175,7 @@ impl MimCo {
             let (q, k) = h.qk(&take(&z)?, &zk, compute)?;
             add(
                 "patch",
-                info_nce(&q, &take(&k)?, self.patch_queue.keys(), o.tau)?,
+                info_nce(&q, &take(&k)?, self.patch_queue.keys(), o.tau, compute)?,
                 o.patch_weight,
             )?;
             keys.push(("patch", l2_normalize(&k.mean(1)?)?));
@@ -190,7 +190,7 @@ impl MimCo {
             let (q, k) = h.qk(&z.mean(1)?, &zk.mean(1)?, compute)?;
             add(
                 "image",
-                info_nce(&q, &k, self.image_queue.keys(), o.tau)?,
+                info_nce(&q, &k, self.image_queue.keys(), o.tau, compute)?,
                 o.image_weight,
             )?;
             keys.push(("image", k));

@@ -278,7 +278,7 @@ impl Plan<'_> {
     ) -> Result<()> {
         gemm(
             self.parts.device(),
-            self.dtype,
+            (self.dtype, self.dtype),
             self.batch,
             (m, n, k),
             a,

@@ -131,7 +131,9 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
         }
     }
     for sizes in [(3000, 256, 4096), (7, 16, 33)] {
-        info_nce(&mut c, sizes)?;
+        for product in [DType::F32, DType::BF16] {
+            info_nce(&mut c, sizes, product)?;
+        }
     }
     for shape in [[6000, 384], [5, 3]] {
         gather_rows(&mut c, &shape)?;
@@ -281,7 +283,9 @@ fn linear(
 }
 
 /// InfoNCE of `m` unit rows of width `c` against a queue of `k` keys, tau 0.2.
-fn info_nce(c: &mut Checker, (m, width, k): (usize, usize, usize)) -> Result<()> {
+/// InfoNCE with the product `q queue^T` taking its inputs in `product`; the reference
+/// rounds them the same way, then computes in f64.
+fn info_nce(c: &mut Checker, (m, width, k): (usize, usize, usize), product: DType) -> Result<()> {
     let tau = 0.2;
     let unit = |c: &mut Checker, rows: usize| -> Result<Tensor> {
         functional::l2_normalize(&c.random(&[rows, width], 1.0, 0.0)?)
@@ -290,22 +294,26 @@ fn info_nce(c: &mut Checker, (m, width, k): (usize, usize, usize)) -> Result<()>
     let (keys, queue) = (unit(c, m)?, unit(c, k)?);
     let probe = c.random(&[m], 1.0, 0.0)?;
     c.poison(4 * m * k)?;
-    let losses = super::info_nce(&q, &keys, &queue, tau)?;
+    let losses = super::info_nce(&q, &keys, &queue, tau, product)?;
     let grads = losses.mul(&probe)?.sum_all()?.backward()?;
     let f64s = |t: &Tensor| t.to_dtype(DType::F64);
     let q64 = Var::from_tensor(&f64s(&q)?)?;
-    let (k64, n64) = (f64s(&keys)?, f64s(&queue)?);
+    let (k64, n64) = (f64s(&keys)?, f64s(&queue.to_dtype(product)?)?);
     let positive = q64.mul(&k64)?.sum_keepdim(1)?;
-    let logits = (Tensor::cat(&[&positive, &q64.matmul(&n64.t()?)?], 1)? / tau)?;
+    // The product's q rounded as the op takes it; the gradient still flows to q64.
+    let q_product = (q64.as_tensor() + (f64s(&q.to_dtype(product)?)? - f64s(&q)?)?)?;
+    let logits = (Tensor::cat(&[&positive, &q_product.matmul(&n64.t()?)?], 1)? / tau)?;
     let want = (functional::logsumexp(&logits)? - logits.narrow(1, 0, 1)?)?.squeeze(1)?;
     let g64 = want.mul(&f64s(&probe)?)?.sum_all()?.backward()?;
     let shape = [m, width, k];
-    let (fwd, bwd) = tolerances(DType::F32);
-    c.record("info_nce loss", &shape, DType::F32, &losses, &want, fwd)?;
+    // The loss is f32 either way; the gradient's product takes bf16 inputs under bf16.
+    let (fwd, _) = tolerances(DType::F32);
+    let (_, bwd) = tolerances(product);
+    c.record("info_nce loss", &shape, product, &losses, &want, fwd)?;
     let (Some(got), Some(want)) = (grads.get(&q), g64.get(&q64)) else {
         candle_core::bail!("info_nce: no gradient for q");
     };
-    c.record("info_nce dq", &shape, DType::F32, got, want, bwd)
+    c.record("info_nce dq", &shape, product, got, want, bwd)
 }
 
 /// The images' way in: uint8 to normalised f32, then to patch rows in `dtype`.

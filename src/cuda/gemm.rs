@@ -22,13 +22,13 @@ pub(super) struct Operand {
     pub transposed: bool,
 }
 
-/// `C[i] = op(A[i]) op(B[i])` for `i` in `0..batch`, all row-major in `dtype` (f32 or bf16,
-/// f32 accumulation): `op(A)` is `m x k`, `op(B)` `k x n`, `C` `m x n` with the row stride
-/// and matrix stride of `c`.
+/// `C[i] = op(A[i]) op(B[i])` for `i` in `0..batch`, all row-major, `A` and `B` in
+/// `dtype` (f32 or bf16, f32 accumulation) and `C` in `out` (`dtype` or f32): `op(A)` is
+/// `m x k`, `op(B)` `k x n`, `C` `m x n` with the row stride and matrix stride of `c`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm(
     dev: &CudaDevice,
-    dtype: DType,
+    (dtype, out): (DType, DType),
     batch: usize,
     (m, n, k): (usize, usize, usize),
     a: Operand,
@@ -57,6 +57,11 @@ pub(super) fn gemm(
         ),
         other => bail!("gemm: f32 or bf16, not {other:?}"),
     };
+    let c_type = match out {
+        DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        o if o == dtype => data,
+        other => bail!("gemm: a {dtype:?} product is written in {dtype:?} or f32, not {other:?}"),
+    };
     let (alpha, beta) = (1f32, 0f32);
     let blas = dev.cublas_handle();
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLAS gets B first.
@@ -79,7 +84,7 @@ pub(super) fn gemm(
             a.stride as i64,
             (&beta) as *const f32 as *const _,
             c.ptr as *mut _,
-            data,
+            c_type,
             c.ld as i32,
             c.stride as i64,
             batch as i32,
