@@ -194,8 +194,9 @@ fn shift_hue(hwc: &mut [u8], shift: f32) {
 }
 
 /// Separable Gaussian blur of an interleaved `size` x `size` RGB image, kernel radius
-/// `ceil(3 sigma)`, edges extended. Both passes add whole rows at once (weight times a
-/// shifted row), which vectorises; each output value still sums its taps in kernel order.
+/// `ceil(3 sigma)`, edges extended. Both passes work on [`RUN`] values of a row at once,
+/// adding every tap into accumulators that stay in registers, which vectorises; each output
+/// value still sums its taps in kernel order, from zero.
 #[inline(always)]
 fn gaussian_blur(hwc: &mut [u8], size: usize, sigma: f32) {
     let radius = (3.0 * sigma).ceil() as usize;
@@ -208,36 +209,60 @@ fn gaussian_blur(hwc: &mut [u8], size: usize, sigma: f32) {
     let total: f32 = kernel.iter().sum();
     kernel.iter_mut().for_each(|k| *k /= total);
     let width = 3 * size;
-    let source: Vec<f32> = hwc.iter().map(|&v| f32::from(v)).collect();
-    // Rows: each padded with its edge pixels.
-    let mut rows = vec![0f32; source.len()];
+    // Rows: each padded with its edge pixels, then convolved along x.
+    let mut rows = vec![0f32; width * size];
     let mut padded = vec![0f32; 3 * (size + 2 * radius)];
-    for y in 0..size {
-        let row = &source[y * width..(y + 1) * width];
-        for i in 0..size + 2 * radius {
-            let x = i.saturating_sub(radius).min(size - 1);
-            padded[3 * i..3 * i + 3].copy_from_slice(&row[3 * x..3 * x + 3]);
+    for (y, out) in rows.chunks_exact_mut(width).enumerate() {
+        let row = &hwc[y * width..(y + 1) * width];
+        for (p, &v) in padded[3 * radius..3 * radius + width].iter_mut().zip(row) {
+            *p = f32::from(v);
         }
-        let out = &mut rows[y * width..(y + 1) * width];
-        for (k, w) in kernel.iter().enumerate() {
-            for (o, p) in out.iter_mut().zip(&padded[3 * k..3 * k + width]) {
-                *o += w * p;
-            }
+        for i in 0..radius {
+            let (first, last) = (3 * radius, 3 * (radius + size - 1));
+            padded.copy_within(first..first + 3, 3 * i);
+            padded.copy_within(last..last + 3, 3 * (radius + size + i));
         }
+        convolve(out, &kernel, |k| &padded[3 * k..3 * k + width]);
     }
     // Columns: output row y adds the rows y - radius ..= y + radius, edges repeated.
     let mut acc = vec![0f32; width];
-    for y in 0..size {
-        acc.fill(0.0);
-        for (k, w) in kernel.iter().enumerate() {
+    for (y, dst) in hwc.chunks_exact_mut(width).enumerate() {
+        convolve(&mut acc, &kernel, |k| {
             let from = (y + k).saturating_sub(radius).min(size - 1);
-            for (a, p) in acc.iter_mut().zip(&rows[from * width..(from + 1) * width]) {
-                *a += w * p;
+            &rows[from * width..(from + 1) * width]
+        });
+        for (d, a) in dst.iter_mut().zip(&acc) {
+            *d = to_byte(*a);
+        }
+    }
+}
+
+/// Values per run of [`convolve`]: two AVX2 registers of f32.
+const RUN: usize = 16;
+
+/// `out[x] = sum over taps k, in order, of kernel[k] * tap(k)[x]` (each `tap(k)` as long as
+/// `out`), [`RUN`] outputs at a time so that the sums stay in registers.
+#[inline(always)]
+fn convolve<'a>(out: &mut [f32], kernel: &[f32], tap: impl Fn(usize) -> &'a [f32]) {
+    let taps: Vec<&[f32]> = (0..kernel.len()).map(&tap).collect();
+    let mut runs = out.chunks_exact_mut(RUN);
+    let mut x0 = 0;
+    for run in &mut runs {
+        let mut sum = [0f32; RUN];
+        for (w, t) in kernel.iter().zip(&taps) {
+            let src: &[f32; RUN] = t[x0..x0 + RUN].try_into().expect("a whole run");
+            for (s, v) in sum.iter_mut().zip(src) {
+                *s += w * v;
             }
         }
-        for (dst, a) in hwc[y * width..(y + 1) * width].iter_mut().zip(&acc) {
-            *dst = to_byte(*a);
-        }
+        run.copy_from_slice(&sum);
+        x0 += RUN;
+    }
+    for (l, o) in runs.into_remainder().iter_mut().enumerate() {
+        *o = kernel
+            .iter()
+            .zip(&taps)
+            .fold(0.0, |s, (w, t)| s + w * t[x0 + l]);
     }
 }
 
