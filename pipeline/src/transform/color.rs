@@ -145,17 +145,20 @@ fn shift_hue(hwc: &mut [u8], shift: f32) {
         let delta = max - min;
         let grey = delta == 0.0; // no hue: left as it is
         let d = if grey { 1.0 } else { delta };
-        // Max red: in [-1, 1], and rem_euclid(6) adds 6 to the negative ones.
-        let x = (g - b) / d;
-        let from_r = if x < 0.0 { x + 6.0 } else { x };
-        let from_g = (b - r) / d + 2.0;
-        let from_b = (r - g) / d + 4.0;
-        let h = if max == r {
-            from_r
+        // One division: the numerator and the offset of the channel that is largest.
+        let (top, offset) = if max == r {
+            (g - b, 0.0)
         } else if max == g {
-            from_g
+            (b - r, 2.0)
         } else {
-            from_b
+            (r - g, 4.0)
+        };
+        let x = top / d;
+        // Max red: x in [-1, 1], and rem_euclid(6) adds 6 to the negative ones.
+        let h = if max == r {
+            if x < 0.0 { x + 6.0 } else { x }
+        } else {
+            x + offset
         } / 6.0;
         let (s, v) = (delta / if grey { 1.0 } else { max }, max);
         // h + shift is in [-0.5, 1.5) (|shift| <= 0.5): rem_euclid(1) is one step.
