@@ -201,7 +201,8 @@ fn prepare_output(dir: &Path, params: &PackParams, resume: bool) -> Result<Optio
             dir.display()
         )
     })?;
-    write_atomic(&plan_path, &serde_json::to_vec_pretty(params)?)?;
+    write_atomic(&plan_path, &serde_json::to_vec_pretty(params)?)
+        .with_context(|| format!("writing {}", plan_path.display()))?;
     Ok(None)
 }
 
@@ -274,8 +275,7 @@ fn write_shard(
         }
     };
     let final_path = dir.join(name);
-    std::fs::rename(&tmp, &final_path)
-        .with_context(|| format!("renaming {} to {name}", tmp.display()))?;
+    std::fs::rename(&tmp, &final_path).map_err(|e| write_error(&final_path, e))?;
     let record = ShardRecord {
         info: ShardInfo {
             name: name.to_string(),
@@ -283,7 +283,8 @@ fn write_shard(
         },
         rejects,
     };
-    write_atomic(&record_path(dir, name), &serde_json::to_vec(&record)?)?;
+    let path = record_path(dir, name);
+    write_atomic(&path, &serde_json::to_vec(&record)?).map_err(|e| write_error(&path, e))?;
     Ok(Some(record))
 }
 
@@ -296,17 +297,7 @@ fn write_shard_file(
     opts: &PackOptions,
     progress: &Progress,
 ) -> Result<Option<(ShardInfo, ShardRejects)>> {
-    let io_context = |e: std::io::Error| {
-        let hint = if e.kind() == std::io::ErrorKind::StorageFull {
-            "the disk is full: free some space (or choose another --out), then rerun with --resume"
-        } else {
-            "fix the cause, then rerun with --resume"
-        };
-        anyhow::Error::new(e).context(format!(
-            "writing {}: {hint}; finished shards are kept",
-            tmp.display()
-        ))
-    };
+    let io_context = |e| write_error(tmp, e);
     let settings = &opts.settings;
     let file = File::create(tmp).map_err(io_context)?;
     let sink = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
@@ -395,7 +386,8 @@ fn write_manifest(
         let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
         tsv.push_str(&format!("{}\t{}\n", clean(path), clean(reason)));
     }
-    write_atomic(&dir.join(REJECTS_FILE), tsv.as_bytes())?;
+    let rejects_path = dir.join(REJECTS_FILE);
+    write_atomic(&rejects_path, tsv.as_bytes()).map_err(|e| write_error(&rejects_path, e))?;
     let manifest = Manifest {
         format: FORMAT_NAME.to_string(),
         format_version: FORMAT_VERSION,
@@ -406,7 +398,9 @@ fn write_manifest(
         shards,
         pack,
     };
-    write_atomic(&dir.join(MANIFEST_FILE), &manifest.to_json())?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    write_atomic(&manifest_path, &manifest.to_json())
+        .map_err(|e| write_error(&manifest_path, e))?;
     std::fs::remove_dir_all(dir.join(STATE_DIR))
         .with_context(|| format!("removing {}", dir.join(STATE_DIR).display()))?;
     Ok(manifest)
@@ -414,7 +408,7 @@ fn write_manifest(
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename, so `path`
 /// is either absent, the old content, or the whole new content.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let result = (|| {
         let mut file = File::create(&tmp)?;
@@ -425,7 +419,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.with_context(|| format!("writing {}", path.display()))
+    result
+}
+
+/// A failed write of `path` once the pack has begun, with what to do: every such write
+/// (a shard, its record, the rejects list, the manifest) can fill the disk, and `--resume`
+/// carries on from the shards already finished.
+fn write_error(path: &Path, e: std::io::Error) -> anyhow::Error {
+    let hint = if e.kind() == std::io::ErrorKind::StorageFull {
+        "the disk is full: free some space (or choose another --out), then rerun with --resume"
+    } else {
+        "fix the cause, then rerun with --resume"
+    };
+    anyhow::Error::new(e).context(format!(
+        "writing {}: {hint}; finished shards are kept",
+        path.display()
+    ))
 }
 
 fn progress_bar(enabled: bool, total: u64, split: &str) -> ProgressBar {
