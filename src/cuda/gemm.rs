@@ -1,11 +1,14 @@
-//! Batched matrix products through cuBLAS with leading dimensions of our choosing.
+//! Batched matrix products through cuBLAS with leading dimensions and an output dtype of
+//! our choosing: the cuBLAS path of attention (f32, other head widths, older GPUs) and
+//! InfoNCE's bf16 x bf16 -> f32 products against the queue.
 //!
-//! Candle's matmul takes only packed rows. The attention scores `(N, N)` of a ViT (N = 197)
-//! then have rows of 394 bytes in bf16, and cuBLAS ran the attention's products with a
-//! generic kernel at about 36 TFLOP/s on an H200. Rows padded to a multiple of 8 elements
-//! (16 bytes) were meant to let it choose its Hopper kernels; measured, it did not: the
-//! same kernel and the same 24 ms per ViT-S/16 step (benches/results/). The control over
-//! the layout stays for the next attempt (another algorithm, or a fused attention kernel).
+//! Candle's matmul takes only packed rows, and writes the inputs' dtype. The attention
+//! scores `(N, N)` of a ViT (N = 197) then have rows of 394 bytes in bf16, and cuBLAS ran
+//! the attention's products with a generic kernel at about 36 TFLOP/s on an H200. Rows
+//! padded to a multiple of 8 elements (16 bytes) were meant to let it choose its Hopper
+//! kernels; measured, it did not: the same kernel and the same 24 ms per ViT-S/16 step
+//! (benches/results/). bf16 attention has since moved to the tensor-core kernels of
+//! `flash.cu`.
 
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
