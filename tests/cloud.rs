@@ -157,11 +157,24 @@ fn az_reads_match_local_reads_and_errors_are_clear() {
         ("AZURE_ALLOW_HTTP", "true"),
     ]);
     // `shardtool upload` of the pack root puts the train split at <url>/train.
-    let uploaded =
-        shardtool::verify::upload(local.parent().unwrap(), "az://mimco/imagenet", &options)
-            .unwrap();
-    assert_eq!(uploaded, vec!["az://mimco/imagenet/train".to_string()]);
+    let upload = || {
+        shardtool::upload::upload(
+            local.parent().unwrap(),
+            "az://mimco/imagenet",
+            &options,
+            false,
+        )
+        .unwrap()
+    };
+    let uploaded = upload();
+    assert_eq!(uploaded.len(), 1);
+    assert_eq!(uploaded[0].0, "az://mimco/imagenet/train");
+    let report = uploaded[0].1;
+    assert!(report.sent > 0 && report.kept == 0, "{report:?}");
     check_split(&local, "az", &options);
+    // A rerun finds every shard stored with its SHA-256 (Azure keeps it as metadata).
+    let again = upload()[0].1;
+    assert_eq!((again.sent, again.kept), (0, report.sent), "{again:?}");
 
     let wrong_key = vars(&[
         ("AZURE_STORAGE_ACCOUNT_NAME", account),

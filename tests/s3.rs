@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use pipeline::format::{MANIFEST_FILE, Manifest, ShardInfo};
 use pipeline::{Loader, LoaderConfig, LoaderState, StoreOptions, Topology};
 
 mod common;
@@ -67,6 +68,52 @@ fn pack(root: &Path) -> PathBuf {
     common::packed(root, 5, 12, false, 2)
 }
 
+/// Deletes `key` from the test bucket.
+fn delete(key: &str) {
+    use object_store::ObjectStoreExt;
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("mimco")
+        .with_region("us-east-1")
+        .with_endpoint(format!("http://127.0.0.1:{S3_PORT}"))
+        .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
+        .with_access_key_id(KEY)
+        .with_secret_access_key(SECRET)
+        .build()
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(store.delete(&object_store::path::Path::from(key)))
+        .unwrap();
+}
+
+/// A shard above one part (16 MB) goes up as a multipart upload; the server keeps the
+/// SHA-256 recorded with it, so a rerun keeps it rather than sending it again.
+fn multipart_upload_keeps_its_sha256(root: &Path, packed: &Path) {
+    use sha2::Digest;
+    let split = root.join("big/train");
+    std::fs::create_dir_all(&split).unwrap();
+    let bytes: Vec<u8> = (0..17u64 << 20)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect();
+    std::fs::write(split.join("big.tar"), &bytes).unwrap();
+    let manifest = Manifest {
+        num_samples: 1,
+        shards: vec![ShardInfo {
+            name: "big.tar".into(),
+            samples: 1,
+            bytes: bytes.len() as u64,
+            sha256: format!("{:x}", sha2::Sha256::digest(&bytes)),
+        }],
+        ..Manifest::read(&packed.join(MANIFEST_FILE)).unwrap()
+    };
+    std::fs::write(split.join(MANIFEST_FILE), manifest.to_json()).unwrap();
+    let upload = || shardtool::upload::upload(&split, "s3://mimco/big/train", &options(), false);
+    let first = upload().unwrap()[0].1;
+    assert_eq!((first.sent, first.kept), (1, 0));
+    let again = upload().unwrap()[0].1;
+    assert_eq!((again.sent, again.kept), (0, 1), "{again:?}");
+}
+
 fn keys(loader: &Loader, state: LoaderState) -> Vec<Vec<String>> {
     loader
         .epoch(state)
@@ -86,10 +133,25 @@ fn s3_reads_match_local_reads_errors_are_clear_and_a_restart_mid_epoch_is_surviv
     let url = "s3://mimco/imagenet/train";
 
     // `shardtool upload` of the pack root puts the train split at <url>/train.
-    let uploaded =
-        shardtool::verify::upload(local.parent().unwrap(), "s3://mimco/imagenet", &options())
-            .unwrap();
-    assert_eq!(uploaded, vec![url.to_string()]);
+    let upload = || {
+        shardtool::upload::upload(
+            local.parent().unwrap(),
+            "s3://mimco/imagenet",
+            &options(),
+            false,
+        )
+        .unwrap()
+    };
+    let shards = Manifest::read(&local.join(MANIFEST_FILE)).unwrap().shards;
+    let uploaded = upload();
+    assert_eq!(uploaded.len(), 1);
+    assert_eq!(uploaded[0].0, url);
+    assert_eq!((uploaded[0].1.sent, uploaded[0].1.kept), (shards.len(), 0));
+    // Rerun after a shard went missing (an interrupted upload): only that one is sent.
+    delete(&format!("imagenet/train/{}", shards[1].name));
+    let again = upload()[0].1;
+    assert_eq!((again.sent, again.kept), (1, shards.len() - 1), "{again:?}");
+    multipart_upload_keeps_its_sha256(tmp.path(), &local);
 
     // The same batches from the bucket as from the folder.
     let from_local = keys(

@@ -8,6 +8,7 @@
 //! SPLIT is a split folder or `s3://bucket/prefix` (with the AWS_* variables set);
 //! `--upload-from DIR` first copies the split in local folder DIR there.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use pipeline::decode::CropDecoder;
@@ -42,7 +43,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(i) = args.iter().position(|a| a == "--upload-from") {
         let dir = args.get(i + 1).ok_or("--upload-from needs a folder")?;
         let source = pipeline::ShardSource::open(split, &store)?;
-        tokio::runtime::Runtime::new()?.block_on(source.upload_split(std::path::Path::new(dir)))?;
+        let started = Instant::now();
+        let report = tokio::runtime::Runtime::new()?
+            .block_on(source.upload_split(std::path::Path::new(dir), Arc::new(|_| {})))?;
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "upload: {} shards sent, {} kept, {:.1} MB in {seconds:.2} s, {:.0} MB/s",
+            report.sent,
+            report.kept,
+            report.bytes_sent as f64 / 1e6,
+            report.bytes_sent as f64 / 1e6 / seconds
+        );
     }
     let loader = Loader::open(split, &store, Topology::default(), config.clone(), None)?;
 

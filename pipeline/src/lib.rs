@@ -67,4 +67,4 @@ pub use format::{
 pub use loader::{Epoch, Loader, LoaderState, MetricsSnapshot};
 pub use order::{EpochPlan, Topology};
 pub use shard::ShardReader;
-pub use source::{ShardSource, StoreOptions};
+pub use source::{Progress, ShardSource, StoreOptions, UploadReport};

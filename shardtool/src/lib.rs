@@ -4,7 +4,7 @@
 //! The flow of `shardtool pack` is [`scan::find_splits`] (list classes, files and obvious
 //! rejects) → [`pack::plan_shards`] (seeded shuffle, cut into shards) →
 //! [`pack::pack_split`] (parallel shard writing with [`check::check_image`] on every
-//! file, resumable) → manifest. [`verify`] reads a pack back; [`synth`] makes
+//! file, resumable) → manifest. [`verify`] reads a pack back, [`upload`] copies it into object storage; [`synth`] makes
 //! ImageNet-shaped folders from embedded photos for demos, tests and benchmarks.
 //!
 //! The format itself lives in the `pipeline` crate (`pipeline::format`), which the
@@ -15,5 +15,6 @@ pub mod check;
 pub mod pack;
 pub mod scan;
 pub mod synth;
+pub mod upload;
 pub mod verify;
 pub mod work;

@@ -10,7 +10,8 @@ use pipeline::format::{Compression, ImageCheck, PackSettings, Reencode};
 use shardtool::pack::{PackOptions, SplitReport, pack_split};
 use shardtool::scan::find_splits;
 use shardtool::synth::{SynthSpec, write_imagenet_like};
-use shardtool::verify::{find_packed_splits, inspect_split, upload, verify_split};
+use shardtool::upload::upload;
+use shardtool::verify::{find_packed_splits, inspect_split, verify_split};
 
 /// Pack ImageNet-shaped image folders into zstd-compressed WebDataset tar shards, and
 /// check them.
@@ -54,8 +55,10 @@ enum Command {
     /// Copy a pack to object storage, each split's manifest after its shards.
     ///
     /// Four shards go up at once, each streamed from disk in 16 MB parts (a multipart
-    /// upload), so memory stays bounded; a shard is visible only once it is complete, and
-    /// a failed upload writes no manifest. S3 is configured as AWS tools are:
+    /// upload), so memory stays bounded; a shard is visible only once it is complete and
+    /// its SHA-256 matches the manifest, and a failed upload writes no manifest. Each
+    /// shard's SHA-256 is recorded in its metadata: rerun the same command after a failure
+    /// and the shards already stored are kept, not sent again. S3 is configured as AWS tools are:
     /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; gs:// and
     /// az:// with object_store's GOOGLE_* and AZURE_* variables (see pipeline/README.md).
     Upload {
@@ -64,6 +67,9 @@ enum Command {
         /// Destination, `s3://bucket/prefix`, `gs://bucket/prefix` or
         /// `az://container/prefix`; each split goes to `<URL>/<split>`.
         url: String,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Write an ImageNet-shaped folder generated from the photos embedded in shardtool.
     ///
@@ -230,10 +236,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir } => demo(&dir),
-        Command::Upload { dir, url } => {
+        Command::Upload { dir, url, quiet } => {
             let options = pipeline::StoreOptions::from_vars(std::env::vars());
-            for target in upload(&dir, &url, &options)? {
-                println!("uploaded {target}");
+            for (target, r) in upload(&dir, &url, &options, !quiet)? {
+                println!(
+                    "uploaded {target}: sent {} shards and the manifest ({}), kept {} shards already stored",
+                    r.sent,
+                    ByteSize(r.bytes_sent),
+                    r.kept
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -50,24 +50,6 @@ pub fn find_packed_splits(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(splits)
 }
 
-/// Copies the pack (or split) in `dir` to `url` (`s3://bucket/prefix`), each split to
-/// `url/<split>`, every manifest after its shards. Returns the split URLs.
-pub fn upload(dir: &Path, url: &str, options: &pipeline::StoreOptions) -> Result<Vec<String>> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the I/O runtime")?;
-    let mut done = Vec::new();
-    for split in find_packed_splits(dir)? {
-        let name = split
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let target = format!("{}/{name}", url.trim_end_matches('/'));
-        let source = pipeline::ShardSource::open(&target, options)?;
-        runtime.block_on(source.upload_split(&split))?;
-        done.push(target);
-    }
-    Ok(done)
-}
-
 /// What verifying one split found.
 #[derive(Debug, Default)]
 pub struct VerifyReport {

@@ -24,18 +24,12 @@ use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+mod upload;
+
+pub use upload::{Progress, SHA256_METADATA, UPLOADS, UploadReport};
+
 use crate::error::{Error, Result};
 use crate::format::{MANIFEST_FILE, Manifest};
-
-/// Shards [`ShardSource::upload_split`] uploads at once.
-pub const UPLOADS: usize = 4;
-
-/// The part size of a multipart upload; a smaller file is one PUT.
-const UPLOAD_PART_BYTES: usize = 16 << 20;
-
-/// Parts of one file in flight at once: with [`UPLOADS`] files, at most
-/// `UPLOADS * (UPLOAD_PARTS + 1)` parts are in memory.
-const UPLOAD_PARTS: usize = 2;
 
 /// How to reach a remote store: S3 as AWS tools configure it, Google Cloud Storage and
 /// Azure with `object_store`'s `GOOGLE_*` and `AZURE_*` variables. Its `Debug` output
@@ -283,86 +277,6 @@ impl ShardSource {
         &self.location
     }
 
-    /// Copies the split in local folder `dir` (manifest and shards) into this location,
-    /// the manifest last, so readers never see a manifest before its shards. Shards go
-    /// up [`UPLOADS`] at a time, each streamed from disk in parts (a multipart upload
-    /// above one part), so memory stays bounded whatever the shard size; a shard appears
-    /// only once all of it is stored. After a failure the uploads under way finish or
-    /// are aborted, then the first error is returned and the manifest is not written.
-    pub async fn upload_split(&self, dir: &std::path::Path) -> Result<()> {
-        let manifest = Manifest::read(&dir.join(MANIFEST_FILE))?;
-        type JoinResult = std::result::Result<Result<()>, tokio::task::JoinError>;
-        let mut running = tokio::task::JoinSet::new();
-        let mut first_error = None;
-        let record = |first: &mut Option<Error>, joined: JoinResult| {
-            let result = joined.unwrap_or_else(|e| {
-                Err(Error::Internal {
-                    message: format!("an upload task failed: {e}"),
-                })
-            });
-            if let Err(e) = result {
-                first.get_or_insert(e);
-            }
-        };
-        for shard in &manifest.shards {
-            if running.len() >= UPLOADS
-                && let Some(joined) = running.join_next().await
-            {
-                record(&mut first_error, joined);
-            }
-            if first_error.is_some() {
-                break;
-            }
-            running.spawn(self.upload_file(dir, &shard.name));
-        }
-        while let Some(joined) = running.join_next().await {
-            record(&mut first_error, joined);
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => self.upload_file(dir, MANIFEST_FILE).await,
-        }
-    }
-
-    /// Streams `dir/name` to `name` under this location (see [`ShardSource::upload_split`]).
-    fn upload_file(
-        &self,
-        dir: &std::path::Path,
-        name: &str,
-    ) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
-        let file = dir.join(name);
-        let location = format!("{}/{name}", self.location);
-        let writer = object_store::buffered::BufWriter::with_capacity(
-            self.store.clone(),
-            self.path(name),
-            UPLOAD_PART_BYTES,
-        )
-        .with_max_concurrency(UPLOAD_PARTS);
-        async move {
-            use tokio::io::AsyncWriteExt;
-            let mut input = tokio::fs::File::open(&file)
-                .await
-                .map_err(|source| Error::Io {
-                    path: file.clone(),
-                    source,
-                })?;
-            let mut writer = writer;
-            let failed = |e: std::io::Error| Error::Source {
-                location,
-                message: format!("upload of {} failed: {e}", file.display()),
-            };
-            if let Err(e) = tokio::io::copy(&mut input, &mut writer).await {
-                // Abort a multipart upload, so that no parts are left behind. (In
-                // `shutdown`, object_store's `WriteMultipart::finish` aborts when a part
-                // or the completion fails; parts stay only if the abort fails too, left
-                // to the bucket's lifecycle rules.)
-                let _ = writer.abort().await;
-                return Err(failed(e));
-            }
-            writer.shutdown().await.map_err(failed)
-        }
-    }
-
     fn path(&self, name: &str) -> StorePath {
         if self.prefix.as_ref().is_empty() {
             StorePath::from(name)
@@ -559,72 +473,6 @@ impl Drop for RangeReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{ShardInfo, test_manifest};
-
-    /// A split folder whose manifest names `files` (name, length, whether the file is
-    /// there); the files that are there hold `length` pseudo-random bytes.
-    fn split(dir: &std::path::Path, files: &[(&str, usize, bool)]) {
-        let mut shards = Vec::new();
-        for &(name, len, exists) in files {
-            let bytes: Vec<u8> = (0..len).map(|i| (i * 7919 % 251) as u8).collect();
-            if exists {
-                std::fs::write(dir.join(name), &bytes).unwrap();
-            }
-            shards.push(ShardInfo {
-                name: name.into(),
-                samples: 1,
-                bytes: len as u64,
-                sha256: String::new(),
-            });
-        }
-        std::fs::write(dir.join(MANIFEST_FILE), test_manifest(shards).to_json()).unwrap();
-    }
-
-    fn stored(store: &object_store::memory::InMemory, path: &str) -> Option<Vec<u8>> {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let got = runtime.block_on(store.get(&StorePath::from(path)));
-        got.ok()
-            .map(|r| runtime.block_on(r.bytes()).unwrap().to_vec())
-    }
-
-    /// Files larger than a part go up in parts and arrive whole, as do small ones and the
-    /// manifest; a shard that cannot be read fails the upload, and the manifest stays
-    /// out of the store.
-    #[test]
-    fn upload_streams_every_file_and_writes_the_manifest_last() {
-        let tmp = tempfile::tempdir().unwrap();
-        let big = 2 * UPLOAD_PART_BYTES + 12_345;
-        split(
-            tmp.path(),
-            &[("big.tar", big, true), ("small.tar", 1000, true)],
-        );
-        let store = Arc::new(object_store::memory::InMemory::new());
-        let source = ShardSource::new(store.clone(), "imagenet/train", "mem://imagenet/train");
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(source.upload_split(tmp.path())).unwrap();
-        for name in ["big.tar", "small.tar", MANIFEST_FILE] {
-            let want = std::fs::read(tmp.path().join(name)).unwrap();
-            let got = stored(&store, &format!("imagenet/train/{name}"));
-            assert!(got == Some(want), "{name} arrived whole");
-        }
-
-        let tmp = tempfile::tempdir().unwrap();
-        let files: Vec<(String, usize, bool)> = (0..2 * UPLOADS)
-            .map(|i| (format!("s{i}.tar"), 100 + i, i != 3))
-            .collect();
-        let files: Vec<_> = files.iter().map(|(n, l, e)| (n.as_str(), *l, *e)).collect();
-        split(tmp.path(), &files);
-        let store = Arc::new(object_store::memory::InMemory::new());
-        let source = ShardSource::new(store.clone(), "imagenet/train", "mem://imagenet/train");
-        let err = runtime
-            .block_on(source.upload_split(tmp.path()))
-            .unwrap_err();
-        assert!(err.to_string().contains("s3.tar"), "{err}");
-        assert_eq!(
-            stored(&store, &format!("imagenet/train/{MANIFEST_FILE}")),
-            None
-        );
-    }
 
     #[test]
     fn store_options_keep_cloud_variables_and_hide_secrets() {
