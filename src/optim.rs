@@ -83,7 +83,7 @@ impl AdamW {
     }
 
     /// One update with rate `lr` from `grads`, given in the order of the variables. On CUDA
-    /// each parameter is one fused launch (`mimco::cuda::adamw`).
+    /// every parameter is updated in one fused launch (`mimco::cuda::adamw`).
     pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
         let AdamWParams {
             betas: (b1, b2),
@@ -93,26 +93,39 @@ impl AdamW {
         self.steps += 1;
         let t = self.steps as i32;
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        for (slot, g) in self.slots.iter_mut().zip(&grads.sums) {
-            let decay = match slot.decay {
-                true => 1.0 - lr * weight_decay,
-                false => 1.0,
+        let decay_of = |slot: &Slot| match slot.decay {
+            true => 1.0 - lr * weight_decay,
+            false => 1.0,
+        };
+        #[cfg(feature = "cuda")]
+        if grads
+            .sums
+            .iter()
+            .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
+            && !grads.sums.is_empty()
+        {
+            let slots: Vec<_> = self
+                .slots
+                .iter()
+                .zip(&grads.sums)
+                .map(|(slot, g)| crate::cuda::AdamWSlot {
+                    param: slot.var.as_tensor(),
+                    grad: g,
+                    moments: &slot.state,
+                    decay: decay_of(slot) as f32,
+                })
+                .collect();
+            let step = crate::cuda::AdamWStep {
+                lr: lr as f32,
+                betas: (b1 as f32, b2 as f32),
+                eps: eps as f32,
+                corrections: (c1 as f32, c2 as f32),
+                grad_scale: grads.scale as f32,
             };
-            #[cfg(feature = "cuda")]
-            if g.device().is_cuda() && g.dtype() == DType::F32 {
-                let step = crate::cuda::AdamWStep {
-                    lr: lr as f32,
-                    betas: (b1 as f32, b2 as f32),
-                    eps: eps as f32,
-                    decay: decay as f32,
-                    corrections: (c1 as f32, c2 as f32),
-                    grad_scale: grads.scale as f32,
-                };
-                let out = crate::cuda::adamw(slot.var.as_tensor(), g, &slot.state, step)?;
-                slot.var.set(&out.i(0)?)?;
-                slot.state = out.narrow(0, 1, 2)?;
-                continue;
-            }
+            return crate::cuda::adamw(&slots, step);
+        }
+        for (slot, g) in self.slots.iter_mut().zip(&grads.sums) {
+            let decay = decay_of(slot);
             let g = if grads.scale == 1.0 {
                 g.clone()
             } else {

@@ -1,25 +1,30 @@
-//! AdamW: one launch per parameter; the gradients' squared norm for clipping, one launch
-//! per gradient into one accumulator read back once.
+//! AdamW: every parameter in one launch, in place; the gradients' squared norm for
+//! clipping, one launch per gradient into one accumulator read back once.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor, bail,
+    CpuStorage, CudaStorage, DType, Device, InplaceOp2, Layout, Result, Storage, Tensor, bail,
 };
 
+use super::attention::address;
 use super::*;
 
-/// One AdamW update of parameter `p` (f32) from gradient `g` (times `grad_scale`) and the
-/// moments `state` = `(m, v)` stacked, `(2, *p.shape)`. Returns `(p', m', v')` stacked,
-/// `(3, *p.shape)`.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw(p: &Tensor, g: &Tensor, state: &Tensor, step: AdamWStep) -> Result<Tensor> {
-    p.contiguous()?
-        .apply_op3_no_bwd(&g.contiguous()?, &state.contiguous()?, &step)
+/// One parameter's part of an AdamW update.
+pub struct AdamWSlot<'a> {
+    /// The f32 parameter, updated in place.
+    pub param: &'a Tensor,
+    /// Its gradient (f32, the parameter's shape), times [`AdamWStep::grad_scale`].
+    pub grad: &'a Tensor,
+    /// Its moments `m` then `v`, `(2, *param.shape)`, contiguous f32, updated in place.
+    pub moments: &'a Tensor,
+    /// `1 - lr * weight_decay` for a decayed parameter, 1 otherwise.
+    pub decay: f32,
 }
 
-/// The scalars of one AdamW update (see `kernels.cu`, `adamw_f32`).
+/// The scalars that every parameter of one AdamW update shares (see `kernels.cu`,
+/// `adamw_f32`).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
     /// Learning rate.
@@ -28,64 +33,95 @@ pub struct AdamWStep {
     pub betas: (f32, f32),
     /// Added to the root of the second moment.
     pub eps: f32,
-    /// `1 - lr * weight_decay` for decayed parameters, 1 otherwise.
-    pub decay: f32,
     /// Bias corrections `(1 - beta1^t, 1 - beta2^t)`.
     pub corrections: (f32, f32),
     /// Multiplies the gradient (1 / micro-batches, times the clipping coefficient).
     pub grad_scale: f32,
 }
 
-impl CustomOp3 for AdamWStep {
-    fn name(&self) -> &'static str {
-        "mimco-adamw"
-    }
-
-    cuda_only!(3);
-
-    fn cuda_fwd(
-        &self,
-        ps: &CudaStorage,
-        pl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-        ss: &CudaStorage,
-        sl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = ps.device();
-        let n = pl.shape().elem_count();
-        if gl.shape().elem_count() != n || sl.shape().elem_count() != 2 * n {
-            bail!("adamw: gradient and state do not match the parameter's {n} elements");
-        }
-        let (p, g, s) = (
-            contiguous::<f32>(ps, pl, "parameter")?,
-            contiguous::<f32>(gs, gl, "gradient")?,
-            contiguous::<f32>(ss, sl, "state")?,
+/// One AdamW update of every parameter of `slots` in one launch, in place (PyTorch's
+/// formulation). The kernel reads a table of addresses, six 8-byte words per parameter,
+/// that goes to the GPU with the launch; one launch per parameter, each with a copy back
+/// into its variable, took two launches and a fresh `3 n` buffer per parameter.
+pub fn adamw(slots: &[AdamWSlot<'_>], step: AdamWStep) -> Result<()> {
+    let Some(first) = slots.first() else {
+        return Ok(());
+    };
+    let Device::Cuda(dev) = first.param.device() else {
+        bail!("adamw: the parameters are not on a CUDA device");
+    };
+    if slots.len() > 65_535 {
+        bail!(
+            "adamw: {} parameters, at most 65,535 per launch",
+            slots.len()
         );
-        let out = unsafe { dev.alloc::<f32>(3 * n)? };
-        let f = func(dev, "adamw_f32")?;
-        let n_i = n as i64;
-        let stream = dev.cuda_stream();
-        let mut l = stream.launch_builder(&f);
-        l.arg(&p).arg(&g).arg(&s).arg(&out).arg(&n_i);
-        l.arg(&self.lr)
-            .arg(&self.betas.0)
-            .arg(&self.betas.1)
-            .arg(&self.eps);
-        l.arg(&self.decay)
-            .arg(&self.corrections.0)
-            .arg(&self.corrections.1);
-        l.arg(&self.grad_scale);
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(256).clamp(1, 4096), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { l.launch(cfg) }.w()?;
-        let mut dims = vec![3];
-        dims.extend_from_slice(pl.dims());
-        Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(dims)))
     }
+    // Gradients as they come from backward can be views; contiguous copies live until
+    // the end of this function, which the stream's ordered frees make safe.
+    let grads = slots
+        .iter()
+        .map(|s| s.grad.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let mut table = Vec::with_capacity(6 * slots.len());
+    let mut largest = 0;
+    for (s, g) in slots.iter().zip(&grads) {
+        let n = s.param.elem_count();
+        if g.elem_count() != n || s.moments.elem_count() != 2 * n {
+            bail!(
+                "adamw: gradient {:?} and moments {:?} do not match the parameter {:?}",
+                g.dims(),
+                s.moments.dims(),
+                s.param.dims()
+            );
+        }
+        let m = f32_address(s.moments, "moments")?;
+        table.extend([
+            f32_address(s.param, "parameter")?,
+            f32_address(g, "gradient")?,
+            m,
+            m + 4 * n as u64,
+            n as u64,
+            u64::from(s.decay.to_bits()),
+        ]);
+        largest = largest.max(n);
+    }
+    let table = dev.clone_htod(table.as_slice())?;
+    let f = func(dev, "adamw_f32")?;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(&table)
+        .arg(&step.lr)
+        .arg(&step.betas.0)
+        .arg(&step.betas.1)
+        .arg(&step.eps);
+    l.arg(&step.corrections.0)
+        .arg(&step.corrections.1)
+        .arg(&step.grad_scale);
+    // A row of blocks per parameter, sized for the largest at about four elements per
+    // thread; the rows of small parameters have blocks that find nothing to do and exit.
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (largest as u32).div_ceil(1024).clamp(1, 1024),
+            slots.len() as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The device address of the first element of `t`, a contiguous f32 CUDA tensor.
+fn f32_address(t: &Tensor, what: &str) -> Result<u64> {
+    if t.dtype() != DType::F32 || !t.is_contiguous() {
+        bail!("adamw: the {what} must be a contiguous f32 tensor, got {t:?}");
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        bail!("adamw: the {what} is not on a CUDA device");
+    };
+    address(s, layout.start_offset())
 }
 
 /// The sum of the squares of every element of `grads` (f32 CUDA tensors), in f64: one

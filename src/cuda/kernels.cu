@@ -215,20 +215,33 @@ __device__ void softmax_bwd(const T *y, const T *dy, T *dx, int rows, int cols, 
     }
 }
 
-// AdamW, PyTorch's formulation, for one parameter of n elements. `state` is (m, v), 2n;
-// `out` receives (p', m', v'), 3n. The gradient is g * grad_scale (averaging and clipping).
-extern "C" __global__ void adamw_f32(const float *p, const float *g, const float *state,
-                                     float *out, long n, float lr, float beta1, float beta2,
-                                     float eps, float decay, float c1, float c2,
+// AdamW, PyTorch's formulation, over every parameter in one launch, in place: row
+// blockIdx.y of the grid updates tensor blockIdx.y of `table`. The gradient is
+// g * grad_scale (averaging and clipping); `decay` is 1 - lr * weight_decay, or 1 for a
+// parameter without weight decay. The host writes the table as six 8-byte words per
+// tensor (four addresses, n, and decay's bits in the low half of the last).
+struct AdamWTensor {
+    float *p;
+    const float *g;
+    float *m;
+    float *v;
+    long n;
+    float decay;
+    int unused;
+};
+
+extern "C" __global__ void adamw_f32(const AdamWTensor *table, float lr, float beta1,
+                                     float beta2, float eps, float c1, float c2,
                                      float grad_scale) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+    const AdamWTensor t = table[blockIdx.y];
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < t.n;
          i += (long)gridDim.x * blockDim.x) {
-        const float gi = g[i] * grad_scale;
-        const float m = beta1 * state[i] + (1.f - beta1) * gi;
-        const float v = beta2 * state[n + i] + (1.f - beta2) * gi * gi;
-        out[i] = p[i] * decay - lr * (m / c1) / (sqrtf(v / c2) + eps);
-        out[n + i] = m;
-        out[2 * n + i] = v;
+        const float gi = t.g[i] * grad_scale;
+        const float m = beta1 * t.m[i] + (1.f - beta1) * gi;
+        const float v = beta2 * t.v[i] + (1.f - beta2) * gi * gi;
+        t.p[i] = t.p[i] * t.decay - lr * (m / c1) / (sqrtf(v / c2) + eps);
+        t.m[i] = m;
+        t.v[i] = v;
     }
 }
 

@@ -11,8 +11,9 @@
 //! - [`info_nce()`]: MimCo's InfoNCE against a queue, per row, with its backward.
 //! - [`normalize_u8`], [`patchify`]: the images' way in, one pass each, no backward.
 //! - [`gather_rows`]: rows picked by index, the backward scattering them back.
-//! - [`adamw()`]: one AdamW update of one parameter in one launch, the gradient's averaging
-//!   and clipping folded in; [`sum_squares`]: the gradient norm, one launch per gradient.
+//! - [`adamw()`]: one AdamW update of every parameter in one launch, in place, the
+//!   gradients' averaging and clipping folded in; [`sum_squares`]: the gradient norm, one
+//!   launch per gradient.
 //! - [`pinned`]: page-locked batch buffers for the pipeline.
 //!
 //! [`crate::functional`] sends CUDA tensors here and everything else to the composed ops,
@@ -32,7 +33,7 @@ mod linear;
 mod norm;
 pub mod pinned;
 
-pub use adamw::{AdamWStep, adamw, sum_squares};
+pub use adamw::{AdamWSlot, AdamWStep, adamw, sum_squares};
 pub use attention::{attention_qkv, attention_qkv_bwd};
 pub use gather::gather_rows;
 pub use images::{normalize_u8, patchify};

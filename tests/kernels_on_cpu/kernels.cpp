@@ -2,6 +2,7 @@
 // double: layouts, indices, the vectorised and scalar paths, bf16 rounding. It cannot see
 // the Rust side's launches or cuBLAS; `mimco bench kernels` checks those on a GPU.
 // Built and run by tests/kernels_on_cpu.sh.
+#include <memory>
 #include "cuda_on_cpu.h"
 
 #include "../../src/cuda/kernels.cu"
@@ -398,24 +399,45 @@ static void scatter_add_rows_check() {
     expect_close(out.p, want, "scatter_add_rows", 1e-6);
 }
 
+// Three parameters of different sizes (one without weight decay) in one launch, in place,
+// with more blocks per row than the smallest needs.
 static void adamw_check() {
-    const long n = 1000;
-    const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, decay = 0.9995f, c1 = 0.19f,
-                c2 = 0.0975f, scale = 0.5f;
-    const auto pv = random_values<float>(n, -1, 1), gv = random_values<float>(n, -1, 1);
-    auto sv = random_values<float>(2 * n, 0, 0.1);
-    Buffer<float> p(pv), g(gv), s(sv), out(3 * n);
-    launch(adamw_f32, {3}, {64}, (const float *)p.p, (const float *)g.p, (const float *)s.p, out.p,
-           n, lr, b1, b2, eps, decay, c1, c2, scale);
-    std::vector<double> want(3 * n);
-    for (long i = 0; i < n; i++) {
-        const double gi = (double)gv[i] * scale;
-        const double m = b1 * sv[i] + (1 - b1) * gi, v = b2 * sv[n + i] + (1 - b2) * gi * gi;
-        want[i] = pv[i] * (double)decay - lr * (m / c1) / (std::sqrt(v / c2) + eps);
-        want[n + i] = m;
-        want[2 * n + i] = v;
+    const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, c1 = 0.19f, c2 = 0.0975f,
+                scale = 0.5f;
+    const long sizes[3] = {1000, 7, 300};
+    const float decays[3] = {0.9995f, 1.f, 0.99f};
+    std::vector<std::vector<float>> pv, gv, mv, vv;
+    std::vector<std::unique_ptr<Buffer<float>>> p, g, m, v;
+    for (long n : sizes) {
+        pv.push_back(random_values<float>(n, -1, 1));
+        gv.push_back(random_values<float>(n, -1, 1));
+        mv.push_back(random_values<float>(n, -0.1, 0.1));
+        vv.push_back(random_values<float>(n, 0, 0.1));
+        p.push_back(std::make_unique<Buffer<float>>(pv.back()));
+        g.push_back(std::make_unique<Buffer<float>>(gv.back()));
+        m.push_back(std::make_unique<Buffer<float>>(mv.back()));
+        v.push_back(std::make_unique<Buffer<float>>(vv.back()));
     }
-    expect_close(out.p, want, "adamw", 1e-6);
+    std::vector<AdamWTensor> rows;
+    for (int t = 0; t < 3; t++)
+        rows.push_back({p[t]->p, g[t]->p, m[t]->p, v[t]->p, sizes[t], decays[t], 0});
+    Buffer<AdamWTensor> table(rows);
+    launch(adamw_f32, {3, 3}, {64}, (const AdamWTensor *)table.p, lr, b1, b2, eps, c1, c2, scale);
+    for (int t = 0; t < 3; t++) {
+        const long n = sizes[t];
+        std::vector<double> want_p(n), want_m(n), want_v(n);
+        for (long i = 0; i < n; i++) {
+            const double gi = (double)gv[t][i] * scale;
+            want_m[i] = b1 * mv[t][i] + (1 - b1) * gi;
+            want_v[i] = b2 * vv[t][i] + (1 - b2) * gi * gi;
+            want_p[i] = pv[t][i] * (double)decays[t] -
+                        lr * (want_m[i] / c1) / (std::sqrt(want_v[i] / c2) + eps);
+        }
+        const std::string which = "adamw tensor " + std::to_string(t);
+        expect_close(p[t]->p, want_p, which + " p", 1e-6);
+        expect_close(m[t]->p, want_m, which + " m", 1e-6);
+        expect_close(v[t]->p, want_v, which + " v", 1e-6);
+    }
 }
 
 template <typename T>
