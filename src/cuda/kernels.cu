@@ -563,9 +563,12 @@ extern "C" __global__ void patchify_f32_bf16(const float *x, bf16 *y, int B, int
     patchify<bf16>(x, y, B, C, H, W, p);
 }
 
-// out[0] += the sum of g[i]^2 over n elements: f32 within each warp, f64 across warps (the
-// gradient norm for clipping, one launch per gradient into one accumulator).
-extern "C" __global__ void sum_squares_f32(const float *g, long n, double *out) {
+// out[0] += the sum of g^2 over every gradient in `table` (an address and a length per
+// gradient, 8 bytes each; row blockIdx.y of the grid reads gradient blockIdx.y): f32 within
+// each warp, f64 across warps (the gradient norm for clipping, in one launch).
+extern "C" __global__ void sum_squares_f32(const long *table, double *out) {
+    const float *g = (const float *)table[2 * blockIdx.y];
+    const long n = table[2 * blockIdx.y + 1];
     float s = 0.f;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
          i += (long)gridDim.x * blockDim.x)

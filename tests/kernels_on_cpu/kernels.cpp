@@ -474,14 +474,22 @@ static void normalize_check() {
     expect_close(y.p, want, "normalize_u8", 1e-6);
 }
 
+// Three gradients of different lengths in one launch, into one accumulator.
 static void sum_squares_check() {
-    const long n = 5000;
-    const auto gv = random_values<float>(n, -1, 1);
-    Buffer<float> g(gv);
-    Buffer<double> out(std::vector<double>{0.0});
-    launch(sum_squares_f32, {3}, {64}, (const float *)g.p, n, out.p);
+    const long sizes[3] = {5000, 3, 700};
+    std::vector<std::unique_ptr<Buffer<float>>> g;
+    std::vector<long> table;
     double want = 0;
-    for (float v : gv) want += (double)v * v;
+    for (long n : sizes) {
+        const auto gv = random_values<float>(n, -1, 1);
+        for (float v : gv) want += (double)v * v;
+        g.push_back(std::make_unique<Buffer<float>>(gv));
+        table.push_back((long)g.back()->p);
+        table.push_back(n);
+    }
+    Buffer<long> t(table);
+    Buffer<double> out(std::vector<double>{0.0});
+    launch(sum_squares_f32, {3, 3}, {64}, (const long *)t.p, out.p);
     const double e = std::abs(out.p[0] - want) / want;
     expect(e < 1e-6, "sum_squares", e);
 }
