@@ -34,7 +34,7 @@ pub fn layer_norm(
 
 /// `(dx, dweight, dbias)` of [`functional::linear`] at `x`, `weight`, `bias` for the
 /// gradient `dy` of its output (written in `out`): `dx` in the dtype of `x`, the others
-/// f32.
+/// f32 (whatever the dtype of `weight`: an f32 master weight or its cast).
 pub fn linear(
     x: &Tensor,
     weight: &Tensor,
@@ -50,7 +50,7 @@ pub fn linear(
     let [dx, dw, db] = autograd([x, weight, bias], dy, |[x, w, b]| {
         functional::linear(x, w, b, act, out)
     })?;
-    Ok((dx, dw, db))
+    Ok((dx, dw.to_dtype(DType::F32)?, db))
 }
 
 /// `dqkv` of [`functional::attention_qkv`] at `qkv` (whose output was `out`) for the

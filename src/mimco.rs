@@ -99,7 +99,7 @@ impl MimCo {
         )?);
         let compute = config.train.precision.compute_dtype();
         student.set_compute(compute);
-        teacher.set_compute(compute);
+        teacher.freeze_in(compute)?;
         let dim = config.student.dim;
         let heads = |name| {
             Heads::new(

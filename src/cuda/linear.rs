@@ -77,8 +77,10 @@ impl CustomOp3 for Linear {
                 bl.dims()
             );
         }
+        // The weight in the input's dtype: an f32 master weight is cast here, a weight
+        // already cast (the frozen teacher's, the blocks node's) is used as it is.
         let w = match xs.dtype() {
-            DType::F32 => None,
+            dt if dt == ws.dtype() => None,
             dt => Some(ws.to_dtype(wl, dt)?),
         };
         let (w, w_at) = match &w {

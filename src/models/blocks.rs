@@ -173,6 +173,13 @@ impl Block {
         Ok(((d_x + d_x1)?, grads))
     }
 
+    /// The dtype of the linear layers' weights, if they share one.
+    #[cfg(test)]
+    pub(crate) fn weights_dtype(&self) -> Option<DType> {
+        let dtypes = [&self.qkv, &self.proj, &self.fc1, &self.fc2].map(|d| d.params()[0].dtype());
+        dtypes.iter().all(|d| *d == dtypes[0]).then_some(dtypes[0])
+    }
+
     fn params(&self) -> [&Tensor; PARAMS] {
         let [qkv_w, qkv_b] = self.qkv.params();
         let [proj_w, proj_b] = self.proj.params();
@@ -194,16 +201,18 @@ impl Block {
         ]
     }
 
-    fn detach(&self) -> Block {
-        Block {
+    /// The same block outside Candle's graph, its linear layers' weights in `compute`
+    /// (cast once, for the forward and the backward; the norms stay f32).
+    pub(crate) fn detach_in(&self, compute: DType) -> Result<Block> {
+        Ok(Block {
             norm1: self.norm1.detach(),
-            qkv: self.qkv.detach(),
-            proj: self.proj.detach(),
+            qkv: self.qkv.detach_in(compute)?,
+            proj: self.proj.detach_in(compute)?,
             heads: self.heads,
             norm2: self.norm2.detach(),
-            fc1: self.fc1.detach(),
-            fc2: self.fc2.detach(),
-        }
+            fc1: self.fc1.detach_in(compute)?,
+            fc2: self.fc2.detach_in(compute)?,
+        })
     }
 }
 
@@ -253,7 +262,10 @@ fn stack(blocks: &[Block], x: &Tensor, tokens: usize, compute: DType) -> Result<
         .map(Tensor::flatten_all)
         .collect::<Result<Vec<_>>>()?;
     let params = Tensor::cat(&params, 0)?;
-    let blocks: Vec<Block> = blocks.iter().map(Block::detach).collect();
+    let blocks = blocks
+        .iter()
+        .map(|b| b.detach_in(compute))
+        .collect::<Result<Vec<_>>>()?;
     let mut y = x.detach();
     let mut saved = Vec::with_capacity(blocks.len());
     for block in &blocks {

@@ -58,12 +58,13 @@ impl Dense {
         [&self.weight, &self.bias]
     }
 
-    /// The same layer outside Candle's graph (its parameters detached).
-    pub(crate) fn detach(&self) -> Dense {
-        Dense {
-            weight: self.weight.detach(),
+    /// The same layer outside Candle's graph (its parameters detached), its weight in
+    /// `dtype` (the compute dtype: cast once for every product that uses it).
+    pub(crate) fn detach_in(&self, dtype: DType) -> Result<Dense> {
+        Ok(Dense {
+            weight: self.weight.detach().to_dtype(dtype)?,
             bias: self.bias.detach(),
-        }
+        })
     }
 }
 

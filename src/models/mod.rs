@@ -27,6 +27,10 @@ pub trait Encoder: std::fmt::Debug + Send {
     /// Runs the matmuls and attention in `dtype` (bf16 for mixed precision); parameters,
     /// the residual stream and the output stay f32. F32 by default.
     fn set_compute(&mut self, dtype: DType);
+    /// For an encoder that is never trained (the frozen teacher): runs in `dtype` as
+    /// [`Encoder::set_compute`] does, and keeps its matmul weights in `dtype`, cast once
+    /// here rather than in every forward. Norms, biases and tokens stay f32.
+    fn freeze_in(&mut self, dtype: DType) -> Result<()>;
     /// The device its parameters live on (inputs must be there too).
     fn device(&self) -> &Device;
     /// `images`: `(B, 3, H, W)` normalised f32. `mask`: `(B, N)` with 1 where a patch is

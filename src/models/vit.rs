@@ -227,6 +227,17 @@ impl Encoder for Vit {
         self.compute = dtype;
     }
 
+    fn freeze_in(&mut self, dtype: DType) -> Result<()> {
+        self.compute = dtype;
+        self.patch_weight = self.patch_weight.detach().to_dtype(dtype)?;
+        self.blocks = self
+            .blocks
+            .iter()
+            .map(|b| b.detach_in(dtype))
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
     fn device(&self) -> &Device {
         self.cls_token.device()
     }
@@ -266,5 +277,40 @@ impl Encoder for Vit {
             patches: x.narrow(1, 1, self.grid * self.grid)?,
             cls: Some(x.i((.., 0))?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frozen encoder (the teacher) keeps its matmul weights in the compute dtype and
+    /// gives the same features, bit for bit, as one that casts them in every forward.
+    #[test]
+    fn a_frozen_encoder_holds_cast_weights_and_gives_the_same_features() {
+        let config = VitConfig::vit_tiny_test();
+        let dev = Device::Cpu;
+        let images = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let mut casting = crate::teacher::random(&config, 32, 7, &dev).unwrap();
+            casting.set_compute(dtype);
+            let store = crate::params::ParamStore::new(7 ^ 0x7eac4e5);
+            let mut frozen = Vit::new(store.var_builder(&dev), &config, 32, false).unwrap();
+            frozen.freeze_in(dtype).unwrap();
+            assert_eq!(frozen.patch_weight.dtype(), dtype);
+            assert!(
+                frozen
+                    .blocks
+                    .iter()
+                    .all(|b| b.weights_dtype() == Some(dtype))
+            );
+            let a = casting.forward(&images, None).unwrap().patches;
+            let b = frozen.forward(&images, None).unwrap().patches;
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{dtype:?}"
+            );
+        }
     }
 }
