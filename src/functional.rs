@@ -119,6 +119,36 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     softmax_scaled(&q.matmul(&k.t()?)?, scale)?.matmul(v)
 }
 
+/// The token stream `(B, 1 + N, D)` from f32 patch embeddings `x` `(B, N, D)`: with
+/// `masked` = (SimMIM's mask `(B, N)`, 1 where masked; the mask token), each masked
+/// embedding replaced by the token as `x (1 - m) + token m`; then the `cls` token
+/// prepended and the position table `pos` `(1, 1 + N, D)` added. One fused op on CUDA
+/// when a mask applies (the student's forward).
+pub fn tokens(
+    x: &Tensor,
+    masked: Option<(&Tensor, &Tensor)>,
+    cls: &Tensor,
+    pos: &Tensor,
+) -> Result<Tensor> {
+    let (b, _, d) = x.dims3()?;
+    #[cfg(feature = "cuda")]
+    if let Some((mask, token)) = masked
+        && fused(x, 0)
+        && x.dtype() == DType::F32
+    {
+        return crate::cuda::tokens(x, &mask.to_dtype(DType::F32)?, token, cls, pos);
+    }
+    let x = match masked {
+        Some((mask, token)) => {
+            let m = mask.to_dtype(x.dtype())?.unsqueeze(D::Minus1)?;
+            (x.broadcast_mul(&m.affine(-1.0, 1.0)?)? + m.broadcast_mul(token)?)?
+        }
+        None => x.clone(),
+    };
+    let cls = cls.broadcast_as((b, 1, d))?;
+    Tensor::cat(&[&cls, &x], 1)?.broadcast_add(pos)
+}
+
 /// Images `(B, 3, H, W)` -> `(B * N, 3 * p * p)` patch rows in `dtype` (see
 /// [`crate::models::vit::patchify`]). One pass on CUDA for images that need no gradient.
 pub fn patch_rows(images: &Tensor, p: usize, dtype: DType) -> Result<Tensor> {

@@ -138,6 +138,9 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
     for shape in [[6000, 384], [5, 3]] {
         gather_rows(&mut c, &shape)?;
     }
+    for shape in [(8, 196, 384), (3, 5, 300)] {
+        tokens(&mut c, shape)?;
+    }
     adamw(&mut c, &[[384, 1536], [7, 3]])?;
     sum_squares(&mut c)?;
     for dtype in [DType::F32, DType::BF16] {
@@ -395,6 +398,54 @@ fn gather_rows(c: &mut Checker, shape: &[usize]) -> Result<()> {
         candle_core::bail!("gather_rows: no gradient for x");
     };
     c.record("gather_rows dx", shape, DType::F32, got, want, bwd)
+}
+
+/// The stem's token stream (mask token where masked, CLS token, positions) against the
+/// composed ops in f64: the output and the gradients of the patches, the mask token, the
+/// CLS token and the position table.
+fn tokens(c: &mut Checker, (b, n, d): (usize, usize, usize)) -> Result<()> {
+    let shape = [b, n, d];
+    let x = Var::from_tensor(&c.random(&shape, 2.0, 0.0)?)?;
+    let token = Var::from_tensor(&c.random(&[1, 1, d], 1.0, 0.0)?)?;
+    let cls = Var::from_tensor(&c.random(&[1, 1, d], 1.0, 0.0)?)?;
+    let pos = Var::from_tensor(&c.random(&[1, 1 + n, d], 1.0, 0.0)?)?;
+    let mask: Vec<f32> = (0..b * n)
+        .map(|_| f32::from(c.rng.random_range(0..10u8) < 6))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, n), &c.dev)?;
+    let probe = c.random(&[b, 1 + n, d], 1.0, 0.0)?;
+    c.poison(4 * b * (1 + n) * d)?;
+    let y = super::tokens(&x, &mask, &token, &cls, &pos)?;
+    c.poison(4 * b * (1 + n) * d)?;
+    let grads = y.mul(&probe)?.sum_all()?.backward()?;
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).and_then(|t| Var::from_tensor(&t));
+    let (x64, token64, cls64, pos64) = (f64s(&x)?, f64s(&token)?, f64s(&cls)?, f64s(&pos)?);
+    let y64 = functional::tokens(&x64, Some((&mask, &token64)), &cls64, &pos64)?;
+    let g64 = y64
+        .mul(&probe.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let (fwd, bwd) = tolerances(DType::F32);
+    c.record("tokens y", &shape, DType::F32, &y, &y64, fwd)?;
+    for (name, v, v64) in [
+        ("dx", &x, &x64),
+        ("dtoken", &token, &token64),
+        ("dcls", &cls, &cls64),
+        ("dpos", &pos, &pos64),
+    ] {
+        let (Some(got), Some(want)) = (grads.get(v), g64.get(v64)) else {
+            candle_core::bail!("tokens: no gradient for {name}");
+        };
+        c.record(
+            &format!("tokens {name}"),
+            &shape,
+            DType::F32,
+            got,
+            want,
+            bwd,
+        )?;
+    }
+    Ok(())
 }
 
 /// Three steps of the fused AdamW against the composed one on the CPU, both in f32, with

@@ -436,6 +436,52 @@ extern "C" __global__ void scatter_add_rows_f32(const float *g, const unsigned i
     scatter_add_rows(g, ids, out, n, cols);
 }
 
+// The ViT's token stream from the patch embeddings x (B, N, D), with SimMIM's mask (B, N)
+// of 0 and 1: out (B, 1 + N, D), out[b, 0] = cls + pos[0] and out[b, 1 + n] =
+// (mask[b, n] ? token : x[b, n]) + pos[1 + n], the composed x * (1 - m) + token * m, the
+// CLS token's concatenation and the position add in one pass. params = token (D) | cls
+// (D) | pos ((1 + N) D). A block per output row.
+extern "C" __global__ void tokens_fwd_f32(const float *x, const float *mask,
+                                          const float *params, float *out, int N, int D) {
+    const long row = blockIdx.x;
+    const int t = (int)(row % (N + 1));
+    const long b = row / (N + 1);
+    const float *pos = params + 2 * D + (long)t * D;
+    const float *src = params + D; // the CLS token
+    if (t > 0) {
+        const long patch = b * N + t - 1;
+        src = mask[patch] != 0.f ? params : x + patch * D;
+    }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out[row * D + d] = src[d] + pos[d];
+}
+
+// dx of tokens_fwd_f32 for its output gradient dy (B, 1 + N, D): dy at the patch's row
+// where it was kept, 0 where the mask token replaced it. A block per row of dx (B N).
+extern "C" __global__ void tokens_bwd_f32(const float *dy, const float *mask, float *dx, int N,
+                                          int D) {
+    const long patch = blockIdx.x;
+    const long b = patch / N;
+    const float keep = mask[patch] != 0.f ? 0.f : 1.f;
+    const float *src = dy + (patch + b + 1) * D; // row b (1 + N) + 1 + n
+    for (int d = threadIdx.x; d < D; d += blockDim.x) dx[patch * D + d] = keep * src[d];
+}
+
+// The mask token's gradient: out[d] += the sum of dy[b, 1 + n, d] over the masked (b, n)
+// of the `patches` = B N rows; out zeroed first. Columns across threads, rows split over
+// blockIdx.y, as column_sum.
+extern "C" __global__ void tokens_token_grad_f32(const float *dy, const float *mask, float *out,
+                                                 int patches, int N, int D) {
+    const int d = blockIdx.x * blockDim.x + threadIdx.x;
+    if (d >= D) return;
+    const int chunk = (patches + gridDim.y - 1) / gridDim.y;
+    const int r0 = blockIdx.y * chunk;
+    const int r1 = patches < r0 + chunk ? patches : r0 + chunk;
+    float s = 0.f;
+    for (int r = r0; r < r1; r++)
+        if (mask[r] != 0.f) s += dy[((long)r + r / N + 1) * D + d];
+    atomicAdd(out + d, s);
+}
+
 #define HEADS(U, BYTES)                                                                       \
     extern "C" __global__ void split_heads_u##BYTES(const U *x, U *y, int B, int Ntok, int S, \
                                                     int H, int V) {                           \

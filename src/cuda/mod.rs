@@ -11,6 +11,7 @@
 //! - [`info_nce()`]: MimCo's InfoNCE against a queue, per row, with its backward.
 //! - [`normalize_u8`], [`patchify`]: the images' way in, one pass each, no backward.
 //! - [`gather_rows`]: rows picked by index, the backward scattering them back.
+//! - [`tokens()`]: the stem's mask blend, CLS token and position add, one pass each way.
 //! - [`adamw()`]: one AdamW update of every parameter in one launch, in place, the
 //!   gradients' averaging and clipping folded in; [`sum_squares`]: the gradient norm, one
 //!   launch per gradient.
@@ -32,6 +33,7 @@ mod info_nce;
 mod linear;
 mod norm;
 pub mod pinned;
+mod tokens;
 
 pub use adamw::{AdamWSlot, AdamWStep, adamw, sum_squares};
 pub use attention::{attention_qkv, attention_qkv_bwd};
@@ -40,6 +42,7 @@ pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;
 pub use linear::{linear, linear_bwd};
 pub use norm::{layer_norm, layer_norm_bwd};
+pub use tokens::tokens;
 
 use std::sync::OnceLock;
 

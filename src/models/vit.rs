@@ -6,7 +6,7 @@
 //! so MoCo v3 and timm checkpoints load without a rename table and exported students load
 //! into `timm.create_model(...)`.
 
-use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -251,7 +251,7 @@ impl Encoder for Vit {
         let c = self.compute;
         let patches = functional::patch_rows(images, self.config.patch_size, c)?;
         let n = self.grid * self.grid;
-        let mut x = functional::linear(
+        let x = functional::linear(
             &patches,
             &self.patch_weight,
             &self.patch_bias,
@@ -259,15 +259,14 @@ impl Encoder for Vit {
             DType::F32,
         )?
         .reshape((b, n, self.config.dim))?;
-        if let (Some(mask), Some(token)) = (mask, &self.mask_token) {
-            // SimMIM: x * (1 - m) + mask_token * m
-            let m = mask.to_dtype(x.dtype())?.unsqueeze(D::Minus1)?;
-            x = (x.broadcast_mul(&m.affine(-1.0, 1.0)?)? + m.broadcast_mul(token)?)?;
-        }
-        let cls = self.cls_token.broadcast_as((b, 1, self.config.dim))?;
-        x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        // SimMIM's mask token where masked; the CLS token; positions.
+        let masked = match (mask, &self.mask_token) {
+            (Some(mask), Some(token)) => Some((mask, token)),
+            _ => None,
+        };
+        let x = functional::tokens(&x, masked, &self.cls_token, &self.pos_embed)?;
         let (tokens, dim) = (x.dim(1)?, self.config.dim);
-        x = x.reshape((b * tokens, dim))?;
+        let x = x.reshape((b * tokens, dim))?;
         let x = blocks::forward(&self.blocks, &x, tokens, c)?;
         let x = self
             .norm

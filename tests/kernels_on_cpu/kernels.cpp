@@ -474,6 +474,47 @@ static void normalize_check() {
     expect_close(y.p, want, "normalize_u8", 1e-6);
 }
 
+// The token stream (CLS, patches or the mask token, plus positions) and its gradients for x
+// and the mask token, against the composed formulas; rows wider than a block.
+static void tokens_check() {
+    const int B = 3, N = 7, D = 37;
+    const auto xv = random_values<float>((size_t)B * N * D, -1, 1);
+    const auto pv = random_values<float>((size_t)(N + 3) * D, -1, 1); // token | cls | pos
+    const auto gv = random_values<float>((size_t)B * (N + 1) * D, -1, 1);
+    std::vector<float> mv(B * N);
+    for (int i = 0; i < B * N; i++) mv[i] = (i * 5 + 1) % 3 == 0 ? 0.f : 1.f;
+    Buffer<float> x(xv), m(mv), params(pv), dy(gv), out((size_t)B * (N + 1) * D),
+        dx((size_t)B * N * D), dtoken(std::vector<float>(D, 0.f));
+    launch(tokens_fwd_f32, {(unsigned)(B * (N + 1))}, {32}, (const float *)x.p,
+           (const float *)m.p, (const float *)params.p, out.p, N, D);
+    launch(tokens_bwd_f32, {(unsigned)(B * N)}, {32}, (const float *)dy.p, (const float *)m.p,
+           dx.p, N, D);
+    launch(tokens_token_grad_f32, {2, 3}, {32}, (const float *)dy.p, (const float *)m.p,
+           dtoken.p, B * N, N, D);
+    std::vector<double> want_out, want_dx, want_dtoken(D, 0.0);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t <= N; t++)
+            for (int d = 0; d < D; d++) {
+                const double pos = pv[(size_t)(2 + t) * D + d];
+                if (t == 0) {
+                    want_out.push_back(pv[D + d] + pos);
+                    continue;
+                }
+                const double mk = mv[b * N + t - 1];
+                want_out.push_back(xv[((size_t)b * N + t - 1) * D + d] * (1 - mk) + pv[d] * mk + pos);
+            }
+    for (int b = 0; b < B; b++)
+        for (int n = 0; n < N; n++)
+            for (int d = 0; d < D; d++) {
+                const double g = gv[((size_t)b * (N + 1) + 1 + n) * D + d], mk = mv[b * N + n];
+                want_dx.push_back(g * (1 - mk));
+                want_dtoken[d] += g * mk;
+            }
+    expect_close(out.p, want_out, "tokens_fwd", 1e-6);
+    expect_close(dx.p, want_dx, "tokens_bwd dx", 1e-6);
+    expect_close(dtoken.p, want_dtoken, "tokens_token_grad", 1e-6);
+}
+
 // Three gradients of different lengths in one launch, into one accumulator.
 static void sum_squares_check() {
     const long sizes[3] = {5000, 3, 700};
@@ -634,6 +675,7 @@ int main() {
     patchify_check<bf16>(patchify_f32_bf16, 2, 8, 12, 4);
     normalize_check();
     sum_squares_check();
+    tokens_check();
     flash(1, 2, 70, 64);
     flash(2, 1, 33, 32);
     flash(1, 1, 197, 64);
