@@ -8,7 +8,7 @@
 //! (forward and backward), everything else the composed ops below, which are the
 //! reference the kernels are checked against.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use candle_core::{D, DType, IndexOp, Result, Tensor};
 
@@ -18,6 +18,32 @@ static FUSED: AtomicBool = AtomicBool::new(true);
 /// stock` turns them off to measure what they buy.
 pub fn set_fused_kernels(on: bool) {
     FUSED.store(on, Ordering::Relaxed);
+}
+
+/// A fast path of the fused kernels that `mimco bench train --without` can turn off, to
+/// measure what it buys (or to run without it): the CUDA step then takes the path it
+/// replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPath {
+    /// Attention on tensor cores (`cuda/flash.cu`); else through cuBLAS.
+    Flash,
+    /// The student's blocks as one graph node (`models/blocks.rs`); else a node per op.
+    BlocksNode,
+    /// The stem's mask blend, CLS token and positions as one node (`cuda/tokens.rs`);
+    /// else Candle's broadcast ops.
+    Stem,
+}
+
+static WITHOUT: AtomicU8 = AtomicU8::new(0);
+
+/// Turns `path` off for the rest of the process.
+pub fn disable(path: FastPath) {
+    WITHOUT.fetch_or(1 << path as u8, Ordering::Relaxed);
+}
+
+/// Whether `path` is on (the default).
+pub fn enabled(path: FastPath) -> bool {
+    WITHOUT.load(Ordering::Relaxed) & (1 << path as u8) == 0
 }
 
 /// Whether `x`, with rows of `row` elements, goes to a fused kernel.
@@ -135,6 +161,7 @@ pub fn tokens(
     if let Some((mask, token)) = masked
         && fused(x, 0)
         && x.dtype() == DType::F32
+        && enabled(FastPath::Stem)
     {
         return crate::cuda::tokens(x, &mask.to_dtype(DType::F32)?, token, cls, pos);
     }

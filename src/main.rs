@@ -131,6 +131,11 @@ enum BenchKind {
         /// `fused`: mimco's CUDA kernels; `stock`: Candle's composed ops only (to compare).
         #[arg(long, value_enum, default_value = "fused")]
         kernels: KernelsArg,
+        /// With `fused`, turn off these fast paths to measure what each buys:
+        /// `flash` (attention on tensor cores), `blocks-node` (the student's blocks as one
+        /// graph node), `stem` (mask blend, CLS token and positions as one node).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        without: Vec<FastPathArg>,
         /// cpu, cuda, cuda:N, or auto.
         #[arg(long, default_value = "auto")]
         device: String,
@@ -157,6 +162,32 @@ enum BenchKind {
 enum KernelsArg {
     Fused,
     Stock,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FastPathArg {
+    Flash,
+    BlocksNode,
+    Stem,
+}
+
+impl FastPathArg {
+    fn path(self) -> mimco::functional::FastPath {
+        use mimco::functional::FastPath;
+        match self {
+            FastPathArg::Flash => FastPath::Flash,
+            FastPathArg::BlocksNode => FastPath::BlocksNode,
+            FastPathArg::Stem => FastPath::Stem,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FastPathArg::Flash => "flash",
+            FastPathArg::BlocksNode => "blocks-node",
+            FastPathArg::Stem => "stem",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -477,6 +508,7 @@ fn bench(kind: BenchKind) -> Result<ExitCode> {
             warmup,
             data,
             kernels,
+            without,
             device,
             peak_tflops,
             header,
@@ -495,6 +527,9 @@ fn bench(kind: BenchKind) -> Result<ExitCode> {
                     .map_err(|_| anyhow::anyhow!("--precision {p}: expected f32, tf32 or bf16"))?;
             }
             mimco::functional::set_fused_kernels(kernels == KernelsArg::Fused);
+            for w in &without {
+                mimco::functional::disable(w.path());
+            }
             let device = mimco::device::parse(&device)?;
             let opts = mimco::bench::BenchOptions {
                 device: device.clone(),
@@ -517,8 +552,11 @@ fn bench(kind: BenchKind) -> Result<ExitCode> {
                 mimco::device::describe(&device),
                 config.train.precision,
                 match kernels {
-                    KernelsArg::Fused => "fused",
-                    KernelsArg::Stock => "stock",
+                    KernelsArg::Fused => std::iter::once("fused".to_string())
+                        .chain(without.iter().map(|w| format!("without {}", w.name())))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    KernelsArg::Stock => "stock".into(),
                 },
                 data.as_deref().map_or("synthetic", |_| "shards"),
                 r.batch,

@@ -24,7 +24,10 @@ pub(super) fn applies(dev: &CudaDevice, dtype: DType, h: &Heads) -> bool {
         .context()
         .compute_capability()
         .is_ok_and(|(major, _)| major >= 8);
-    dtype == DType::BF16 && matches!(h.dim, 32 | 64) && ampere
+    dtype == DType::BF16
+        && matches!(h.dim, 32 | 64)
+        && ampere
+        && crate::functional::enabled(crate::functional::FastPath::Flash)
 }
 
 /// The address of the contiguous `s` at its layout's start, checked 4-byte aligned (the

@@ -244,7 +244,7 @@ fn nodes(blocks: &[Block], x: &Tensor, tokens: usize, compute: DType) -> Result<
 /// Whether the blocks on `x` become one node: where the fused kernels run.
 fn one_node(x: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
-    return functional::fused(x, 0);
+    return functional::fused(x, 0) && functional::enabled(functional::FastPath::BlocksNode);
     #[cfg(not(feature = "cuda"))]
     {
         let _ = x;
