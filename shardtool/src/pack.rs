@@ -110,7 +110,12 @@ pub fn pack_split(split: &SplitInput, opts: &PackOptions) -> Result<SplitReport>
     let todo: Vec<usize> = (0..plan.len()).filter(|&i| records[i].is_none()).collect();
 
     let total: u64 = todo.iter().map(|&i| plan[i].len() as u64).sum();
-    let bar = progress_bar(opts.progress, total, &split.name);
+    let bar = progress_bar(
+        opts.progress,
+        total,
+        &split.name,
+        "{pos}/{len} images  {msg}",
+    );
     let (mut written, mut images, mut bytes) = (0, 0, 0);
     run_jobs(
         todo.len(),
@@ -437,15 +442,22 @@ fn write_error(path: &Path, e: std::io::Error) -> anyhow::Error {
     ))
 }
 
-fn progress_bar(enabled: bool, total: u64, split: &str) -> ProgressBar {
+/// A progress bar over `total` for `split` on stderr (hidden unless `enabled`), counting
+/// `counts` after the bar: `{pos}/{len} images`, `{bytes}/{total_bytes}`, ...
+pub(crate) fn progress_bar(
+    enabled: bool,
+    total: u64,
+    split: &str,
+    counts: &'static str,
+) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total).with_prefix(split.to_string());
-    // The template is a literal known to parse.
-    let style = ProgressStyle::with_template(
-        "{prefix:>5} [{elapsed_precise}] {wide_bar} {pos}/{len} images  {msg}  ETA {eta}",
-    )
+    // The template is made of literals known to parse.
+    let style = ProgressStyle::with_template(&format!(
+        "{{prefix:>5}} [{{elapsed_precise}}] {{wide_bar}} {counts}  ETA {{eta}}"
+    ))
     .expect("progress template parses");
     bar.set_style(style);
     bar

@@ -4,10 +4,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use pipeline::format::{MANIFEST_FILE, Manifest};
 use pipeline::{ShardSource, StoreOptions, UploadReport};
 
+use crate::pack::progress_bar;
 use crate::verify::find_packed_splits;
 
 /// Copies the pack (or split) in `dir` to `url` (`s3://bucket/prefix`), each split to
@@ -29,7 +29,12 @@ pub fn upload(
             .unwrap_or_default();
         let target = format!("{}/{name}", url.trim_end_matches('/'));
         let source = ShardSource::open(&target, options)?;
-        let bar = progress_bar(progress, split_bytes(&split)?, &name);
+        let bar = progress_bar(
+            progress,
+            split_bytes(&split)?,
+            &name,
+            "{bytes}/{total_bytes}  {bytes_per_sec}",
+        );
         let inc = bar.clone();
         let report = runtime.block_on(source.upload_split(&split, Arc::new(move |n| inc.inc(n))));
         bar.finish_and_clear();
@@ -47,18 +52,4 @@ fn split_bytes(split: &Path) -> Result<u64> {
         .map(|s| s.bytes)
         .sum();
     Ok(shards + std::fs::metadata(&manifest)?.len())
-}
-
-fn progress_bar(enabled: bool, total: u64, split: &str) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total).with_prefix(split.to_string());
-    // The template is a literal known to parse.
-    let style = ProgressStyle::with_template(
-        "{prefix:>5} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes}  {bytes_per_sec}  ETA {eta}",
-    )
-    .expect("progress template parses");
-    bar.set_style(style);
-    bar
 }

@@ -47,12 +47,6 @@ pub fn adamw(slots: &[AdamWSlot<'_>], step: AdamWStep) -> Result<()> {
     let Device::Cuda(dev) = first.param.device() else {
         bail!("adamw: the parameters are not on a CUDA device");
     };
-    if slots.len() > 65_535 {
-        bail!(
-            "adamw: {} parameters, at most 65,535 per launch",
-            slots.len()
-        );
-    }
     // Gradients as they come from backward can be views; contiguous copies live until
     // the end of this function, which the stream's ordered frees make safe.
     let grads = slots
@@ -82,6 +76,7 @@ pub fn adamw(slots: &[AdamWSlot<'_>], step: AdamWStep) -> Result<()> {
         ]);
         largest = largest.max(n);
     }
+    let cfg = row_per_tensor("adamw", slots.len(), largest)?;
     let table = dev.clone_htod(table.as_slice())?;
     let f = func(dev, "adamw_f32")?;
     let stream = dev.cuda_stream();
@@ -94,19 +89,26 @@ pub fn adamw(slots: &[AdamWSlot<'_>], step: AdamWStep) -> Result<()> {
     l.arg(&step.corrections.0)
         .arg(&step.corrections.1)
         .arg(&step.grad_scale);
-    // A row of blocks per parameter, sized for the largest at about four elements per
-    // thread; the rows of small parameters have blocks that find nothing to do and exit.
-    let cfg = LaunchConfig {
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The grid of a launch over `tensors` tensors of at most `largest` elements: a row of
+/// blocks per tensor (`blockIdx.y`), sized for the largest at about four elements per
+/// thread; the rows of small tensors have blocks that find nothing to do and exit.
+fn row_per_tensor(what: &str, tensors: usize, largest: usize) -> Result<LaunchConfig> {
+    if tensors > 65_535 {
+        bail!("{what}: {tensors} tensors, at most 65,535 per launch");
+    }
+    Ok(LaunchConfig {
         grid_dim: (
             (largest as u32).div_ceil(1024).clamp(1, 1024),
-            slots.len() as u32,
+            tensors as u32,
             1,
         ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
-    };
-    unsafe { l.launch(cfg) }.w()?;
-    Ok(())
+    })
 }
 
 /// The device address of the first element of `t`, a contiguous f32 CUDA tensor.
@@ -131,9 +133,6 @@ pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
     let Device::Cuda(dev) = first.device() else {
         bail!("sum_squares: the gradients are not on a CUDA device");
     };
-    if grads.len() > 65_535 {
-        bail!("sum_squares: {} gradients, at most 65,535", grads.len());
-    }
     let grads = grads
         .iter()
         .map(|g| g.contiguous())
@@ -144,21 +143,13 @@ pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
         table.extend([f32_address(g, "gradient")?, g.elem_count() as u64]);
         largest = largest.max(g.elem_count());
     }
+    let cfg = row_per_tensor("sum_squares", grads.len(), largest)?;
     let table = dev.clone_htod(table.as_slice())?;
     let total = dev.alloc_zeros::<f64>(1)?;
     let f = func(dev, "sum_squares_f32")?;
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
     l.arg(&table).arg(&total);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (largest as u32).div_ceil(1024).clamp(1, 1024),
-            grads.len() as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     unsafe { l.launch(cfg) }.w()?;
     Ok(dev.clone_dtoh(&total)?[0])
 }

@@ -111,20 +111,9 @@ impl CustomOp3 for Tokens {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.to_dtype(DType::F32)?.contiguous()?;
         let b = x.dim(0)?;
-        let dx = grad.apply_op2_no_bwd(
-            mask,
-            &TokensBwd {
-                n: self.n,
-                d: self.d,
-            },
-        )?;
-        let dtoken = grad.apply_op2_no_bwd(
-            mask,
-            &TokenGrad {
-                n: self.n,
-                d: self.d,
-            },
-        )?;
+        let (n, d) = (self.n, self.d);
+        let masked = |of| grad.apply_op2_no_bwd(mask, &TokensGrad { of, n, d });
+        let (dx, dtoken) = (masked(Masked::Patches)?, masked(Masked::Token)?);
         // pos is added to every image: its gradient sums over the batch; the CLS token's
         // is the first row of that.
         let dpos = grad
@@ -139,15 +128,27 @@ impl CustomOp3 for Tokens {
     }
 }
 
-/// `(dy, mask)` -> the patches' gradient `(B, N, D)`.
-struct TokensBwd {
+/// The gradients of [`Tokens`] that need the mask, from `(dy, mask)`.
+#[derive(Clone, Copy)]
+enum Masked {
+    /// The patches' `(B, N, D)`.
+    Patches,
+    /// The mask token's `(D)`.
+    Token,
+}
+
+struct TokensGrad {
+    of: Masked,
     n: usize,
     d: usize,
 }
 
-impl CustomOp2 for TokensBwd {
+impl CustomOp2 for TokensGrad {
     fn name(&self) -> &'static str {
-        "mimco-tokens-bwd"
+        match self.of {
+            Masked::Patches => "mimco-tokens-dx",
+            Masked::Token => "mimco-tokens-dtoken",
+        }
     }
 
     cuda_only!(2);
@@ -166,72 +167,47 @@ impl CustomOp2 for TokensBwd {
         );
         let b = gl.dims()[0];
         let patches = b * self.n;
-        let dx = unsafe { dev.alloc::<f32>(patches * self.d)? };
-        let f = func(dev, "tokens_bwd_f32")?;
-        let (n_i, d_i) = (self.n as i32, self.d as i32);
-        let stream = dev.cuda_stream();
-        let mut l = stream.launch_builder(&f);
-        l.arg(&g).arg(&m).arg(&dx).arg(&n_i).arg(&d_i);
-        let cfg = LaunchConfig {
-            grid_dim: (patches as u32, 1, 1),
-            block_dim: (row_threads(self.d), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { l.launch(cfg) }.w()?;
-        Ok((
-            wrap(CudaStorageSlice::F32(dx), dev),
-            Shape::from((b, self.n, self.d)),
-        ))
-    }
-}
-
-/// `(dy, mask)` -> the mask token's gradient `(D)`.
-struct TokenGrad {
-    n: usize,
-    d: usize,
-}
-
-impl CustomOp2 for TokenGrad {
-    fn name(&self) -> &'static str {
-        "mimco-token-grad"
-    }
-
-    cuda_only!(2);
-
-    fn cuda_fwd(
-        &self,
-        gs: &CudaStorage,
-        gl: &Layout,
-        ms: &CudaStorage,
-        ml: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = gs.device();
-        let (g, m) = (
-            contiguous::<f32>(gs, gl, "gradient")?,
-            contiguous::<f32>(ms, ml, "mask")?,
-        );
-        let patches = gl.dims()[0] * self.n;
-        let mut out = dev.alloc_zeros::<f32>(self.d)?;
-        let f = func(dev, "tokens_token_grad_f32")?;
         let (patches_i, n_i, d_i) = (patches as i32, self.n as i32, self.d as i32);
         let stream = dev.cuda_stream();
-        let mut l = stream.launch_builder(&f);
-        l.arg(&g)
-            .arg(&m)
-            .arg(&mut out)
-            .arg(&patches_i)
-            .arg(&n_i)
-            .arg(&d_i);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                (self.d as u32).div_ceil(128),
-                (patches as u32).div_ceil(64).clamp(1, 256),
-                1,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { l.launch(cfg) }.w()?;
-        Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(self.d)))
+        match self.of {
+            Masked::Patches => {
+                let dx = unsafe { dev.alloc::<f32>(patches * self.d)? };
+                let f = func(dev, "tokens_bwd_f32")?;
+                let mut l = stream.launch_builder(&f);
+                l.arg(&g).arg(&m).arg(&dx).arg(&n_i).arg(&d_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (patches as u32, 1, 1),
+                    block_dim: (row_threads(self.d), 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe { l.launch(cfg) }.w()?;
+                Ok((
+                    wrap(CudaStorageSlice::F32(dx), dev),
+                    Shape::from((b, self.n, self.d)),
+                ))
+            }
+            Masked::Token => {
+                let mut out = dev.alloc_zeros::<f32>(self.d)?;
+                let f = func(dev, "tokens_token_grad_f32")?;
+                let mut l = stream.launch_builder(&f);
+                l.arg(&g)
+                    .arg(&m)
+                    .arg(&mut out)
+                    .arg(&patches_i)
+                    .arg(&n_i)
+                    .arg(&d_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        (self.d as u32).div_ceil(128),
+                        (patches as u32).div_ceil(64).clamp(1, 256),
+                        1,
+                    ),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe { l.launch(cfg) }.w()?;
+                Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(self.d)))
+            }
+        }
     }
 }
