@@ -93,17 +93,31 @@ fn to_byte(v: f32) -> u8 {
 const LANES: usize = 64;
 
 /// Replaces every pixel by `f(pixel)`, in fixed-size blocks of [`LANES`] pixels, so that the
-/// compiler vectorises an `f` whose branches are selects (no early returns).
+/// compiler vectorises an `f` whose branches are selects (no early returns). Each block is
+/// split into its three channels first and joined after, so that `f` runs over
+/// contiguous lanes rather than 3-byte strides.
 #[inline(always)]
 fn map_pixels(hwc: &mut [u8], f: impl Fn([u8; 3]) -> [u8; 3]) {
     let mut blocks = hwc.chunks_exact_mut(3 * LANES);
     for block in &mut blocks {
-        let block: &mut [u8; 3 * LANES] = block.try_into().expect("a whole block");
-        let mut out = [0u8; 3 * LANES];
-        for (o, p) in out.chunks_exact_mut(3).zip(block.chunks_exact(3)) {
-            o.copy_from_slice(&f([p[0], p[1], p[2]]));
+        let mut planes = [[0u8; LANES]; 3];
+        for (i, p) in block.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                planes[c][i] = p[c];
+            }
         }
-        *block = out;
+        let mut out = [[0u8; LANES]; 3];
+        for i in 0..LANES {
+            let q = f([planes[0][i], planes[1][i], planes[2][i]]);
+            for c in 0..3 {
+                out[c][i] = q[c];
+            }
+        }
+        for (i, p) in block.chunks_exact_mut(3).enumerate() {
+            for c in 0..3 {
+                p[c] = out[c][i];
+            }
+        }
     }
     for p in blocks.into_remainder().chunks_exact_mut(3) {
         let q = f([p[0], p[1], p[2]]);
