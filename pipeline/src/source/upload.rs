@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use object_store::buffered::BufWriter;
 use object_store::path::Path as StorePath;
-use object_store::{Attribute, Attributes, GetOptions, ObjectStore};
+use object_store::{Attribute, Attributes, GetOptions, ObjectStore, ObjectStoreExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -62,9 +62,12 @@ impl ShardSource {
     /// only once all of it is stored, and only if its bytes match the manifest. Shards
     /// that an earlier run stored (same size, SHA-256 recorded) are kept, not sent again.
     /// After a failure the uploads under way finish or are aborted, then the first error
-    /// is returned and the manifest is not written.
+    /// is returned and the manifest is not written. A manifest of another pack found
+    /// there is deleted first, so that it never names the new shards' bytes.
     pub async fn upload_split(&self, dir: &Path, progress: Progress) -> Result<UploadReport> {
         let manifest = Manifest::read(&dir.join(MANIFEST_FILE))?;
+        self.take_down_other_manifest(&dir.join(MANIFEST_FILE))
+            .await?;
         type JoinResult = std::result::Result<Result<Outcome>, tokio::task::JoinError>;
         let mut report = UploadReport::default();
         let mut first_error = None;
@@ -105,6 +108,30 @@ impl ShardSource {
         }
         report.bytes_sent += self.upload_file(dir, MANIFEST_FILE, None, progress).await?;
         Ok(report)
+    }
+
+    /// Deletes the manifest stored here if it is not the same file as `local`: another
+    /// pack's, whose shards this upload is about to replace.
+    async fn take_down_other_manifest(&self, local: &Path) -> Result<()> {
+        let path = self.path(MANIFEST_FILE);
+        let location = self.object_location(MANIFEST_FILE);
+        let failed = |e: object_store::Error| Error::Source {
+            location: location.clone(),
+            message: format!("{e}; check {}", self.settings),
+        };
+        let stored = match self.store.get(&path).await {
+            Ok(found) => found.bytes().await.map_err(failed)?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(failed(e)),
+        };
+        let ours = std::fs::read(local).map_err(|source| Error::Io {
+            path: local.to_path_buf(),
+            source,
+        })?;
+        if stored != ours {
+            self.store.delete(&path).await.map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// Keeps `shard` if it is already stored here, else uploads it.
@@ -367,7 +394,14 @@ mod tests {
             .collect();
         let files: Vec<_> = files.iter().map(|(n, l, e)| (n.as_str(), *l, *e)).collect();
         split(tmp.path(), &files);
+        // Another pack's manifest was there: it is taken down before any shard is
+        // replaced, so it is gone after the failure rather than naming the new bytes.
         let store = Arc::new(InMemory::new());
+        let manifest = StorePath::from(format!("imagenet/train/{MANIFEST_FILE}"));
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(store.put(&manifest, b"another pack's manifest".to_vec().into()))
+            .unwrap();
         let err = upload(&store, tmp.path()).0.unwrap_err();
         assert!(err.to_string().contains("s3.tar"), "{err}");
         assert_eq!(
