@@ -2,7 +2,7 @@
 # Every GPU check and benchmark of mimco, in one go, on a machine with an NVIDIA GPU. It
 # builds nothing: give it the folder holding `mimco` built with `--features cuda`,
 # `shardtool` and the pipeline's `throughput` example (by default target/release and its
-# examples/). Prints one table last.
+# examples/). Each step prints its start time (t=SECONDS since the start); one table last.
 #
 #   cargo build --release --features cuda
 #   cargo build --release -p shardtool -p pipeline --example throughput
@@ -50,7 +50,7 @@ bench() { # label, then mimco bench train arguments
     local label=$1
     shift
     wanted "$label" || return 0
-    echo "== $label"
+    echo "== $label (t=${SECONDS}s)"
     local err=$results/step.err
     if timeout 150 "$bin/mimco" bench train --device cuda "$@" 2> "$err" | tee -a "$table"; then
         grep phases "$err" || true
@@ -66,7 +66,7 @@ torch_step() { # label, limit in seconds, then torch_mimco_step.py arguments
     local label=$1 limit=$2
     shift 2
     wanted "$label" || return 0
-    echo "== $label"
+    echo "== $label (t=${SECONDS}s)"
     if ! python3 -c 'import torch, timm' 2> /dev/null; then
         echo "no torch/timm here: skipped"
         return 0
@@ -85,14 +85,14 @@ echo "| config | device | precision | kernels | data | batch | images/s | step m
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|" >> "$table"
 
 if wanted kernels; then
-    echo "== kernels"
+    echo "== kernels (t=${SECONDS}s)"
     timeout 180 "$bin/mimco" bench kernels 2>&1 | tee "$results/kernels.md" || fail kernels
 fi
 bench s16-bf16-fused --config "$s16" --batch 256 --precision bf16
 if wanted ncu-s16; then
     # GPU time per kernel of one ViT-S/16 step (the bench's last, between its profiler
     # marks), kernels serialised, clocks left alone; needs Nsight Compute.
-    echo "== ncu-s16"
+    echo "== ncu-s16 (t=${SECONDS}s)"
     if command -v ncu > /dev/null; then
         timeout 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
             --print-units base --cache-control none --clock-control none \
@@ -118,7 +118,7 @@ done
 
 if wanted s16-bf16-fused-shards || wanted train-s16 || wanted loader-1 || wanted loader-8 ||
     wanted "loader-$(nproc)"; then
-    echo "== generating shards"
+    echo "== generating shards (t=${SECONDS}s)"
     work=$(mktemp -d "${TMPDIR:-/tmp}/gpubench.XXXXXX")
     if timeout 120 "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 1500 --val-per-class 0 \
         --no-bad-files --no-quirks --min-side 350 --max-side 450 --min-quality 98 --max-quality 100 > /dev/null &&
@@ -128,7 +128,7 @@ if wanted s16-bf16-fused-shards || wanted train-s16 || wanted loader-1 || wanted
             # The real training command on those shards: 6 optimiser steps of 2,048 images
             # (8 micro-batches each), a checkpoint every 3, then --resume to step 12 (across
             # the first epoch's end).
-            echo "== train-s16"
+            echo "== train-s16 (t=${SECONDS}s)"
             cfg=$work/s16_train.toml
             sed -e 's/^max_steps = 0$/max_steps = 6/' -e 's/^checkpoint_every = 1000$/checkpoint_every = 3/' \
                 -e 's/^log_every = 10$/log_every = 1/' "$s16" > "$cfg"
@@ -162,7 +162,7 @@ fi
 torch_step torch-s16-compile 240 $torch_s16 --compile
 
 echo
-echo "== results ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
+echo "== results at t=${SECONDS}s ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 cat "$table"
 [ -f "$results/torch.md" ] && cat "$results/torch.md"
 [ -f "$results/loader.md" ] && cat "$results/loader.md"
