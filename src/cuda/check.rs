@@ -40,6 +40,23 @@ struct Checker {
 }
 
 impl Checker {
+    /// Runs the check `what`; an error (a kernel that refused its inputs, a failed
+    /// launch) becomes a failing row that names it and the error, and the other checks
+    /// still run.
+    fn check(&mut self, what: &str, f: impl FnOnce(&mut Checker) -> Result<()>) {
+        if let Err(e) = f(self) {
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            self.rows.push(CheckRow {
+                what: format!("{what}: error: {first}"),
+                shape: String::new(),
+                dtype: "-",
+                error: f64::NAN,
+                tolerance: 0.0,
+            });
+        }
+    }
+
     fn random(&mut self, shape: &[usize], scale: f32, shift: f32) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
@@ -96,7 +113,8 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
     };
     for shape in [[3, 64], [788, 384], [50, 768], [7, 1000]] {
         for dtype in [DType::F32, DType::BF16] {
-            layer_norm(&mut c, &shape, dtype)?;
+            let what = format!("layer_norm {shape:?} {dtype:?}");
+            c.check(&what, |c| layer_norm(c, &shape, dtype));
         }
     }
     for shape in [
@@ -109,42 +127,45 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
         [1, 2, 7, 6],
     ] {
         for dtype in [DType::F32, DType::BF16] {
-            attention(&mut c, &shape, dtype)?;
+            let what = format!("attention {shape:?} {dtype:?}");
+            c.check(&what, |c| attention(c, &shape, dtype));
         }
     }
     for (shape, outputs) in [([788, 384], 1152), ([50, 768], 384), ([3, 1000], 7)] {
+        let mut cases = vec![(Act::Identity, (DType::BF16, DType::F32))];
         for act in [Act::Identity, Act::Gelu, Act::Relu] {
-            linear(&mut c, &shape, outputs, act, (DType::F32, DType::F32))?;
-            linear(&mut c, &shape, outputs, act, (DType::BF16, DType::BF16))?;
+            cases.push((act, (DType::F32, DType::F32)));
+            cases.push((act, (DType::BF16, DType::BF16)));
         }
-        linear(
-            &mut c,
-            &shape,
-            outputs,
-            Act::Identity,
-            (DType::BF16, DType::F32),
-        )?;
+        for (act, dtypes) in cases {
+            let what = format!("linear {shape:?} -> {outputs} {act:?} {dtypes:?}");
+            c.check(&what, |c| linear(c, &shape, outputs, act, dtypes));
+        }
     }
     for (shape, p) in [([4, 3, 224, 224], 16), ([2, 3, 40, 24], 8)] {
         for dtype in [DType::F32, DType::BF16] {
-            images(&mut c, &shape, p, dtype)?;
+            let what = format!("images {shape:?} {dtype:?}");
+            c.check(&what, |c| images(c, &shape, p, dtype));
         }
     }
     for sizes in [(3000, 256, 4096), (7, 16, 33)] {
         for product in [DType::F32, DType::BF16] {
-            info_nce(&mut c, sizes, product)?;
+            let what = format!("info_nce {sizes:?} {product:?}");
+            c.check(&what, |c| info_nce(c, sizes, product));
         }
     }
     for shape in [[6000, 384], [5, 3]] {
-        gather_rows(&mut c, &shape)?;
+        c.check(&format!("gather_rows {shape:?}"), |c| {
+            gather_rows(c, &shape)
+        });
     }
     for shape in [(8, 196, 384), (3, 5, 300)] {
-        tokens(&mut c, shape)?;
+        c.check(&format!("tokens {shape:?}"), |c| tokens(c, shape));
     }
-    adamw(&mut c, &[[384, 1536], [7, 3]])?;
-    sum_squares(&mut c)?;
+    c.check("adamw", |c| adamw(c, &[[384, 1536], [7, 3]]));
+    c.check("sum_squares", sum_squares);
     for dtype in [DType::F32, DType::BF16] {
-        vit_blocks(&mut c, dtype)?;
+        c.check(&format!("vit blocks {dtype:?}"), |c| vit_blocks(c, dtype));
     }
     Ok(c.rows)
 }

@@ -18,14 +18,21 @@ use super::bias::{BiasActBwd, ColumnSum};
 use super::*;
 use crate::functional::Act;
 
-/// `act(x W^T + b)` for `x` `(rows, in)` f32 or bf16 (made contiguous), f32 `weight`
-/// `(out, in)` and `bias` `(out)`; the product runs in the dtype of `x` (f32 accumulation)
+/// `act(x W^T + b)` for `x` `(rows, in)` f32 or bf16 (made contiguous), `weight` `(out,
+/// in)` in f32 (a master weight, cast here) or already in the dtype of `x`, and f32 `bias`
+/// `(out)`; the product runs in the dtype of `x` (f32 accumulation)
 /// and is written in `out` (the dtype of `x`, or f32 without an activation). Gradients:
 /// `dx` in the dtype of `x`, `dweight` and `dbias` in f32.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) -> Result<Tensor> {
     let act = act_code(act);
-    if x.rank() != 2 || weight.dtype() != DType::F32 || bias.dtype() != DType::F32 {
-        bail!("linear: a 2D input and f32 weight and bias");
+    let weight_ok = weight.dtype() == DType::F32 || weight.dtype() == x.dtype();
+    if x.rank() != 2 || !weight_ok || bias.dtype() != DType::F32 {
+        bail!(
+            "linear: a 2D input, a weight in f32 or the input's dtype and an f32 bias, not {:?} {:?} {:?}",
+            x.dtype(),
+            weight.dtype(),
+            bias.dtype()
+        );
     }
     if out != x.dtype() && (out != DType::F32 || act != 0) {
         bail!(
