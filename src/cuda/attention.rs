@@ -348,7 +348,7 @@ impl CustomOp1 for AttentionQkv {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, cols) = l.shape().dims2()?;
         let h = Heads::new(rows, cols, self.tokens, 3, self.heads)?;
-        if flash::applies(s.device(), s.dtype(), &h) {
+        if flash::applies(&h, &[(s, l)]) {
             let out = flash::forward(s, l, h, self.scale)?;
             return Ok((out, Shape::from((rows, cols / 3))));
         }
@@ -433,7 +433,7 @@ impl CustomOp3 for AttentionQkvBwd {
                 );
             }
         }
-        if flash::applies(s.device(), s.dtype(), &h) {
+        if flash::applies(&h, &[(s, l), (os, ol), (gs, gl)]) {
             let dqkv = flash::backward((s, l), (os, ol), (gs, gl), h, self.scale)?;
             return Ok((dqkv, Shape::from((rows, cols))));
         }

@@ -10,8 +10,13 @@
 //   B (16 x 8, as k x n):    b[r] holds B[2t + 8 r + {0, 1}][g]
 //   C (16 x 8, f32):         c[r] is   C[g + 8 (r / 2)][2t + r % 2]
 // Each warp owns 16 rows (queries in the forward and for dq, keys for dk and dv) and walks
-// the other side in tiles of 64, so a block of 4 warps covers 64 rows; the softmax runs
-// online (a running maximum and sum per row), so the scores are never stored.
+// the other side in tiles of 64 rows, so a block of 4 warps covers 64 rows; the softmax
+// runs online (a running maximum and sum per row), so the scores are never stored. The
+// block's 128 threads copy each tile into shared memory in 16-byte units (rows padded to
+// E + 8 elements, so that the fragments' reads hit 32 different banks), and its 4 warps
+// read their fragments from there: each tile leaves global memory once per block instead
+// of once per warp in 4-byte pieces. Every address of qkv, out and dout is 16-byte
+// aligned (the host checks).
 
 #ifndef MIMCO_MMA_ON_CPU
 // c += a b for one m16n8k16 tile.
@@ -68,33 +73,48 @@ __device__ __forceinline__ void load_a(const bf16 *m, long ld, int row0, int row
         }
 }
 
-// s = A X^T for the 16 rows of `a` and the 64 rows from `col0` of X (row-major, rows `ld`
-// apart, E columns; zero past `cols`): 8 C tiles of 8 columns.
+// Row stride of a tile in shared memory, in elements.
+template <int E> __device__ constexpr int tile_ld() { return E + 8; }
+// Elements of one tile (64 rows), as a count of 16-byte units for a __shared__ uint4 array.
+#define TILE_UNITS(E) (64 * (E + 8) / 8)
+
+// Rows row0 .. row0 + 63 of a row-major matrix (rows `ld` apart, E columns, 16-byte
+// aligned), zero past `rows`, into `tile`, by the whole block; the caller synchronises.
 template <int E>
-__device__ __forceinline__ void times_rows(const unsigned (&a)[E / 16][4], const bf16 *x, long ld,
-                                           int col0, int cols, float (&s)[8][4]) {
+__device__ __forceinline__ void load_tile(const bf16 *m, long ld, int row0, int rows,
+                                          uint4 *tile) {
+    constexpr int units = E / 8;  // per row
+    for (int c = threadIdx.x; c < 64 * units; c += blockDim.x) {
+        const int r = c / units, k = c % units;
+        tile[r * (tile_ld<E>() / 8) + k] =
+            row0 + r < rows ? *(const uint4 *)(m + (row0 + r) * ld + k * 8) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// s = A X^T for the 16 rows of `a` and the 64 rows of the tile X: 8 C tiles of 8 columns.
+template <int E>
+__device__ __forceinline__ void times_rows(const unsigned (&a)[E / 16][4], const bf16 *x,
+                                           float (&s)[8][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int nt = 0; nt < 8; nt++) {
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-        const int col = col0 + nt * 8 + g;
+        const bf16 *row = x + (nt * 8 + g) * tile_ld<E>() + 2 * t;
 #pragma unroll
         for (int kk = 0; kk < E / 16; kk++) {
-            const unsigned b[2] = {
-                col < cols ? load_pair(x + col * ld + kk * 16 + 2 * t) : 0u,
-                col < cols ? load_pair(x + col * ld + kk * 16 + 2 * t + 8) : 0u,
-            };
+            const unsigned b[2] = {load_pair(row + kk * 16), load_pair(row + kk * 16 + 8)};
             mma_16816(s[nt], a[kk], b);
         }
     }
 }
 
-// acc += P Y for P the 16 x 64 tile `p` (C fragments, made bf16) and Y the 64 rows from
-// `row0` of a row-major matrix (rows `ld` apart, E columns; zero past `rows`).
+// acc += P Y for P the 16 x 64 tile `p` (C fragments, made bf16) and Y the 64 rows of a
+// tile.
 template <int E>
-__device__ __forceinline__ void add_times(const float (&p)[8][4], const bf16 *y, long ld, int row0,
-                                          int rows, float (&acc)[E / 8][4]) {
+__device__ __forceinline__ void add_times(const float (&p)[8][4], const bf16 *y,
+                                          float (&acc)[E / 8][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    constexpr int ld = tile_ld<E>();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
         const unsigned a[4] = {
@@ -103,18 +123,11 @@ __device__ __forceinline__ void add_times(const float (&p)[8][4], const bf16 *y,
             pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
             pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]),
         };
-        const int r0 = row0 + kk * 16 + 2 * t;
+        const bf16 *rows = y + (kk * 16 + 2 * t) * ld + g;
 #pragma unroll
         for (int en = 0; en < E / 8; en++) {
-            const bf16 *col = y + en * 8 + g;
-            unsigned b[2];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int r = r0 + 8 * h;
-                b[h] = r + 1 < rows ? load_apart(col + r * ld, ld)
-                       : r < rows   ? (unsigned)col[r * ld]
-                                    : 0u;
-            }
+            const unsigned b[2] = {load_apart(rows + en * 8, ld),
+                                   load_apart(rows + 8 * ld + en * 8, ld)};
             mma_16816(acc[en], a, b);
         }
     }
@@ -188,25 +201,30 @@ struct Head {
 };
 
 // Forward: out = softmax(scale q k^T) v for 16 queries per warp. Grid (ceil(N / 64), B H),
-// 128 threads.
+// 128 threads. Warps whose rows lie past N compute on zeros and write nothing (they take
+// part in the block's tile copies).
 template <int E>
 __device__ void flash_fwd(const bf16 *qkv, bf16 *out, int N, int H, float scale) {
+    __shared__ uint4 kt[TILE_UNITS(E)], vt[TILE_UNITS(E)];
     const Head hd = Head::of<E>(N, H);
     const int q0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
-    if (q0 >= N) return;
     unsigned qa[E / 16][4];
     load_a<E>(hd.part(qkv, N, 0, E), hd.ld, q0, N, qa);
     float o[E / 8][4] = {};
     float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
     for (int k0 = 0; k0 < N; k0 += 64) {
+        load_tile<E>(hd.part(qkv, N, 1, E), hd.ld, k0, N, kt);
+        load_tile<E>(hd.part(qkv, N, 2, E), hd.ld, k0, N, vt);
+        __syncthreads();
         float s[8][4];
-        times_rows<E>(qa, hd.part(qkv, N, 1, E), hd.ld, k0, N, s);
+        times_rows<E>(qa, (const bf16 *)kt, s);
         online_softmax(s, k0, N, scale, m, l, keep);
 #pragma unroll
         for (int en = 0; en < E / 8; en++)
 #pragma unroll
             for (int r = 0; r < 4; r++) o[en][r] *= keep[HALF(r)];
-        add_times<E>(s, hd.part(qkv, N, 2, E), hd.ld, k0, N, o);
+        add_times<E>(s, (const bf16 *)vt, o);
+        __syncthreads();
     }
     const float f[2] = {1.f / l[0], 1.f / l[1]};
     store_rows<E>(o, f, hd.rows(out, N, E), hd.ld_out, q0, N);
@@ -218,9 +236,9 @@ __device__ void flash_fwd(const bf16 *qkv, bf16 *out, int N, int H, float scale)
 template <int E>
 __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout, bf16 *dqkv,
                              float *stats, int N, int H, float scale) {
+    __shared__ uint4 kt[TILE_UNITS(E)], vt[TILE_UNITS(E)];
     const Head hd = Head::of<E>(N, H);
     const int q0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
-    if (q0 >= N) return;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bf16 *k = hd.part(qkv, N, 1, E), *v = hd.part(qkv, N, 2, E);
     unsigned qa[E / 16][4], da[E / 16][4];
@@ -229,9 +247,12 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
     load_a<E>(d_o, hd.ld_out, q0, N, da);
     float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
     for (int k0 = 0; k0 < N; k0 += 64) {
+        load_tile<E>(k, hd.ld, k0, N, kt);
+        __syncthreads();
         float s[8][4];
-        times_rows<E>(qa, k, hd.ld, k0, N, s);
+        times_rows<E>(qa, (const bf16 *)kt, s);
         online_softmax(s, k0, N, scale, m, l, keep);
+        __syncthreads();
     }
     float lse[2], dot[2];
 #pragma unroll
@@ -251,9 +272,12 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
     }
     float dq[E / 8][4] = {};
     for (int k0 = 0; k0 < N; k0 += 64) {
+        load_tile<E>(k, hd.ld, k0, N, kt);
+        load_tile<E>(v, hd.ld, k0, N, vt);
+        __syncthreads();
         float p[8][4], dp[8][4];
-        times_rows<E>(qa, k, hd.ld, k0, N, p);
-        times_rows<E>(da, v, hd.ld, k0, N, dp);
+        times_rows<E>(qa, (const bf16 *)kt, p);
+        times_rows<E>(da, (const bf16 *)vt, dp);
 #pragma unroll
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
@@ -261,7 +285,8 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
                 const float pr = k0 + COL(nt, r) < N ? __expf(p[nt][r] * scale - lse[HALF(r)]) : 0.f;
                 p[nt][r] = pr * (dp[nt][r] - dot[HALF(r)]);  // ds
             }
-        add_times<E>(p, k, hd.ld, k0, N, dq);
+        add_times<E>(p, (const bf16 *)kt, dq);
+        __syncthreads();
     }
     const float f[2] = {scale, scale};
     store_rows<E>(dq, f, (bf16 *)hd.part(dqkv, N, 0, E), hd.ld, q0, N);
@@ -272,9 +297,10 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
 template <int E>
 __device__ void flash_bwd_dkv(const bf16 *qkv, const bf16 *dout, const float *stats, bf16 *dqkv,
                               int N, int H, float scale) {
+    __shared__ uint4 qt[TILE_UNITS(E)], dt[TILE_UNITS(E)];
+    __shared__ float lse_t[64], dot_t[64];
     const Head hd = Head::of<E>(N, H);
     const int k0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
-    if (k0 >= N) return;
     const bf16 *q = hd.part(qkv, N, 0, E), *d_o = hd.rows(dout, N, E);
     const float *lse = stats + (long)blockIdx.y * N;
     const float *dot = stats + ((long)gridDim.y + blockIdx.y) * N;
@@ -283,19 +309,28 @@ __device__ void flash_bwd_dkv(const bf16 *qkv, const bf16 *dout, const float *st
     load_a<E>(hd.part(qkv, N, 2, E), hd.ld, k0, N, va);
     float dk[E / 8][4] = {}, dv[E / 8][4] = {};
     for (int q0 = 0; q0 < N; q0 += 64) {
+        load_tile<E>(q, hd.ld, q0, N, qt);
+        load_tile<E>(d_o, hd.ld_out, q0, N, dt);
+        if (threadIdx.x < 64) {
+            const int row = q0 + threadIdx.x;
+            lse_t[threadIdx.x] = row < N ? lse[row] : 0.f;
+            dot_t[threadIdx.x] = row < N ? dot[row] : 0.f;
+        }
+        __syncthreads();
         float p[8][4], ds[8][4];
-        times_rows<E>(ka, q, hd.ld, q0, N, p);        // s^T
-        times_rows<E>(va, d_o, hd.ld_out, q0, N, ds);  // dp^T = v dout^T
+        times_rows<E>(ka, (const bf16 *)qt, p);  // s^T
+        times_rows<E>(va, (const bf16 *)dt, ds);  // dp^T = v dout^T
 #pragma unroll
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int r = 0; r < 4; r++) {
-                const int col = q0 + COL(nt, r);
-                p[nt][r] = col < N ? __expf(p[nt][r] * scale - lse[col]) : 0.f;
-                ds[nt][r] = col < N ? p[nt][r] * (ds[nt][r] - dot[col]) : 0.f;
+                const int col = COL(nt, r);
+                p[nt][r] = q0 + col < N ? __expf(p[nt][r] * scale - lse_t[col]) : 0.f;
+                ds[nt][r] = q0 + col < N ? p[nt][r] * (ds[nt][r] - dot_t[col]) : 0.f;
             }
-        add_times<E>(p, d_o, hd.ld_out, q0, N, dv);
-        add_times<E>(ds, q, hd.ld, q0, N, dk);
+        add_times<E>(p, (const bf16 *)dt, dv);
+        add_times<E>(ds, (const bf16 *)qt, dk);
+        __syncthreads();
     }
     const float fk[2] = {scale, scale}, fv[2] = {1.f, 1.f};
     store_rows<E>(dk, fk, (bf16 *)hd.part(dqkv, N, 1, E), hd.ld, k0, N);

@@ -12,33 +12,44 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, bail};
+use candle_core::{CudaStorage, DType, Layout, Result, bail};
 
 use super::attention::{Heads, address, alloc};
 use super::func;
 
-/// Whether attention with heads `h` of `dtype` on `dev` takes the tensor-core kernels.
-pub(super) fn applies(dev: &CudaDevice, dtype: DType, h: &Heads) -> bool {
-    let ampere = dev
+/// Whether attention with heads `h` on `tensors` (`qkv` first, then the output and its
+/// gradient in the backward) takes the tensor-core kernels: bf16 heads of 32 or 64 on
+/// sm_80 or newer, every tensor contiguous from a 16-byte aligned address (the kernels
+/// copy 16 bytes at a time). Others go through cuBLAS.
+pub(super) fn applies(h: &Heads, tensors: &[(&CudaStorage, &Layout)]) -> bool {
+    let Some((first, _)) = tensors.first() else {
+        return false;
+    };
+    let ampere = first
+        .device()
         .cuda_stream()
         .context()
         .compute_capability()
         .is_ok_and(|(major, _)| major >= 8);
-    dtype == DType::BF16
-        && matches!(h.dim, 32 | 64)
+    let aligned = tensors.iter().all(|(s, l)| {
+        s.dtype() == DType::BF16
+            && l.is_contiguous()
+            && address(s, l.start_offset()).is_ok_and(|at| at % 16 == 0)
+    });
+    matches!(h.dim, 32 | 64)
+        && aligned
         && ampere
         && crate::functional::enabled(crate::functional::FastPath::Flash)
 }
 
-/// The address of the contiguous `s` at its layout's start, checked 4-byte aligned (the
-/// kernels read pairs of bf16 as words).
+/// The address of the contiguous `s` at its layout's start, checked 16-byte aligned.
 fn start(s: &CudaStorage, l: &Layout, what: &str) -> Result<CUdeviceptr> {
     if !l.is_contiguous() {
         bail!("attention: {what} must be contiguous");
     }
     let at = address(s, l.start_offset())?;
-    if at % 4 != 0 {
-        bail!("attention: {what} is not 4-byte aligned");
+    if at % 16 != 0 {
+        bail!("attention: {what} is not 16-byte aligned");
     }
     Ok(at)
 }

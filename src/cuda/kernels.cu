@@ -611,14 +611,23 @@ extern "C" __global__ void patchify_f32_bf16(const float *x, bf16 *y, int B, int
 
 // out[0] += the sum of g^2 over every gradient in `table` (an address and a length per
 // gradient, 8 bytes each; row blockIdx.y of the grid reads gradient blockIdx.y): f32 within
-// each warp, f64 across warps (the gradient norm for clipping, in one launch).
+// each warp, f64 across the block's warps, then one atomic per block that found work (the
+// gradient norm for clipping, in one launch). At most 1024 threads per block.
 extern "C" __global__ void sum_squares_f32(const long *table, double *out) {
     const float *g = (const float *)table[2 * blockIdx.y];
     const long n = table[2 * blockIdx.y + 1];
+    const long first = blockIdx.x * (long)blockDim.x;
+    if (first >= n) return;  // the whole block: the rows of small gradients
     float s = 0.f;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
-         i += (long)gridDim.x * blockDim.x)
-        s += g[i] * g[i];
+    for (long i = first + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) s += g[i] * g[i];
     s = warp_sum(s);
-    if ((threadIdx.x & 31) == 0) atomicAdd(out, (double)s);
+    __shared__ double warps[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) warps[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0;
+        for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++) total += warps[w];
+        atomicAdd(out, total);
+    }
 }

@@ -1,7 +1,8 @@
 // Just enough of CUDA to run src/cuda/kernels.cu on the CPU, for tests on machines without a
-// GPU (tests/kernels_on_cpu.sh). Every thread of a warp is an OS thread, so that warp
-// shuffles exchange values between lanes in step as on the GPU; warps and blocks run one
-// after another (the kernels use no shared memory and no block barrier). Floating point is
+// GPU (tests/kernels_on_cpu.sh). Every thread of a block is an OS thread, so that warp
+// shuffles exchange values between lanes in step as on the GPU and __syncthreads holds the
+// whole block; blocks run one after another, so `__shared__` (a static here) is the running
+// block's alone. Floating point is
 // the CPU's: erff, expf and the like differ from CUDA's in the last bits, so outputs are
 // compared with tolerances, but indices, layouts and control flow are the kernels' own.
 #pragma once
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -25,6 +27,7 @@ inline dim3 blockDim, gridDim;
 #define __device__
 #define __global__
 #define __forceinline__ inline
+#define __shared__ static
 
 struct alignas(16) float4 {
     float x, y, z, w;
@@ -78,6 +81,10 @@ struct Warp {
 };
 inline thread_local Warp *warp_now;
 inline thread_local int lane_now;
+// The running block's barrier, for __syncthreads.
+inline thread_local std::barrier<> *block_now;
+
+inline void __syncthreads() { block_now->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
     warp_now->slots[lane_now] = v;
@@ -116,32 +123,38 @@ inline void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)
     w.step->arrive_and_wait();
 }
 
-// Runs `kernel` over `grid` x `block`: blocks and warps in turn, the lanes of a warp
-// together. A lane that returns leaves the warp's barrier, so the others never wait on it.
+// Runs `kernel` over `grid` x `block`: blocks in turn, the threads of a block together. A
+// thread that returns leaves its warp's and its block's barriers, so the others never wait
+// on it.
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
     gridDim = grid;
     blockDim = block;
     const unsigned threads = block.x * block.y * block.z;
+    const unsigned warps = (threads + 31) / 32;
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
-            for (unsigned bx = 0; bx < grid.x; bx++)
-                for (unsigned first = 0; first < threads; first += 32) {
-                    const unsigned lanes = threads - first < 32 ? threads - first : 32;
-                    std::barrier<> step(lanes);
-                    Warp w{&step, {}, {}, {}};
-                    std::vector<std::thread> running;
-                    for (unsigned l = 0; l < lanes; l++)
-                        running.emplace_back([&, l] {
-                            const unsigned t = first + l;
-                            threadIdx = {t % block.x, (t / block.x) % block.y,
-                                         t / (block.x * block.y)};
-                            blockIdx = {bx, by, bz};
-                            warp_now = &w;
-                            lane_now = (int)l;
-                            kernel(static_cast<P>(args)...);
-                            step.arrive_and_drop();
-                        });
-                    for (auto &r : running) r.join();
+            for (unsigned bx = 0; bx < grid.x; bx++) {
+                std::barrier<> whole(threads);
+                std::vector<std::unique_ptr<std::barrier<>>> steps;
+                std::vector<Warp> w(warps);
+                for (unsigned i = 0; i < warps; i++) {
+                    const unsigned lanes = threads - 32 * i < 32 ? threads - 32 * i : 32;
+                    steps.push_back(std::make_unique<std::barrier<>>(lanes));
+                    w[i].step = steps.back().get();
                 }
+                std::vector<std::thread> running;
+                for (unsigned t = 0; t < threads; t++)
+                    running.emplace_back([&, t] {
+                        threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                        blockIdx = {bx, by, bz};
+                        warp_now = &w[t / 32];
+                        lane_now = (int)(t % 32);
+                        block_now = &whole;
+                        kernel(static_cast<P>(args)...);
+                        warp_now->step->arrive_and_drop();
+                        whole.arrive_and_drop();
+                    });
+                for (auto &r : running) r.join();
+            }
 }
