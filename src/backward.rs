@@ -12,8 +12,10 @@ use candle_core::{DType, Result, Tensor, Var};
 
 use crate::functional::{self, Act};
 
-/// `(dx, dweight, dbias)` of [`functional::layer_norm_to`] at `x`, `weight`, `bias` for the
-/// gradient `dy` of its output (written in `out`): f32, as the inputs.
+/// `(dx + skip, dweight, dbias)` of [`functional::layer_norm_to`] at `x`, `weight`, `bias`
+/// for the gradient `dy` of its output (written in `out`), where `skip` is the gradient
+/// that reaches `x` past the norm (a residual connection): f32, as the inputs. On CUDA
+/// the addition is part of the norm's backward pass.
 pub fn layer_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -21,15 +23,16 @@ pub fn layer_norm(
     eps: f64,
     out: DType,
     dy: &Tensor,
+    skip: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if functional::fused_layer_norm(x, weight) {
-        return crate::cuda::layer_norm_bwd(x, weight, eps, dy);
+    if functional::fused_layer_norm(x, weight) && skip.dtype() == DType::F32 {
+        return crate::cuda::layer_norm_bwd(x, weight, eps, dy, Some(skip));
     }
     let [dx, dw, db] = autograd([x, weight, bias], dy, |[x, w, b]| {
         functional::layer_norm_to(x, w, b, eps, out)
     })?;
-    Ok((dx, dw, db))
+    Ok(((dx + skip)?, dw, db))
 }
 
 /// `(dx, dweight, dbias)` of [`functional::linear`] at `x`, `weight`, `bias` for the

@@ -112,6 +112,25 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) 
     act.apply(&y)?.to_dtype(out)
 }
 
+/// `residual + x W^T + b` in f32 (a residual join after a linear layer; [`linear`]'s
+/// arguments). One pass after the product on CUDA where nothing records a gradient (the
+/// frozen teacher, the blocks node's own forward); composed otherwise.
+pub fn linear_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_linear(x)
+        && residual.dtype() == DType::F32
+        && ![x, weight, bias, residual].iter().any(|t| t.track_op())
+    {
+        return crate::cuda::linear_residual(x, weight, bias, residual);
+    }
+    residual + linear(x, weight, bias, Act::Identity, DType::F32)?
+}
+
 /// Whether [`linear`] takes the fused op.
 #[cfg(feature = "cuda")]
 pub(crate) fn fused_linear(x: &Tensor) -> bool {

@@ -25,6 +25,7 @@ def expected():
     for u in (1, 2, 4, 8, 16):
         names += [f"split_heads_u{u}", f"merge_heads_u{u}"]
     names += ["scatter_add_rows_f32", "bias_add_f32_f32", "bias_add_bf16_bf16", "bias_add_bf16_f32",
+              "bias_add_res_f32_f32", "bias_add_res_bf16_f32",
               "info_nce_fwd_f32", "info_nce_bwd_f32", "normalize_u8_f32",
               "patchify_f32_f32", "patchify_f32_bf16", "sum_squares_f32",
               "tokens_fwd_f32", "tokens_bwd_f32", "tokens_token_grad_f32"]

@@ -108,12 +108,13 @@ __device__ void layer_norm_fwd(const float *x, const float *w, const float *b, T
 }
 
 // LayerNorm backward. `out` holds dx (rows*d), then dw (d), then db (d); dw and db must be
-// zero on entry (each warp adds its rows' sums once per column).
+// zero on entry (each warp adds its rows' sums once per column). `skip` (rows*d, or null)
+// is added to dx: the gradient that reaches x past the norm, by a residual connection.
 //   xhat = (x - mean) * rstd, g = dy * w,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), dw = sum dy * xhat, db = sum dy.
 template <typename TG, int E>
-__device__ void layer_norm_bwd(const float *x, const float *w, const TG *dy, float *out,
-                               int rows, int d, float eps) {
+__device__ void layer_norm_bwd(const float *x, const float *w, const TG *dy, const float *skip,
+                               float *out, int rows, int d, float eps) {
     const int warps = gridDim.x * (blockDim.x >> 5);
     const int lane = threadIdx.x & 31;
     float *dw = out + (long)rows * d;
@@ -145,7 +146,9 @@ __device__ void layer_norm_bwd(const float *x, const float *w, const TG *dy, flo
 #pragma unroll
         for (int i = 0; i < E; i++) {
             const int c = lane + 32 * i;
-            if (c < d) out[(long)row * d + c] = rstd * (g[i] - sg - v[i] * sgx);
+            if (c < d)
+                out[(long)row * d + c] =
+                    rstd * (g[i] - sg - v[i] * sgx) + (skip ? skip[(long)row * d + c] : 0.f);
         }
     }
 #pragma unroll
@@ -348,9 +351,9 @@ ELEMENTWISE(bf16, bf16)
         layer_norm_fwd<TO, E>(x, w, b, y, rows, d, eps);                                      \
     }                                                                                         \
     extern "C" __global__ void layer_norm_bwd_f32_##NO##_##E(                                \
-        const float *x, const float *w, const TO *dy, float *out, int rows, int d,           \
-        float eps) {                                                                          \
-        layer_norm_bwd<TO, E>(x, w, dy, out, rows, d, eps);                                   \
+        const float *x, const float *w, const TO *dy, const float *skip, float *out, int rows, \
+        int d, float eps) {                                                                   \
+        layer_norm_bwd<TO, E>(x, w, dy, skip, out, rows, d, eps);                             \
     }
 
 #define SOFTMAX(T, N, E)                                                                      \
@@ -525,6 +528,35 @@ __device__ void bias_add(const TI *x, const float *bias, TO *y, long n, int cols
 BIAS_ADD(float, f32, float, f32)
 BIAS_ADD(bf16, bf16, bf16, bf16)
 BIAS_ADD(bf16, bf16, float, f32)
+
+// y = x + bias + res in f32: a linear layer's bias and the residual join after it (the
+// block's `x + proj(...)` and `x1 + fc2(...)`) in one pass, where no gradient is recorded.
+template <typename TI>
+__device__ void bias_add_res(const TI *x, const float *bias, const float *res, float *y, long n,
+                             int cols) {
+    if (by_eight(cols, x, res, y)) {
+        FOR_EACH_RUN(n, cols, 8, i, c) {
+            float v[8], r[8];
+            load8(x + i, v);
+            load8(res + i, r);
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] += bias[c + k] + r[k];
+            store8(y + i, v);
+        }
+        return;
+    }
+    FOR_EACH_RUN(n, cols, 1, i, c) { y[i] = to_f32(x[i]) + bias[c] + res[i]; }
+}
+
+#define BIAS_ADD_RES(TI, NI)                                                                  \
+    extern "C" __global__ void bias_add_res_##NI##_f32(const TI *x, const float *bias,       \
+                                                       const float *res, float *y, long n,    \
+                                                       int cols) {                            \
+        bias_add_res<TI>(x, bias, res, y, n, cols);                                           \
+    }
+
+BIAS_ADD_RES(float, f32)
+BIAS_ADD_RES(bf16, bf16)
 
 // InfoNCE against a queue, one warp per row r of the logits [pos_r, neg_r] / tau, where
 // pos_r = q_r.k_r and neg = q queue^T (f32): the row's logsumexp.

@@ -40,7 +40,44 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) 
             x.dtype()
         );
     }
-    x.contiguous()?.apply_op3(weight, bias, Linear { out, act })
+    x.contiguous()?.apply_op3(
+        weight,
+        bias,
+        Linear {
+            out,
+            act,
+            residual: None,
+        },
+    )
+}
+
+/// `x W^T + b + residual` in f32 for [`linear()`]'s `x`, `weight` and `bias` and an f32
+/// `residual` `(rows, out)`: the bias, the cast and the residual join in one pass after the
+/// product. No backward: for forwards that record no gradient (the frozen teacher, the
+/// blocks node's own forward); [`crate::functional::linear_residual`] decides.
+pub fn linear_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let (rows, outputs) = (x.dim(0)?, weight.dim(0)?);
+    if residual.dtype() != DType::F32 || residual.dims() != [rows, outputs] {
+        bail!("linear: an f32 residual of ({rows}, {outputs}), not {residual:?}");
+    }
+    let weight_ok = weight.dtype() == DType::F32 || weight.dtype() == x.dtype();
+    if x.rank() != 2 || !weight_ok || bias.dtype() != DType::F32 {
+        bail!("linear: a 2D input, a weight in f32 or the input's dtype and an f32 bias");
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        weight,
+        bias,
+        &Linear {
+            out: DType::F32,
+            act: 0,
+            residual: Some(residual.contiguous()?),
+        },
+    )
 }
 
 /// The kernels' activation code of `act`.
@@ -52,10 +89,12 @@ fn act_code(act: Act) -> i32 {
     }
 }
 
-/// `act`: the kernels' activation code (0: none, 1: GELU, 2: ReLU).
+/// `act`: the kernels' activation code (0: none, 1: GELU, 2: ReLU); `residual`: an f32
+/// matrix of the output's shape added after the bias (then `out` is f32 and `act` 0).
 struct Linear {
     out: DType,
     act: i32,
+    residual: Option<Tensor>,
 }
 
 impl CustomOp3 for Linear {
@@ -97,14 +136,59 @@ impl CustomOp3 for Linear {
         let y = xs.matmul(w, (1, rows, outputs, inputs), xl, &w_at.transpose(0, 1)?)?;
         let dev = xs.device();
         let b = contiguous::<f32>(bs, bl, "bias")?;
+        let in_dt = dtype_name(xs.dtype())?;
+        let n = rows * outputs;
+        let y_at = Layout::contiguous((rows, outputs));
+        if let Some(residual) = &self.residual {
+            // bias_add_res_<in>_f32(x, bias, res, y, n, cols)
+            let f = func(dev, &format!("bias_add_res_{in_dt}_f32"))?;
+            let (rs, rl) = residual.storage_and_layout();
+            let candle_core::Storage::Cuda(rs) = &*rs else {
+                bail!("linear: the residual is not on the GPU");
+            };
+            let res = contiguous::<f32>(rs, rl, "residual")?;
+            fn go_res<I: CudaDType + DeviceRepr>(
+                dev: &CudaDevice,
+                f: &CudaFunction,
+                y: CudaView<I>,
+                (b, res): (&CudaView<f32>, &CudaView<f32>),
+                (n, cols): (usize, usize),
+            ) -> Result<CudaSlice<f32>> {
+                let out = unsafe { dev.alloc::<f32>(n)? };
+                let (n_i, cols_i) = (n as i64, cols as i32);
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(f);
+                l.arg(&y).arg(b).arg(res).arg(&out).arg(&n_i).arg(&cols_i);
+                unsafe { l.launch(elementwise_grid(n)) }.w()?;
+                Ok(out)
+            }
+            let out = match xs.dtype() {
+                DType::F32 => go_res::<f32>(
+                    dev,
+                    &f,
+                    contiguous(&y, &y_at, "y")?,
+                    (&b, &res),
+                    (n, outputs),
+                )?,
+                _ => go_res::<bf16>(
+                    dev,
+                    &f,
+                    contiguous(&y, &y_at, "y")?,
+                    (&b, &res),
+                    (n, outputs),
+                )?,
+            };
+            return Ok((
+                wrap(CudaStorageSlice::F32(out), dev),
+                Shape::from((rows, outputs)),
+            ));
+        }
         // bias_act_fwd_<dt>(x, bias, y, n, cols, act) or bias_add_<in>_<out>(x, bias, y,
         // n, cols): the same arguments but the last.
-        let in_dt = dtype_name(xs.dtype())?;
         let f = match self.act {
             0 => func(dev, &format!("bias_add_{in_dt}_{}", dtype_name(self.out)?))?,
             _ => func(dev, &format!("bias_act_fwd_{in_dt}"))?,
         };
-        let n = rows * outputs;
         fn go<I: CudaDType + DeviceRepr, O: CudaDType + DeviceRepr>(
             dev: &CudaDevice,
             f: &CudaFunction,
@@ -123,7 +207,6 @@ impl CustomOp3 for Linear {
             unsafe { l.launch(elementwise_grid(n)) }.w()?;
             Ok(out)
         }
-        let y_at = Layout::contiguous((rows, outputs));
         let shape = (n, outputs, self.act);
         let slice = match (xs.dtype(), self.out) {
             (DType::F32, _) => CudaStorageSlice::F32(go::<f32, f32>(

@@ -40,7 +40,7 @@ pub use attention::{attention_qkv, attention_qkv_bwd};
 pub use gather::gather_rows;
 pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;
-pub use linear::{linear, linear_bwd};
+pub use linear::{linear, linear_bwd, linear_residual};
 pub use norm::{layer_norm, layer_norm_bwd};
 pub use tokens::tokens;
 

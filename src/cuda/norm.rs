@@ -1,6 +1,7 @@
 //! LayerNorm: forward in one pass, backward in one pass with dweight/dbias summed per warp.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -10,6 +11,7 @@ use candle_core::{
 };
 use half::bf16;
 
+use super::attention::address;
 use super::*;
 
 /// LayerNorm over the last dimension of an f32 `x` with f32 `weight`, `bias`, written in
@@ -97,25 +99,36 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = layer_norm_bwd(x, weight, self.eps as f64, grad)?;
+        let (dx, dw, db) = layer_norm_bwd(x, weight, self.eps as f64, grad, None)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
 /// The gradients `(dx, dweight, dbias)` of [`layer_norm`] at the f32 `x` and `weight` for
-/// the output gradient `dy` (f32 or bf16), all three f32: one launch.
+/// the output gradient `dy` (f32 or bf16), all three f32: one launch. `skip`, an f32
+/// tensor of the shape of `x`, is added to `dx` in the same pass (the gradient that
+/// reaches `x` past the norm by a residual connection).
 pub fn layer_norm_bwd(
     x: &Tensor,
     weight: &Tensor,
     eps: f64,
     dy: &Tensor,
+    skip: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let d = x.dim(candle_core::D::Minus1)?;
     let n = x.elem_count();
+    if let Some(s) = skip
+        && (s.dtype() != DType::F32 || s.shape() != x.shape())
+    {
+        bail!("layer_norm_bwd: an f32 skip gradient of the shape of x {x:?}, not {s:?}");
+    }
     let packed = x.contiguous()?.apply_op3_no_bwd(
         weight,
         &dy.contiguous()?,
-        &LayerNormBwd { eps: eps as f32 },
+        &LayerNormBwd {
+            eps: eps as f32,
+            skip: skip.map(Tensor::contiguous).transpose()?,
+        },
     )?;
     Ok((
         packed.narrow(0, 0, n)?.reshape(x.shape())?,
@@ -124,9 +137,10 @@ pub fn layer_norm_bwd(
     ))
 }
 
-/// `(x, weight, dy)` -> `dx ++ dweight ++ dbias`, flat f32.
+/// `(x, weight, dy)` -> `dx ++ dweight ++ dbias`, flat f32, `skip` added to `dx`.
 struct LayerNormBwd {
     eps: f32,
+    skip: Option<Tensor>,
 }
 
 impl CustomOp3 for LayerNormBwd {
@@ -175,6 +189,7 @@ impl CustomOp3 for LayerNormBwd {
             f: &CudaFunction,
             (x, w): (&CudaView<f32>, &CudaView<f32>),
             (gs, gl): (&CudaStorage, &Layout),
+            skip: CUdeviceptr,
             out: &CudaSlice<f32>,
             (rows, d, eps, cfg): (usize, usize, f32, LaunchConfig),
         ) -> Result<()> {
@@ -182,16 +197,27 @@ impl CustomOp3 for LayerNormBwd {
             let (rows_i, d_i) = (rows as i32, d as i32);
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(f);
-            l.arg(x).arg(w).arg(&g).arg(out);
+            l.arg(x).arg(w).arg(&g).arg(&skip).arg(out);
             l.arg(&rows_i).arg(&d_i).arg(&eps);
             unsafe { l.launch(cfg) }.w()?;
             Ok(())
         }
         let args = (rows, d, self.eps, cfg);
+        // The skip gradient's address, or null; its storage stays borrowed until the
+        // launch is queued.
+        let skip = self.skip.as_ref().map(Tensor::storage_and_layout);
+        let skip_at = match &skip {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cuda(s) if l.is_contiguous() => address(s, l.start_offset())?,
+                _ => bail!("layer_norm_bwd: the skip gradient is not a contiguous GPU tensor"),
+            },
+            None => 0,
+        };
         match gs.dtype() {
-            DType::F32 => backward::<f32>(dev, &f, (&x, &w), (gs, gl), &out, args)?,
-            _ => backward::<bf16>(dev, &f, (&x, &w), (gs, gl), &out, args)?,
+            DType::F32 => backward::<f32>(dev, &f, (&x, &w), (gs, gl), skip_at, &out, args)?,
+            _ => backward::<bf16>(dev, &f, (&x, &w), (gs, gl), skip_at, &out, args)?,
         }
+        drop(skip);
         Ok((
             wrap(CudaStorageSlice::F32(out), dev),
             Shape::from(n + 2 * d),

@@ -50,9 +50,17 @@ impl Norm {
         functional::layer_norm_to(x, &self.weight, &self.bias, self.eps, out)
     }
 
-    /// `(dx, dweight, dbias)` at `x` for the gradient `dy` of [`Norm::forward_to`]`(x, out)`.
-    fn backward(&self, x: &Tensor, out: DType, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        backward::layer_norm(x, &self.weight, &self.bias, self.eps, out, dy)
+    /// `(dx + skip, dweight, dbias)` at `x` for the gradient `dy` of
+    /// [`Norm::forward_to`]`(x, out)`, where `skip` is the gradient that reaches `x` by the
+    /// residual connection past the norm.
+    fn backward(
+        &self,
+        x: &Tensor,
+        out: DType,
+        dy: &Tensor,
+        skip: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        backward::layer_norm(x, &self.weight, &self.bias, self.eps, out, dy, skip)
     }
 
     fn detach(&self) -> Norm {
@@ -116,11 +124,11 @@ impl Block {
             .qkv
             .forward_act(&self.norm1.forward_to(x, compute)?, Act::Identity)?;
         let attention = functional::attention_qkv(&qkv, tokens, self.heads, self.scale()?)?;
-        let x1 = (x + self.proj.forward_to(&attention, DType::F32)?)?;
+        let x1 = self.proj.forward_residual(&attention, x)?;
         let hidden = self
             .fc1
             .forward_act(&self.norm2.forward_to(&x1, compute)?, Act::Gelu)?;
-        let y = (&x1 + self.fc2.forward_to(&hidden, DType::F32)?)?;
+        let y = self.fc2.forward_residual(&hidden, &x1)?;
         let saved = Saved {
             x: x.clone(),
             qkv,
@@ -148,8 +156,7 @@ impl Block {
         let [w, b] = self.fc1.params();
         let (d_normed2, d_fc1_w, d_fc1_b) =
             backward::linear(&normed2, w, b, Act::Gelu, compute, &d_hidden)?;
-        let (d_x1, d_norm2_w, d_norm2_b) = self.norm2.backward(&s.x1, compute, &d_normed2)?;
-        let d_x1 = (d_x1 + dy)?;
+        let (d_x1, d_norm2_w, d_norm2_b) = self.norm2.backward(&s.x1, compute, &d_normed2, dy)?;
         let [w, b] = self.proj.params();
         let (d_attention, d_proj_w, d_proj_b) =
             backward::linear(&s.attention, w, b, Act::Identity, f32, &d_x1)?;
@@ -165,12 +172,12 @@ impl Block {
         let [w, b] = self.qkv.params();
         let (d_normed1, d_qkv_w, d_qkv_b) =
             backward::linear(&normed1, w, b, Act::Identity, compute, &d_qkv)?;
-        let (d_x, d_norm1_w, d_norm1_b) = self.norm1.backward(&s.x, compute, &d_normed1)?;
+        let (d_x, d_norm1_w, d_norm1_b) = self.norm1.backward(&s.x, compute, &d_normed1, &d_x1)?;
         let grads = [
             d_norm1_w, d_norm1_b, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2_w, d_norm2_b,
             d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b,
         ];
-        Ok(((d_x + d_x1)?, grads))
+        Ok((d_x, grads))
     }
 
     /// The dtype of the linear layers' weights, if they share one.

@@ -47,10 +47,9 @@ impl Dense {
         y.reshape(dims)
     }
 
-    /// `x W^T + b` for a 2D `x`, computed in the dtype of `x` and written in `out` (f32
-    /// for a residual stream): one graph node on CUDA.
-    pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
-        functional::linear(x, &self.weight, &self.bias, Act::Identity, out)
+    /// `residual + x W^T + b` in f32 for a 2D `x` (a residual join after the layer).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        functional::linear_residual(x, &self.weight, &self.bias, residual)
     }
 
     /// `[weight, bias]`.

@@ -255,6 +255,24 @@ static void bias_add_check(void (*k)(const TI *, const float *, TO *, long, int)
                      (offset ? " misaligned" : ""));
 }
 
+template <typename TI>
+static void bias_add_res_check(void (*k)(const TI *, const float *, const float *, float *, long,
+                                         int),
+                               int rows, int cols, int offset) {
+    const long n = (long)rows * cols;
+    const auto xv = random_values<TI>(n, -3, 3);
+    const auto rv = random_values<float>(n, -2, 2);
+    const auto bv = random_values<float>(cols, -1, 1);
+    Buffer<TI> x(xv, offset);
+    Buffer<float> res(rv, offset), y(n, offset), b(bv);
+    launch(k, {2}, {64}, (const TI *)x.p, (const float *)b.p, (const float *)res.p, y.p, n, cols);
+    std::vector<double> want(n);
+    for (long i = 0; i < n; i++) want[i] = value(xv[i]) + bv[i % cols] + rv[i];
+    expect_close(y.p, want,
+                 std::string("bias_add_res ") + name<TI>() + " " + std::to_string(rows) + "x" +
+                     std::to_string(cols) + (offset ? " misaligned" : ""));
+}
+
 template <typename T>
 static void column_sum_check(void (*k)(const T *, float *, int, int), int rows, int cols) {
     const auto xv = random_values<T>((size_t)rows * cols, -1, 1);
@@ -272,20 +290,25 @@ static void column_sum_check(void (*k)(const T *, float *, int, int), int rows, 
 template <typename TO>
 static void layer_norm(void (*fwd)(const float *, const float *, const float *, TO *, int, int,
                                    float),
-                       void (*bwd)(const float *, const float *, const TO *, float *, int, int,
-                                   float),
+                       void (*bwd)(const float *, const float *, const TO *, const float *,
+                                   float *, int, int, float),
                        int rows, int d) {
     const float eps = 1e-6f;
     const auto xv = random_values<float>((size_t)rows * d, -2, 3);
     const auto wv = random_values<float>(d, 0, 2), bv = random_values<float>(d, -1, 1);
     const auto gv = random_values<TO>((size_t)rows * d, -1, 1);
+    const auto sv = random_values<float>((size_t)rows * d, -1, 1);
     Buffer<float> x(xv), w(wv), b(bv), out(std::vector<float>((size_t)rows * d + 2 * d, 0.f));
+    Buffer<float> skipped(std::vector<float>((size_t)rows * d + 2 * d, 0.f)), skip(sv);
     Buffer<TO> y((size_t)rows * d), g(gv);
     launch(fwd, {(unsigned)(rows + 3) / 4}, {128}, (const float *)x.p, (const float *)w.p,
            (const float *)b.p, y.p, rows, d, eps);
     // Two warps in all, so that each goes over several rows.
-    launch(bwd, {1}, {64}, (const float *)x.p, (const float *)w.p, (const TO *)g.p, out.p, rows,
-           d, eps);
+    launch(bwd, {1}, {64}, (const float *)x.p, (const float *)w.p, (const TO *)g.p,
+           (const float *)nullptr, out.p, rows, d, eps);
+    // With a skip gradient: dx gains it, dweight and dbias do not change.
+    launch(bwd, {1}, {64}, (const float *)x.p, (const float *)w.p, (const TO *)g.p,
+           (const float *)skip.p, skipped.p, rows, d, eps);
     std::vector<double> want_y((size_t)rows * d), dx((size_t)rows * d), dw(d, 0.0), db(d, 0.0);
     for (int r = 0; r < rows; r++) {
         const float *xr = &xv[(size_t)r * d];
@@ -314,6 +337,10 @@ static void layer_norm(void (*fwd)(const float *, const float *, const float *, 
     expect_close(out.p, dx, "layer_norm_bwd dx " + what, 1e-5);
     expect_close(out.p + (size_t)rows * d, dw, "layer_norm_bwd dweight " + what, 1e-5);
     expect_close(out.p + (size_t)rows * d + d, db, "layer_norm_bwd dbias " + what, 1e-5);
+    std::vector<double> dx_skip(dx);
+    for (size_t i = 0; i < dx.size(); i++) dx_skip[i] += sv[i];
+    expect_close(skipped.p, dx_skip, "layer_norm_bwd dx + skip " + what, 1e-5);
+    expect_close(skipped.p + (size_t)rows * d, dw, "layer_norm_bwd dweight (skip) " + what, 1e-5);
 }
 
 template <typename T>
@@ -651,6 +678,8 @@ int main() {
         bias_add_check<float, float>(bias_add_f32_f32, rows, cols, offset);
         bias_add_check<bf16, bf16>(bias_add_bf16_bf16, rows, cols, offset);
         bias_add_check<bf16, float>(bias_add_bf16_f32, rows, cols, offset);
+        bias_add_res_check<float>(bias_add_res_f32_f32, rows, cols, offset);
+        bias_add_res_check<bf16>(bias_add_res_bf16_f32, rows, cols, offset);
     }
     column_sum_check<float>(column_sum_f32, 37, 45);
     column_sum_check<bf16>(column_sum_bf16, 37, 45);
