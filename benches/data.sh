@@ -14,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 classes=${1:-10}
 per_class=${2:-200}
-cargo build --release --locked -p shardtool -p pipeline --example throughput >&2
+# Two builds: with --example, cargo builds only the example, not shardtool's binary.
+cargo build --release --locked -p shardtool --bin shardtool >&2
+cargo build --release --locked -p pipeline --example throughput >&2
 bin=$PWD/target/release
 work=$(mktemp -d "${TMPDIR:-/tmp}/databench.XXXXXX")
 weed_pid=""

@@ -26,7 +26,10 @@ pub fn layer_norm(
     skip: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if functional::fused_layer_norm(x, weight) && skip.dtype() == DType::F32 {
+    if functional::fused_layer_norm(x, weight)
+        && skip.dtype() == DType::F32
+        && functional::enabled(functional::FastPath::Residual)
+    {
         return crate::cuda::layer_norm_bwd(x, weight, eps, dy, Some(skip));
     }
     let [dx, dw, db] = autograd([x, weight, bias], dy, |[x, w, b]| {

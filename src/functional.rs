@@ -32,6 +32,9 @@ pub enum FastPath {
     /// The stem's mask blend, CLS token and positions as one node (`cuda/tokens.rs`);
     /// else Candle's broadcast ops.
     Stem,
+    /// The residual joins folded into the linear layer's bias pass and the LayerNorm
+    /// backward (where no gradient is recorded); else separate additions.
+    Residual,
 }
 
 static WITHOUT: AtomicU8 = AtomicU8::new(0);
@@ -123,6 +126,7 @@ pub fn linear_residual(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_linear(x)
+        && enabled(FastPath::Residual)
         && residual.dtype() == DType::F32
         && ![x, weight, bias, residual].iter().any(|t| t.track_op())
     {

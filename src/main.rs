@@ -133,7 +133,8 @@ enum BenchKind {
         kernels: KernelsArg,
         /// With `fused`, turn off these fast paths to measure what each buys:
         /// `flash` (attention on tensor cores), `blocks-node` (the student's blocks as one
-        /// graph node), `stem` (mask blend, CLS token and positions as one node).
+        /// graph node), `stem` (mask blend, CLS token and positions as one node),
+        /// `residual` (the residual joins inside the bias and LayerNorm-backward passes).
         #[arg(long, value_enum, value_delimiter = ',')]
         without: Vec<FastPathArg>,
         /// cpu, cuda, cuda:N, or auto.
@@ -169,6 +170,7 @@ enum FastPathArg {
     Flash,
     BlocksNode,
     Stem,
+    Residual,
 }
 
 impl FastPathArg {
@@ -178,6 +180,7 @@ impl FastPathArg {
             FastPathArg::Flash => FastPath::Flash,
             FastPathArg::BlocksNode => FastPath::BlocksNode,
             FastPathArg::Stem => FastPath::Stem,
+            FastPathArg::Residual => FastPath::Residual,
         }
     }
 
@@ -186,6 +189,7 @@ impl FastPathArg {
             FastPathArg::Flash => "flash",
             FastPathArg::BlocksNode => "blocks-node",
             FastPathArg::Stem => "stem",
+            FastPathArg::Residual => "residual",
         }
     }
 }
