@@ -32,6 +32,32 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
     __trap();  // the host sends bf16 attention here only on sm_80 and newer
 #endif
 }
+
+// Four 8 x 8 bf16 matrices from shared memory (ldmatrix): lanes 8i .. 8i + 7 give the
+// 16-byte aligned addresses of matrix i's rows 0 .. 7; r[i] receives the lane's fragment of
+// matrix i, row g, elements 2t and 2t + 1 (g = lane / 4, t = lane % 4).
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const bf16 *row) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned at = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+#else
+    __trap();
+#endif
+}
+
+// The same, each matrix transposed: r[i] holds rows 2t and 2t + 1 of column g.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const bf16 *row) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned at = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+#else
+    __trap();
+#endif
+}
 #endif
 
 #define MINUS_INF __int_as_float(0xff800000)
@@ -42,10 +68,6 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 }
 // Elements p[0], p[1] (4-byte aligned) as one word.
 __device__ __forceinline__ unsigned load_pair(const bf16 *p) { return *(const unsigned *)p; }
-// Elements p[0] and p[step] as one word.
-__device__ __forceinline__ unsigned load_apart(const bf16 *p, long step) {
-    return (unsigned)p[0] | ((unsigned)p[step] << 16);
-}
 
 // The sum and the maximum over the four lanes of a quad (the lanes that share a row of a
 // C fragment).
@@ -92,18 +114,24 @@ __device__ __forceinline__ void load_tile(const bf16 *m, long ld, int row0, int 
 }
 
 // s = A X^T for the 16 rows of `a` and the 64 rows of the tile X: 8 C tiles of 8 columns.
+// The B operand of column tile nt and step kk is X's rows nt * 8 .. + 7, columns kk * 16 ..
+// + 15: two 8 x 8 matrices, so one ldmatrix_x4 fetches two steps (lane l gives the row
+// l % 8 of matrix l / 8).
 template <int E>
 __device__ __forceinline__ void times_rows(const unsigned (&a)[E / 16][4], const bf16 *x,
                                            float (&s)[8][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, i = lane >> 3, j = lane & 7;
 #pragma unroll
     for (int nt = 0; nt < 8; nt++) {
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-        const bf16 *row = x + (nt * 8 + g) * tile_ld<E>() + 2 * t;
+        const bf16 *row = x + (nt * 8 + j) * tile_ld<E>() + (i >> 1) * 16 + (i & 1) * 8;
 #pragma unroll
-        for (int kk = 0; kk < E / 16; kk++) {
-            const unsigned b[2] = {load_pair(row + kk * 16), load_pair(row + kk * 16 + 8)};
-            mma_16816(s[nt], a[kk], b);
+        for (int kk = 0; kk < E / 16; kk += 2) {
+            unsigned r[4];
+            ldmatrix_x4(r, row + kk * 16);
+            const unsigned b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_16816(s[nt], a[kk], b0);
+            mma_16816(s[nt], a[kk + 1], b1);
         }
     }
 }
@@ -113,7 +141,7 @@ __device__ __forceinline__ void times_rows(const unsigned (&a)[E / 16][4], const
 template <int E>
 __device__ __forceinline__ void add_times(const float (&p)[8][4], const bf16 *y,
                                           float (&acc)[E / 8][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, i = lane >> 3, j = lane & 7;
     constexpr int ld = tile_ld<E>();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
@@ -123,12 +151,16 @@ __device__ __forceinline__ void add_times(const float (&p)[8][4], const bf16 *y,
             pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
             pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]),
         };
-        const bf16 *rows = y + (kk * 16 + 2 * t) * ld + g;
+        // The B operand of column tile en is Y's rows kk * 16 .. + 15, columns en * 8 .. + 7,
+        // transposed: two 8 x 8 matrices, so one ldmatrix_x4_trans fetches two column tiles.
+        const bf16 *rows = y + (kk * 16 + (i & 1) * 8 + j) * ld + (i >> 1) * 8;
 #pragma unroll
-        for (int en = 0; en < E / 8; en++) {
-            const unsigned b[2] = {load_apart(rows + en * 8, ld),
-                                   load_apart(rows + 8 * ld + en * 8, ld)};
-            mma_16816(acc[en], a, b);
+        for (int en = 0; en < E / 8; en += 2) {
+            unsigned r[4];
+            ldmatrix_x4_trans(r, rows + en * 8);
+            const unsigned b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_16816(acc[en], a, b0);
+            mma_16816(acc[en + 1], a, b1);
         }
     }
 }

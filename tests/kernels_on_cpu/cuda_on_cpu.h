@@ -10,6 +10,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -78,6 +80,7 @@ struct Warp {
     std::barrier<> *step;
     float slots[32];
     unsigned int a[32][4], b[32][2];
+    const unsigned short *rows[32];
 };
 inline thread_local Warp *warp_now;
 inline thread_local int lane_now;
@@ -121,6 +124,32 @@ inline void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)
         c[r] += acc;
     }
     w.step->arrive_and_wait();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 for kernels that use it through
+// ldmatrix_x4 and ldmatrix_x4_trans: each lane publishes its row address (lanes 8i .. 8i + 7:
+// rows 0 .. 7 of matrix i, 16-byte aligned), then reads its fragment of each matrix, row g,
+// elements 2t and 2t + 1, or transposed rows 2t and 2t + 1 of column g.
+inline void ldmatrix_lanes(unsigned (&r)[4], const unsigned short *row, bool trans) {
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        std::fprintf(stderr, "ldmatrix: a row address that is not 16-byte aligned\n");
+        std::abort();
+    }
+    Warp &w = *warp_now;
+    const int lane = lane_now, g = lane / 4, t = lane % 4;
+    w.rows[lane] = row;
+    w.step->arrive_and_wait();
+    for (int i = 0; i < 4; i++) {
+        const unsigned short *const *m = w.rows + 8 * i;
+        const unsigned lo = trans ? m[2 * t][g] : m[g][2 * t];
+        const unsigned hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
+        r[i] = lo | (hi << 16);
+    }
+    w.step->arrive_and_wait();
+}
+inline void ldmatrix_x4(unsigned (&r)[4], const unsigned short *row) { ldmatrix_lanes(r, row, false); }
+inline void ldmatrix_x4_trans(unsigned (&r)[4], const unsigned short *row) {
+    ldmatrix_lanes(r, row, true);
 }
 
 // Runs `kernel` over `grid` x `block`: blocks in turn, the threads of a block together. A
