@@ -25,15 +25,7 @@ use crate::functional::Act;
 /// `dx` in the dtype of `x`, `dweight` and `dbias` in f32.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, act: Act, out: DType) -> Result<Tensor> {
     let act = act_code(act);
-    let weight_ok = weight.dtype() == DType::F32 || weight.dtype() == x.dtype();
-    if x.rank() != 2 || !weight_ok || bias.dtype() != DType::F32 {
-        bail!(
-            "linear: a 2D input, a weight in f32 or the input's dtype and an f32 bias, not {:?} {:?} {:?}",
-            x.dtype(),
-            weight.dtype(),
-            bias.dtype()
-        );
-    }
+    check_inputs(x, weight, bias)?;
     if out != x.dtype() && (out != DType::F32 || act != 0) {
         bail!(
             "linear: the output is {:?} (or f32 without an activation), not {out:?}",
@@ -61,13 +53,10 @@ pub fn linear_residual(
     bias: &Tensor,
     residual: &Tensor,
 ) -> Result<Tensor> {
+    check_inputs(x, weight, bias)?;
     let (rows, outputs) = (x.dim(0)?, weight.dim(0)?);
     if residual.dtype() != DType::F32 || residual.dims() != [rows, outputs] {
         bail!("linear: an f32 residual of ({rows}, {outputs}), not {residual:?}");
-    }
-    let weight_ok = weight.dtype() == DType::F32 || weight.dtype() == x.dtype();
-    if x.rank() != 2 || !weight_ok || bias.dtype() != DType::F32 {
-        bail!("linear: a 2D input, a weight in f32 or the input's dtype and an f32 bias");
     }
     x.contiguous()?.apply_op3_no_bwd(
         weight,
@@ -78,6 +67,20 @@ pub fn linear_residual(
             residual: Some(residual.contiguous()?),
         },
     )
+}
+
+/// A 2D `x`, a weight in f32 or the dtype of `x`, an f32 bias.
+fn check_inputs(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
+    let weight_ok = weight.dtype() == DType::F32 || weight.dtype() == x.dtype();
+    if x.rank() != 2 || !weight_ok || bias.dtype() != DType::F32 {
+        bail!(
+            "linear: a 2D input, a weight in f32 or the input's dtype and an f32 bias, not {:?} {:?} {:?}",
+            x.dtype(),
+            weight.dtype(),
+            bias.dtype()
+        );
+    }
+    Ok(())
 }
 
 /// The kernels' activation code of `act`.
@@ -139,95 +142,65 @@ impl CustomOp3 for Linear {
         let in_dt = dtype_name(xs.dtype())?;
         let n = rows * outputs;
         let y_at = Layout::contiguous((rows, outputs));
-        if let Some(residual) = &self.residual {
-            // bias_add_res_<in>_f32(x, bias, res, y, n, cols)
-            let f = func(dev, &format!("bias_add_res_{in_dt}_f32"))?;
-            let (rs, rl) = residual.storage_and_layout();
-            let candle_core::Storage::Cuda(rs) = &*rs else {
-                bail!("linear: the residual is not on the GPU");
-            };
-            let res = contiguous::<f32>(rs, rl, "residual")?;
-            fn go_res<I: CudaDType + DeviceRepr>(
-                dev: &CudaDevice,
-                f: &CudaFunction,
-                y: CudaView<I>,
-                (b, res): (&CudaView<f32>, &CudaView<f32>),
-                (n, cols): (usize, usize),
-            ) -> Result<CudaSlice<f32>> {
-                let out = unsafe { dev.alloc::<f32>(n)? };
-                let (n_i, cols_i) = (n as i64, cols as i32);
-                let stream = dev.cuda_stream();
-                let mut l = stream.launch_builder(f);
-                l.arg(&y).arg(b).arg(res).arg(&out).arg(&n_i).arg(&cols_i);
-                unsafe { l.launch(elementwise_grid(n)) }.w()?;
-                Ok(out)
-            }
-            let out = match xs.dtype() {
-                DType::F32 => go_res::<f32>(
-                    dev,
-                    &f,
-                    contiguous(&y, &y_at, "y")?,
-                    (&b, &res),
-                    (n, outputs),
-                )?,
-                _ => go_res::<bf16>(
-                    dev,
-                    &f,
-                    contiguous(&y, &y_at, "y")?,
-                    (&b, &res),
-                    (n, outputs),
-                )?,
-            };
-            return Ok((
-                wrap(CudaStorageSlice::F32(out), dev),
-                Shape::from((rows, outputs)),
-            ));
-        }
-        // bias_act_fwd_<dt>(x, bias, y, n, cols, act) or bias_add_<in>_<out>(x, bias, y,
-        // n, cols): the same arguments but the last.
-        let f = match self.act {
-            0 => func(dev, &format!("bias_add_{in_dt}_{}", dtype_name(self.out)?))?,
+        // The residual's storage stays borrowed until the launch is queued.
+        let residual = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let res = match &residual {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cuda(s) => Some(contiguous::<f32>(s, l, "residual")?),
+                _ => bail!("linear: the residual is not on the GPU"),
+            },
+            None => None,
+        };
+        // bias_act_fwd_<dt>(x, bias, y, n, cols, act), bias_add_<in>_<out>(x, bias, y, n,
+        // cols) or bias_add_res_<in>_f32(x, bias, res, y, n, cols).
+        let f = match (&res, self.act) {
+            (Some(_), _) => func(dev, &format!("bias_add_res_{in_dt}_f32"))?,
+            (None, 0) => func(dev, &format!("bias_add_{in_dt}_{}", dtype_name(self.out)?))?,
             _ => func(dev, &format!("bias_act_fwd_{in_dt}"))?,
         };
         fn go<I: CudaDType + DeviceRepr, O: CudaDType + DeviceRepr>(
             dev: &CudaDevice,
             f: &CudaFunction,
             y: CudaView<I>,
-            b: &CudaView<f32>,
+            (b, res): (&CudaView<f32>, Option<&CudaView<f32>>),
             (n, cols, act): (usize, usize, i32),
         ) -> Result<CudaSlice<O>> {
             let out = unsafe { dev.alloc::<O>(n)? };
             let (n_i, cols_i) = (n as i64, cols as i32);
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(f);
-            l.arg(&y).arg(b).arg(&out).arg(&n_i).arg(&cols_i);
+            l.arg(&y).arg(b);
+            if let Some(res) = res {
+                l.arg(res);
+            }
+            l.arg(&out).arg(&n_i).arg(&cols_i);
             if act != 0 {
                 l.arg(&act);
             }
             unsafe { l.launch(elementwise_grid(n)) }.w()?;
             Ok(out)
         }
-        let shape = (n, outputs, self.act);
+        let (inputs, shape) = ((&b, res.as_ref()), (n, outputs, self.act));
         let slice = match (xs.dtype(), self.out) {
             (DType::F32, _) => CudaStorageSlice::F32(go::<f32, f32>(
                 dev,
                 &f,
                 contiguous(&y, &y_at, "y")?,
-                &b,
+                inputs,
                 shape,
             )?),
             (_, DType::F32) => CudaStorageSlice::F32(go::<bf16, f32>(
                 dev,
                 &f,
                 contiguous(&y, &y_at, "y")?,
-                &b,
+                inputs,
                 shape,
             )?),
             _ => CudaStorageSlice::BF16(go::<bf16, bf16>(
                 dev,
                 &f,
                 contiguous(&y, &y_at, "y")?,
-                &b,
+                inputs,
                 shape,
             )?),
         };
