@@ -26,11 +26,11 @@ pub fn layer_norm(
     skip: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if functional::fused_layer_norm(x, weight)
-        && skip.dtype() == DType::F32
-        && functional::enabled(functional::FastPath::Residual)
-    {
-        return crate::cuda::layer_norm_bwd(x, weight, eps, dy, Some(skip));
+    if functional::fused_layer_norm(x, weight) {
+        let fold =
+            skip.dtype() == DType::F32 && functional::enabled(functional::FastPath::Residual);
+        let (dx, dw, db) = crate::cuda::layer_norm_bwd(x, weight, eps, dy, fold.then_some(skip))?;
+        return Ok((if fold { dx } else { (dx + skip)? }, dw, db));
     }
     let [dx, dw, db] = autograd([x, weight, bias], dy, |[x, w, b]| {
         functional::layer_norm_to(x, w, b, eps, out)
