@@ -13,10 +13,11 @@
 // the other side in tiles of 64 rows, so a block of 4 warps covers 64 rows; the softmax
 // runs online (a running maximum and sum per row), so the scores are never stored. The
 // block's 128 threads copy each tile into shared memory in 16-byte units (rows padded to
-// E + 8 elements, so that the fragments' reads hit 32 different banks), and its 4 warps
-// read their fragments from there: each tile leaves global memory once per block instead
-// of once per warp in 4-byte pieces. Every address of qkv, out and dout is 16-byte
-// aligned (the host checks).
+// E + 8 elements, so that the eight 16-byte rows ldmatrix reads at a time fall in
+// different banks), and its 4 warps load their B operands from there with ldmatrix, four
+// 8 x 8 matrices per instruction (transposed for the products with P): each tile leaves
+// global memory once per block instead of once per warp in 4-byte pieces. Every address
+// of qkv, out and dout is 16-byte aligned (the host checks).
 
 #ifndef MIMCO_MMA_ON_CPU
 // c += a b for one m16n8k16 tile.
