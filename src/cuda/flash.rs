@@ -31,11 +31,9 @@ pub(super) fn applies(h: &Heads, tensors: &[(&CudaStorage, &Layout)]) -> bool {
         .context()
         .compute_capability()
         .is_ok_and(|(major, _)| major >= 8);
-    let aligned = tensors.iter().all(|(s, l)| {
-        s.dtype() == DType::BF16
-            && l.is_contiguous()
-            && address(s, l.start_offset()).is_ok_and(|at| at % 16 == 0)
-    });
+    let aligned = tensors
+        .iter()
+        .all(|(s, l)| s.dtype() == DType::BF16 && start(s, l, "").is_ok());
     matches!(h.dim, 32 | 64)
         && aligned
         && ampere
