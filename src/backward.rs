@@ -59,11 +59,13 @@ pub fn linear(
     Ok((dx, dw.to_dtype(DType::F32)?, db))
 }
 
-/// `dqkv` of [`functional::attention_qkv`] at `qkv` (whose output was `out`) for the
-/// gradient `dy` of its output, in the dtype of `qkv`.
+/// `dqkv` of [`functional::attention_qkv`] at `qkv` (whose output was `out`, and `lse`
+/// what [`functional::attention_qkv_lse`] kept) for the gradient `dy` of its output, in
+/// the dtype of `qkv`.
 pub fn attention_qkv(
     qkv: &Tensor,
     out: &Tensor,
+    lse: Option<&Tensor>,
     tokens: usize,
     heads: usize,
     scale: f64,
@@ -71,9 +73,9 @@ pub fn attention_qkv(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if functional::fused(qkv, tokens) {
-        return crate::cuda::attention_qkv_bwd(qkv, out, tokens, heads, scale, dy);
+        return crate::cuda::attention_qkv_bwd(qkv, out, lse, tokens, heads, scale, dy);
     }
-    let _ = out; // the composed backward recomputes everything from qkv
+    let _ = (out, lse); // the composed backward recomputes everything from qkv
     let [dqkv] = autograd([qkv], dy, |[qkv]| {
         functional::attention_qkv(qkv, tokens, heads, scale)
     })?;

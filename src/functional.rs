@@ -162,6 +162,22 @@ pub fn attention_qkv(qkv: &Tensor, tokens: usize, heads: usize, scale: f64) -> R
         .reshape((rows, d))
 }
 
+/// [`attention_qkv`] for a caller that runs its backward itself
+/// ([`crate::backward::attention_qkv`]), with what that backward can reuse: on CUDA's
+/// tensor-core path, each query's logsumexp; `None` elsewhere.
+pub fn attention_qkv_lse(
+    qkv: &Tensor,
+    tokens: usize,
+    heads: usize,
+    scale: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if fused(qkv, tokens) {
+        return crate::cuda::attention_qkv_lse(qkv, tokens, heads, scale);
+    }
+    Ok((attention_qkv(qkv, tokens, heads, scale)?, None))
+}
+
 /// Attention `softmax(scale * q k^T) v` over `(B, H, N, d)` heads, in the dtype of the
 /// inputs (softmax in f32), composed.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {

@@ -2,13 +2,20 @@
 mimco does at run time, for Hopper (sm_90) and Ampere (sm_80), and checks that every kernel
 the Rust side launches is in the PTX. Needs libnvrtc (CUDA 13) on the loader path; no GPU.
 
-    python3 tests/nvrtc_check.py src/cuda/kernels.cu src/cuda/flash.cu
+    python3 tests/nvrtc_check.py [--registers PTXAS] src/cuda/kernels.cu src/cuda/flash.cu
+
+With `--registers`, also assembles the sm_90 PTX with that `ptxas` and prints each
+attention kernel's registers, spills and shared memory, and any other kernel that spills:
+registers per thread bound how many blocks an SM holds, which no CPU test sees.
 """
 
 import ctypes
 import ctypes.util
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 WIDTHS = [1, 2, 4, 8, 12, 16, 24, 32]
 
@@ -52,8 +59,35 @@ def compile_ptx(nvrtc, src, arch):
     return ptx.value.decode()
 
 
+def registers(ptxas, ptx):
+    """ptxas -v on sm_90 PTX: (kernel, its resource line) for the attention kernels and
+    every kernel that spills."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernels.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([ptxas, "-arch=sm_90", "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"ptxas failed:\n{run.stderr}")
+    rows, kernel, spills = [], None, ""
+    for line in run.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            kernel = m.group(1)
+        elif "spill stores" in line:
+            spills = line.split("stack frame,", 1)[-1].strip()
+        elif m := re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line):
+            if kernel.startswith("flash_") or not spills.startswith("0 bytes spill stores, 0"):
+                rows.append((kernel, f"{m.group(1)} registers, {m.group(2)} bytes smem, {spills}"))
+    return sorted(rows)
+
+
 def main():
-    src = b"".join(open(path, "rb").read() for path in sys.argv[1:])
+    args = sys.argv[1:]
+    ptxas = None
+    if args[:1] == ["--registers"]:
+        ptxas, args = args[1], args[2:]
+    src = b"".join(open(path, "rb").read() for path in args)
     nvrtc = None
     for name in ("libnvrtc.so.13", "libnvrtc.so", ctypes.util.find_library("nvrtc")):
         try:
@@ -70,6 +104,9 @@ def main():
         if missing:
             sys.exit(f"{arch}: kernels missing from the PTX: {missing}")
         print(f"NVRTC {arch}: {len(entries)} kernels, all {len(expected())} that mimco launches")
+        if ptxas and arch == "sm_90":
+            for kernel, resources in registers(ptxas, ptx):
+                print(f"  {kernel}: {resources}")
 
 
 if __name__ == "__main__":

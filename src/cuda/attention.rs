@@ -17,8 +17,12 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use std::sync::OnceLock;
+
+use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    bail,
 };
 use half::bf16;
 
@@ -32,11 +36,28 @@ use super::*;
 pub fn attention_qkv(qkv: &Tensor, tokens: usize, heads: usize, scale: f64) -> Result<Tensor> {
     let (rows, cols) = qkv.dims2()?;
     Heads::new(rows, cols, tokens, 3, heads)?;
-    qkv.contiguous()?.apply_op1(AttentionQkv {
-        tokens,
-        heads,
-        scale: scale as f32,
-    })
+    qkv.contiguous()?
+        .apply_op1(AttentionQkv::new(tokens, heads, scale, false))
+}
+
+/// [`attention_qkv`] outside the graph (no backward recorded: the caller runs
+/// [`attention_qkv_bwd`] itself), also returning each query's logsumexp `(B * heads *
+/// tokens)` f32 where the tensor-core kernels ran, for the backward to reuse.
+pub fn attention_qkv_lse(
+    qkv: &Tensor,
+    tokens: usize,
+    heads: usize,
+    scale: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (rows, cols) = qkv.dims2()?;
+    Heads::new(rows, cols, tokens, 3, heads)?;
+    let op = AttentionQkv::new(tokens, heads, scale, true);
+    let out = qkv.contiguous()?.apply_op1_no_bwd(&op)?;
+    let lse = op.lse.and_then(OnceLock::into_inner).map(|s| {
+        let n = rows * heads; // flash::forward's B H N
+        Tensor::from_storage(Storage::Cuda(s), n, BackpropOp::none(), false)
+    });
+    Ok((out, lse))
 }
 
 /// The shape of a heads layout change: `(B, N, S, H, E)` token-major, `(S, B, H, N, E)`
@@ -336,6 +357,19 @@ struct AttentionQkv {
     tokens: usize,
     heads: usize,
     scale: f32,
+    /// Where the logsumexp per query is asked for: the tensor-core forward's.
+    lse: Option<OnceLock<CudaStorage>>,
+}
+
+impl AttentionQkv {
+    fn new(tokens: usize, heads: usize, scale: f64, keep_lse: bool) -> AttentionQkv {
+        AttentionQkv {
+            tokens,
+            heads,
+            scale: scale as f32,
+            lse: keep_lse.then(OnceLock::new),
+        }
+    }
 }
 
 impl CustomOp1 for AttentionQkv {
@@ -349,7 +383,10 @@ impl CustomOp1 for AttentionQkv {
         let (rows, cols) = l.shape().dims2()?;
         let h = Heads::new(rows, cols, self.tokens, 3, self.heads)?;
         if flash::applies(&h, &[(s, l)]) {
-            let out = flash::forward(s, l, h, self.scale)?;
+            let (out, lse) = flash::forward(s, l, h, self.scale, self.lse.is_some())?;
+            if let (Some(cell), Some(lse)) = (&self.lse, lse) {
+                let _ = cell.set(lse);
+            }
             return Ok((out, Shape::from((rows, cols / 3))));
         }
         let parts = split(s, l, h)?;
@@ -372,20 +409,32 @@ impl CustomOp1 for AttentionQkv {
     }
 
     fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        attention_qkv_bwd(qkv, out, self.tokens, self.heads, self.scale as f64, grad).map(Some)
+        let scale = self.scale as f64;
+        attention_qkv_bwd(qkv, out, None, self.tokens, self.heads, scale, grad).map(Some)
     }
 }
 
-/// The gradient of [`attention_qkv`] at `qkv` (whose output was `out`) for the output
-/// gradient `dy`, in the dtype of `qkv`, recomputing the probabilities.
+/// The gradient of [`attention_qkv`] at `qkv` (whose output was `out`, and `lse` the
+/// logsumexp [`attention_qkv_lse`] gave, if any) for the output gradient `dy`, in the
+/// dtype of `qkv`, recomputing the probabilities.
 pub fn attention_qkv_bwd(
     qkv: &Tensor,
     out: &Tensor,
+    lse: Option<&Tensor>,
     tokens: usize,
     heads: usize,
     scale: f64,
     dy: &Tensor,
 ) -> Result<Tensor> {
+    if let Some(lse) = lse {
+        let (rows, _) = qkv.dims2()?;
+        if lse.dims() != [rows * heads] || lse.dtype() != DType::F32 || !lse.is_contiguous() {
+            bail!(
+                "attention backward: the logsumexp {lse:?} is not {} f32 values",
+                rows * heads
+            );
+        }
+    }
     let dy = dy.to_dtype(qkv.dtype())?.contiguous()?;
     qkv.contiguous()?.apply_op3_no_bwd(
         &out.contiguous()?,
@@ -394,16 +443,18 @@ pub fn attention_qkv_bwd(
             tokens,
             heads,
             scale: scale as f32,
+            lse: lse.cloned(),
         },
     )
 }
 
 /// `(qkv, out, d out)` -> `d qkv` of [`AttentionQkv`], recomputing the probabilities
-/// (`out` is read by the tensor-core kernels only).
+/// (`out` and `lse` are read by the tensor-core kernels only).
 struct AttentionQkvBwd {
     tokens: usize,
     heads: usize,
     scale: f32,
+    lse: Option<Tensor>,
 }
 
 impl CustomOp3 for AttentionQkvBwd {
@@ -434,7 +485,15 @@ impl CustomOp3 for AttentionQkvBwd {
             }
         }
         if flash::applies(&h, &[(s, l), (os, ol), (gs, gl)]) {
-            let dqkv = flash::backward((s, l), (os, ol), (gs, gl), h, self.scale)?;
+            let lse = self.lse.as_ref().map(Tensor::storage_and_layout);
+            let lse = match &lse {
+                Some((storage, layout)) => match &**storage {
+                    Storage::Cuda(s) if layout.start_offset() == 0 => Some(s),
+                    _ => bail!("attention backward: the logsumexp is not a whole CUDA tensor"),
+                },
+                None => None,
+            };
+            let dqkv = flash::backward((s, l), (os, ol), (gs, gl), lse, h, self.scale)?;
             return Ok((dqkv, Shape::from((rows, cols))));
         }
         let parts = split(s, l, h)?;

@@ -260,7 +260,17 @@ fn attention(c: &mut Checker, shape: &[usize], dtype: DType) -> Result<()> {
     let (Some(got), Some(want)) = (grads.get(&qkv), g64.get(&x64)) else {
         candle_core::bail!("attention: no gradient for qkv");
     };
-    c.record("attention dqkv", shape, dtype, got, want, bwd)
+    c.record("attention dqkv", shape, dtype, got, want, bwd)?;
+    // As the blocks node runs it: outside the graph, the backward reusing the forward's
+    // logsumexp where the tensor-core kernels kept one.
+    let x = qkv.as_tensor().detach();
+    let (y, lse) = super::attention_qkv_lse(&x, n, h, scale)?;
+    let what = match lse {
+        Some(_) => "attention dqkv, kept logsumexp",
+        None => "attention dqkv, outside the graph",
+    };
+    let got = super::attention_qkv_bwd(&x, &y, lse.as_ref(), n, h, scale, &probe)?;
+    c.record(what, shape, dtype, &got, want, bwd)
 }
 
 /// A linear layer from `shape[1]` to `outputs` features on `shape[0]` rows, computed in

@@ -114,17 +114,19 @@ __device__ __forceinline__ void load_tile(const bf16 *m, long ld, int row0, int 
     }
 }
 
-// s = A X^T for the 16 rows of `a` and the 64 rows of the tile X: 8 C tiles of 8 columns.
-// The B operand of column tile nt and step kk is X's rows nt * 8 .. + 7, columns kk * 16 ..
-// + 15: two 8 x 8 matrices, so one ldmatrix_x4 fetches two steps (lane l gives the row
-// l % 8 of matrix l / 8).
+// s = A X^T for the 16 rows of `a` and the 64 rows of the tile X: 8 C tiles of 8 columns,
+// of which those from `valid` on (rows of X past the matrix's end, zeros) are left 0
+// without a product. The B operand of column tile nt and step kk is X's rows nt * 8 .. + 7,
+// columns kk * 16 .. + 15: two 8 x 8 matrices, so one ldmatrix_x4 fetches two steps (lane l
+// gives the row l % 8 of matrix l / 8).
 template <int E>
 __device__ __forceinline__ void times_rows(const unsigned (&a)[E / 16][4], const bf16 *x,
-                                           float (&s)[8][4]) {
+                                           int valid, float (&s)[8][4]) {
     const int lane = threadIdx.x & 31, i = lane >> 3, j = lane & 7;
 #pragma unroll
     for (int nt = 0; nt < 8; nt++) {
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        if (nt * 8 >= valid) continue;  // the same for the whole warp
         const bf16 *row = x + (nt * 8 + j) * tile_ld<E>() + (i >> 1) * 16 + (i & 1) * 8;
 #pragma unroll
         for (int kk = 0; kk < E / 16; kk += 2) {
@@ -138,14 +140,16 @@ __device__ __forceinline__ void times_rows(const unsigned (&a)[E / 16][4], const
 }
 
 // acc += P Y for P the 16 x 64 tile `p` (C fragments, made bf16) and Y the 64 rows of a
-// tile.
+// tile, of which those from `valid` on are skipped (their columns of P are 0, so the sum
+// is the same).
 template <int E>
-__device__ __forceinline__ void add_times(const float (&p)[8][4], const bf16 *y,
+__device__ __forceinline__ void add_times(const float (&p)[8][4], const bf16 *y, int valid,
                                           float (&acc)[E / 8][4]) {
     const int lane = threadIdx.x & 31, i = lane >> 3, j = lane & 7;
     constexpr int ld = tile_ld<E>();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
+        if (kk * 16 >= valid) continue;  // the same for the whole warp
         const unsigned a[4] = {
             pack_bf16(p[2 * kk][0], p[2 * kk][1]),
             pack_bf16(p[2 * kk][2], p[2 * kk][3]),
@@ -218,6 +222,18 @@ __device__ __forceinline__ void store_rows(const float (&acc)[E / 8][4], const f
     }
 }
 
+// Each of the 16 rows from row0's logsumexp, m + log(l) (the running maximum and sum of
+// online_softmax), into `lse`; rows past `rows` are not written.
+__device__ __forceinline__ void store_lse(const float (&m)[2], const float (&l)[2], float *lse,
+                                          int row0, int rows) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int row = row0 + g + 8 * i;
+        if (t == 0 && row < rows) lse[row] = m[i] + logf(l[i]);
+    }
+}
+
 // One (image, head): q, k, v rows 3 H E apart in qkv, and its rows of an output-shaped
 // (B * N, H * E) matrix, H E apart.
 struct Head {
@@ -233,14 +249,16 @@ struct Head {
     }
 };
 
-// Forward: out = softmax(scale q k^T) v for 16 queries per warp. Grid (ceil(N / 64), B H),
-// 128 threads. Warps whose rows lie past N compute on zeros and write nothing (they take
-// part in the block's tile copies).
+// Forward: out = softmax(scale q k^T) v for 16 queries per warp, and, where `lse` is not
+// null, each query's logsumexp of its scaled scores into `lse` [B H N] (for the backward).
+// Grid (ceil(N / 64), B H), 128 threads. Warps whose rows lie past N only take part in the
+// block's tile copies.
 template <int E>
-__device__ void flash_fwd(const bf16 *qkv, bf16 *out, int N, int H, float scale) {
+__device__ void flash_fwd(const bf16 *qkv, bf16 *out, float *lse, int N, int H, float scale) {
     __shared__ uint4 kt[TILE_UNITS(E)], vt[TILE_UNITS(E)];
     const Head hd = Head::of<E>(N, H);
     const int q0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
+    const bool active = q0 < N;  // the same for the whole warp
     unsigned qa[E / 16][4];
     load_a<E>(hd.part(qkv, N, 0, E), hd.ld, q0, N, qa);
     float o[E / 8][4] = {};
@@ -249,76 +267,97 @@ __device__ void flash_fwd(const bf16 *qkv, bf16 *out, int N, int H, float scale)
         load_tile<E>(hd.part(qkv, N, 1, E), hd.ld, k0, N, kt);
         load_tile<E>(hd.part(qkv, N, 2, E), hd.ld, k0, N, vt);
         __syncthreads();
-        float s[8][4];
-        times_rows<E>(qa, (const bf16 *)kt, s);
-        online_softmax(s, k0, N, scale, m, l, keep);
+        if (active) {
+            float s[8][4];
+            times_rows<E>(qa, (const bf16 *)kt, N - k0, s);
+            online_softmax(s, k0, N, scale, m, l, keep);
 #pragma unroll
-        for (int en = 0; en < E / 8; en++)
+            for (int en = 0; en < E / 8; en++)
 #pragma unroll
-            for (int r = 0; r < 4; r++) o[en][r] *= keep[HALF(r)];
-        add_times<E>(s, (const bf16 *)vt, o);
+                for (int r = 0; r < 4; r++) o[en][r] *= keep[HALF(r)];
+            add_times<E>(s, (const bf16 *)vt, N - k0, o);
+        }
         __syncthreads();
     }
+    if (!active) return;
     const float f[2] = {1.f / l[0], 1.f / l[1]};
     store_rows<E>(o, f, hd.rows(out, N, E), hd.ld_out, q0, N);
+    if (lse) store_lse(m, l, lse + (long)blockIdx.y * N, q0, N);
 }
 
-// Backward, first kernel: for 16 queries per warp, the softmax's row logsumexp (`stats`
-// [B H N]) and D = rowsum(dout * out) (`stats` [B H N ..]), kept for the second kernel,
-// and dq = scale (p * (dout v^T - D)) k into the q part of dqkv, p recomputed.
+// Backward, first kernel: for 16 queries per warp, D = rowsum(dout * out) into `dot`
+// [B H N], kept for the second kernel, and dq = scale (p * (dout v^T - D)) k into the q
+// part of dqkv, p recomputed from `lse` [B H N], the rows' logsumexp: the forward's where
+// `lse_known`, else computed here in a first pass over the keys and written.
 template <int E>
 __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout, bf16 *dqkv,
-                             float *stats, int N, int H, float scale) {
+                             float *lse, float *dot, int lse_known, int N, int H, float scale) {
     __shared__ uint4 kt[TILE_UNITS(E)], vt[TILE_UNITS(E)];
     const Head hd = Head::of<E>(N, H);
     const int q0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
+    const bool active = q0 < N;  // the same for the whole warp
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bf16 *k = hd.part(qkv, N, 1, E), *v = hd.part(qkv, N, 2, E);
     unsigned qa[E / 16][4], da[E / 16][4];
     load_a<E>(hd.part(qkv, N, 0, E), hd.ld, q0, N, qa);
     const bf16 *d_o = hd.rows(dout, N, E), *o = hd.rows(out, N, E);
     load_a<E>(d_o, hd.ld_out, q0, N, da);
-    float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
-    for (int k0 = 0; k0 < N; k0 += 64) {
-        load_tile<E>(k, hd.ld, k0, N, kt);
-        __syncthreads();
-        float s[8][4];
-        times_rows<E>(qa, (const bf16 *)kt, s);
-        online_softmax(s, k0, N, scale, m, l, keep);
-        __syncthreads();
+    lse += (long)blockIdx.y * N;
+    dot += (long)blockIdx.y * N;
+    float row_lse[2], row_dot[2];
+    if (lse_known) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int row = q0 + g + 8 * i;
+            row_lse[i] = row < N ? lse[row] : 0.f;
+        }
+    } else {
+        float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
+        for (int k0 = 0; k0 < N; k0 += 64) {
+            load_tile<E>(k, hd.ld, k0, N, kt);
+            __syncthreads();
+            if (active) {
+                float s[8][4];
+                times_rows<E>(qa, (const bf16 *)kt, N - k0, s);
+                online_softmax(s, k0, N, scale, m, l, keep);
+            }
+            __syncthreads();
+        }
+        if (active) store_lse(m, l, lse, q0, N);
+#pragma unroll
+        for (int i = 0; i < 2; i++) row_lse[i] = m[i] + logf(l[i]);  // as store_lse writes it
     }
-    float lse[2], dot[2];
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const int row = q0 + g + 8 * i;
-        lse[i] = m[i] + logf(l[i]);
         float d = 0.f;
         if (row < N)
             for (int e = 2 * t; e < E; e += 8)
                 d += to_f32(d_o[row * hd.ld_out + e]) * to_f32(o[row * hd.ld_out + e]) +
                      to_f32(d_o[row * hd.ld_out + e + 1]) * to_f32(o[row * hd.ld_out + e + 1]);
-        dot[i] = quad_sum(d);
-        if (t == 0 && row < N) {
-            stats[(long)blockIdx.y * N + row] = lse[i];
-            stats[((long)gridDim.y + blockIdx.y) * N + row] = dot[i];
-        }
+        row_dot[i] = quad_sum(d);
+        if (t == 0 && row < N) dot[row] = row_dot[i];
     }
     float dq[E / 8][4] = {};
     for (int k0 = 0; k0 < N; k0 += 64) {
         load_tile<E>(k, hd.ld, k0, N, kt);
         load_tile<E>(v, hd.ld, k0, N, vt);
         __syncthreads();
-        float p[8][4], dp[8][4];
-        times_rows<E>(qa, (const bf16 *)kt, p);
-        times_rows<E>(da, (const bf16 *)vt, dp);
+        if (active) {
+            float p[8][4], dp[8][4];
+            times_rows<E>(qa, (const bf16 *)kt, N - k0, p);
+            times_rows<E>(da, (const bf16 *)vt, N - k0, dp);
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+            for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const float pr = k0 + COL(nt, r) < N ? __expf(p[nt][r] * scale - lse[HALF(r)]) : 0.f;
-                p[nt][r] = pr * (dp[nt][r] - dot[HALF(r)]);  // ds
-            }
-        add_times<E>(p, (const bf16 *)kt, dq);
+                for (int r = 0; r < 4; r++) {
+                    const float pr = k0 + COL(nt, r) < N
+                                         ? __expf(p[nt][r] * scale - row_lse[HALF(r)])
+                                         : 0.f;
+                    p[nt][r] = pr * (dp[nt][r] - row_dot[HALF(r)]);  // ds
+                }
+            add_times<E>(p, (const bf16 *)kt, N - k0, dq);
+        }
         __syncthreads();
     }
     const float f[2] = {scale, scale};
@@ -326,17 +365,18 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
 }
 
 // Backward, second kernel: for 16 keys per warp, dv = p^T dout and dk = scale ds^T q, with
-// p and ds recomputed over every query from the first kernel's `stats`.
+// p and ds recomputed over every query from the rows' `lse` and `dot` (the first kernel's).
 template <int E>
-__device__ void flash_bwd_dkv(const bf16 *qkv, const bf16 *dout, const float *stats, bf16 *dqkv,
-                              int N, int H, float scale) {
+__device__ void flash_bwd_dkv(const bf16 *qkv, const bf16 *dout, const float *lse,
+                              const float *dot, bf16 *dqkv, int N, int H, float scale) {
     __shared__ uint4 qt[TILE_UNITS(E)], dt[TILE_UNITS(E)];
     __shared__ float lse_t[64], dot_t[64];
     const Head hd = Head::of<E>(N, H);
     const int k0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
+    const bool active = k0 < N;  // the same for the whole warp
     const bf16 *q = hd.part(qkv, N, 0, E), *d_o = hd.rows(dout, N, E);
-    const float *lse = stats + (long)blockIdx.y * N;
-    const float *dot = stats + ((long)gridDim.y + blockIdx.y) * N;
+    lse += (long)blockIdx.y * N;
+    dot += (long)blockIdx.y * N;
     unsigned ka[E / 16][4], va[E / 16][4];
     load_a<E>(hd.part(qkv, N, 1, E), hd.ld, k0, N, ka);
     load_a<E>(hd.part(qkv, N, 2, E), hd.ld, k0, N, va);
@@ -350,41 +390,45 @@ __device__ void flash_bwd_dkv(const bf16 *qkv, const bf16 *dout, const float *st
             dot_t[threadIdx.x] = row < N ? dot[row] : 0.f;
         }
         __syncthreads();
-        float p[8][4], ds[8][4];
-        times_rows<E>(ka, (const bf16 *)qt, p);  // s^T
-        times_rows<E>(va, (const bf16 *)dt, ds);  // dp^T = v dout^T
+        if (active) {
+            float p[8][4], ds[8][4];
+            times_rows<E>(ka, (const bf16 *)qt, N - q0, p);   // s^T
+            times_rows<E>(va, (const bf16 *)dt, N - q0, ds);  // dp^T = v dout^T
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+            for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int col = COL(nt, r);
-                p[nt][r] = q0 + col < N ? __expf(p[nt][r] * scale - lse_t[col]) : 0.f;
-                ds[nt][r] = q0 + col < N ? p[nt][r] * (ds[nt][r] - dot_t[col]) : 0.f;
-            }
-        add_times<E>(p, (const bf16 *)dt, dv);
-        add_times<E>(ds, (const bf16 *)qt, dk);
+                for (int r = 0; r < 4; r++) {
+                    const int col = COL(nt, r);
+                    p[nt][r] = q0 + col < N ? __expf(p[nt][r] * scale - lse_t[col]) : 0.f;
+                    ds[nt][r] = q0 + col < N ? p[nt][r] * (ds[nt][r] - dot_t[col]) : 0.f;
+                }
+            add_times<E>(p, (const bf16 *)dt, N - q0, dv);
+            add_times<E>(ds, (const bf16 *)qt, N - q0, dk);
+        }
         __syncthreads();
     }
+    if (!active) return;
     const float fk[2] = {scale, scale}, fv[2] = {1.f, 1.f};
     store_rows<E>(dk, fk, (bf16 *)hd.part(dqkv, N, 1, E), hd.ld, k0, N);
     store_rows<E>(dv, fv, (bf16 *)hd.part(dqkv, N, 2, E), hd.ld, k0, N);
 }
 
 #define FLASH(E)                                                                              \
-    extern "C" __global__ void flash_fwd_bf16_##E(const bf16 *qkv, bf16 *out, int N, int H,  \
-                                                  float scale) {                              \
-        flash_fwd<E>(qkv, out, N, H, scale);                                                  \
+    extern "C" __global__ void flash_fwd_bf16_##E(const bf16 *qkv, bf16 *out, float *lse,    \
+                                                  int N, int H, float scale) {                \
+        flash_fwd<E>(qkv, out, lse, N, H, scale);                                             \
     }                                                                                         \
     extern "C" __global__ void flash_bwd_dq_bf16_##E(const bf16 *qkv, const bf16 *out,       \
                                                      const bf16 *dout, bf16 *dqkv,            \
-                                                     float *stats, int N, int H,              \
-                                                     float scale) {                           \
-        flash_bwd_dq<E>(qkv, out, dout, dqkv, stats, N, H, scale);                            \
+                                                     float *lse, float *dot, int lse_known,   \
+                                                     int N, int H, float scale) {             \
+        flash_bwd_dq<E>(qkv, out, dout, dqkv, lse, dot, lse_known, N, H, scale);              \
     }                                                                                         \
     extern "C" __global__ void flash_bwd_dkv_bf16_##E(const bf16 *qkv, const bf16 *dout,     \
-                                                      const float *stats, bf16 *dqkv, int N,  \
-                                                      int H, float scale) {                   \
-        flash_bwd_dkv<E>(qkv, dout, stats, dqkv, N, H, scale);                                \
+                                                      const float *lse, const float *dot,     \
+                                                      bf16 *dqkv, int N, int H,               \
+                                                      float scale) {                          \
+        flash_bwd_dkv<E>(qkv, dout, lse, dot, dqkv, N, H, scale);                             \
     }
 
 FLASH(32)

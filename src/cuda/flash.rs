@@ -61,27 +61,46 @@ fn launch_config(h: &Heads) -> LaunchConfig {
 }
 
 /// `softmax(scale q k^T) v` per head from the packed `qkv` (rows x 3 H E) into a new
-/// (rows x H E) storage.
-pub(super) fn forward(s: &CudaStorage, l: &Layout, h: Heads, scale: f32) -> Result<CudaStorage> {
+/// (rows x H E) storage, and with `keep_lse` each query's logsumexp into a new `B H N` f32
+/// storage (for [`backward`]).
+pub(super) fn forward(
+    s: &CudaStorage,
+    l: &Layout,
+    h: Heads,
+    scale: f32,
+    keep_lse: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dev = s.device();
     let qkv = start(s, l, "qkv")?;
     let out = alloc(dev, DType::BF16, h.elements() / 3)?;
     let out_at = address(&out, 0)?;
+    let lse = match keep_lse {
+        true => Some(alloc(dev, DType::F32, h.batch * h.heads * h.tokens)?),
+        false => None,
+    };
+    let lse_at: CUdeviceptr = match &lse {
+        Some(lse) => address(lse, 0)?,
+        None => 0,
+    };
     let (n, heads) = (h.tokens as i32, h.heads as i32);
     let f = func(dev, &format!("flash_fwd_bf16_{}", h.dim))?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(&qkv).arg(&out_at).arg(&n).arg(&heads).arg(&scale);
+    b.arg(&qkv).arg(&out_at).arg(&lse_at);
+    b.arg(&n).arg(&heads).arg(&scale);
     unsafe { b.launch(launch_config(&h)) }.w()?;
-    Ok(out)
+    Ok((out, lse))
 }
 
 /// `dqkv` from the packed `qkv`, the forward's `out` and its gradient `dout` (all
-/// contiguous bf16), into a new (rows x 3 H E) storage.
+/// contiguous bf16), into a new (rows x 3 H E) storage; `lse` is the forward's logsumexp
+/// per query ([`forward`] with `keep_lse`; the caller checks its size), recomputed here
+/// without it.
 pub(super) fn backward(
     qkv: (&CudaStorage, &Layout),
     out: (&CudaStorage, &Layout),
     dout: (&CudaStorage, &Layout),
+    lse: Option<&CudaStorage>,
     h: Heads,
     scale: f32,
 ) -> Result<CudaStorage> {
@@ -93,27 +112,32 @@ pub(super) fn backward(
     );
     let dqkv = alloc(dev, DType::BF16, h.elements())?;
     let dqkv_at = address(&dqkv, 0)?;
-    // Per query: the logsumexp of its scores, then D = rowsum(dout * out).
-    let stats = alloc(dev, DType::F32, 2 * h.batch * h.heads * h.tokens)?;
-    let stats_at = address(&stats, 0)?;
+    let rows = h.batch * h.heads * h.tokens;
+    // Per query: the logsumexp of its scores (the forward's, or computed by the first
+    // kernel), then D = rowsum(dout * out).
+    let computed = match lse {
+        Some(_) => None,
+        None => Some(alloc(dev, DType::F32, rows)?),
+    };
+    let lse_at = address(lse.or(computed.as_ref()).expect("one of the two"), 0)?;
+    let dot = alloc(dev, DType::F32, rows)?;
+    let dot_at = address(&dot, 0)?;
+    let lse_known = i32::from(lse.is_some());
     let (n, heads) = (h.tokens as i32, h.heads as i32);
     let stream = dev.cuda_stream();
     let f = func(dev, &format!("flash_bwd_dq_bf16_{}", h.dim))?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&qkv)
-        .arg(&out)
-        .arg(&dout)
-        .arg(&dqkv_at)
-        .arg(&stats_at);
+    b.arg(&qkv).arg(&out).arg(&dout).arg(&dqkv_at);
+    b.arg(&lse_at).arg(&dot_at).arg(&lse_known);
     b.arg(&n).arg(&heads).arg(&scale);
     unsafe { b.launch(launch_config(&h)) }.w()?;
     let f = func(dev, &format!("flash_bwd_dkv_bf16_{}", h.dim))?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&qkv).arg(&dout).arg(&stats_at).arg(&dqkv_at);
+    b.arg(&qkv).arg(&dout).arg(&lse_at).arg(&dot_at).arg(&dqkv_at);
     b.arg(&n).arg(&heads).arg(&scale);
     unsafe { b.launch(launch_config(&h)) }.w()?;
     // Freed in stream order (cudarc frees on the stream, or synchronises first), after
-    // the kernels that read it.
-    drop(stats);
+    // the kernels that read them.
+    drop((computed, dot));
     Ok(dqkv)
 }

@@ -36,7 +36,7 @@ pub mod pinned;
 mod tokens;
 
 pub use adamw::{AdamWSlot, AdamWStep, adamw, sum_squares};
-pub use attention::{attention_qkv, attention_qkv_bwd};
+pub use attention::{attention_qkv, attention_qkv_bwd, attention_qkv_lse};
 pub use gather::gather_rows;
 pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;

@@ -13,8 +13,9 @@
 //! blocks are ordinary graph nodes. `compare_stack` measures the two against each other;
 //! a CPU test and `mimco bench kernels` on the GPU run it.
 //!
-//! The stack keeps per block its input, `qkv`, the attention output, the residual stream
-//! after attention and the GELU output; the two LayerNorms are recomputed in the backward
+//! The stack keeps per block its input, `qkv`, the attention output (and on the
+//! tensor-core path its logsumexp per query, so that the backward does not recompute it),
+//! the residual stream after attention and the GELU output; the two LayerNorms are recomputed in the backward
 //! (one cheap pass each) rather than kept, and the f32 outputs of `attn.proj` and
 //! `mlp.fc2` are not kept at all (the graph kept both).
 
@@ -90,6 +91,8 @@ struct Saved {
     x: Tensor,
     qkv: Tensor,
     attention: Tensor,
+    /// The attention's logsumexp per query, where its kernels keep one.
+    lse: Option<Tensor>,
     x1: Tensor,
     hidden: Tensor,
 }
@@ -118,12 +121,27 @@ impl Block {
 
     /// The block on `x`, `(B * N, D)` (2D, so that no reshape adds nodes to the graph),
     /// and what its backward needs. The residual stream `x` stays f32; each branch
-    /// computes in `compute`.
-    fn forward(&self, x: &Tensor, tokens: usize, compute: DType) -> Result<(Tensor, Saved)> {
+    /// computes in `compute`. With `keep`, the caller runs [`Block::backward`] and the
+    /// attention keeps what that can reuse (outside the graph); without it, the graph
+    /// records the attention's backward.
+    fn forward(
+        &self,
+        x: &Tensor,
+        tokens: usize,
+        compute: DType,
+        keep: bool,
+    ) -> Result<(Tensor, Saved)> {
         let qkv = self
             .qkv
             .forward_act(&self.norm1.forward_to(x, compute)?, Act::Identity)?;
-        let attention = functional::attention_qkv(&qkv, tokens, self.heads, self.scale()?)?;
+        let (attention, lse) = match keep {
+            true => functional::attention_qkv_lse(&qkv, tokens, self.heads, self.scale()?)?,
+            false => {
+                let attention =
+                    functional::attention_qkv(&qkv, tokens, self.heads, self.scale()?)?;
+                (attention, None)
+            }
+        };
         let x1 = self.proj.forward_residual(&attention, x)?;
         let hidden = self
             .fc1
@@ -133,6 +151,7 @@ impl Block {
             x: x.clone(),
             qkv,
             attention,
+            lse,
             x1,
             hidden,
         };
@@ -163,6 +182,7 @@ impl Block {
         let d_qkv = backward::attention_qkv(
             &s.qkv,
             &s.attention,
+            s.lse.as_ref(),
             tokens,
             self.heads,
             self.scale()?,
@@ -243,7 +263,7 @@ pub(crate) fn forward(
 fn nodes(blocks: &[Block], x: &Tensor, tokens: usize, compute: DType) -> Result<Tensor> {
     let mut y = x.clone();
     for block in blocks {
-        y = block.forward(&y, tokens, compute)?.0;
+        y = block.forward(&y, tokens, compute, false)?.0;
     }
     Ok(y)
 }
@@ -276,7 +296,7 @@ fn stack(blocks: &[Block], x: &Tensor, tokens: usize, compute: DType) -> Result<
     let mut y = x.detach();
     let mut saved = Vec::with_capacity(blocks.len());
     for block in &blocks {
-        let (next, s) = block.forward(&y, tokens, compute)?;
+        let (next, s) = block.forward(&y, tokens, compute, true)?;
         saved.push(s);
         y = next;
     }

@@ -572,16 +572,33 @@ static void flash(int B, int H, int N, int E) {
     const auto qkv_v = random_values<bf16>((size_t)B * N * 3 * D, -1.5, 1.5);
     const auto dout_v = random_values<bf16>((size_t)B * N * D, -1, 1);
     Buffer<bf16> qkv(qkv_v), out((size_t)B * N * D), dout(dout_v), dqkv((size_t)B * N * 3 * D);
-    Buffer<float> stats((size_t)2 * B * H * N);
+    Buffer<float> lse((size_t)B * H * N), dot((size_t)B * H * N), lse_fwd((size_t)B * H * N);
     const dim3 grid{(unsigned)(N + 63) / 64, (unsigned)(B * H)};
     auto fwd = E == 32 ? flash_fwd_bf16_32 : flash_fwd_bf16_64;
     auto bwd_dq = E == 32 ? flash_bwd_dq_bf16_32 : flash_bwd_dq_bf16_64;
     auto bwd_dkv = E == 32 ? flash_bwd_dkv_bf16_32 : flash_bwd_dkv_bf16_64;
-    launch(fwd, grid, {128}, (const bf16 *)qkv.p, out.p, N, H, (float)scale);
+    launch(fwd, grid, {128}, (const bf16 *)qkv.p, out.p, lse_fwd.p, N, H, (float)scale);
+    // The backward as the graph's node runs it (the logsumexp computed in the dq kernel) ...
     launch(bwd_dq, grid, {128}, (const bf16 *)qkv.p, (const bf16 *)out.p, (const bf16 *)dout.p,
-           dqkv.p, stats.p, N, H, (float)scale);
+           dqkv.p, lse.p, dot.p, 0, N, H, (float)scale);
+    launch(bwd_dkv, grid, {128}, (const bf16 *)qkv.p, (const bf16 *)dout.p, (const float *)lse.p,
+           (const float *)dot.p, dqkv.p, N, H, (float)scale);
+    // ... and as the blocks node runs it, from the forward's logsumexp: the same bits.
+    Buffer<bf16> out2((size_t)B * N * D), dqkv2((size_t)B * N * 3 * D);
+    Buffer<float> dot2((size_t)B * H * N);
+    launch(fwd, grid, {128}, (const bf16 *)qkv.p, out2.p, (float *)nullptr, N, H, (float)scale);
+    launch(bwd_dq, grid, {128}, (const bf16 *)qkv.p, (const bf16 *)out.p, (const bf16 *)dout.p,
+           dqkv2.p, lse_fwd.p, dot2.p, 1, N, H, (float)scale);
     launch(bwd_dkv, grid, {128}, (const bf16 *)qkv.p, (const bf16 *)dout.p,
-           (const float *)stats.p, dqkv.p, N, H, (float)scale);
+           (const float *)lse_fwd.p, (const float *)dot2.p, dqkv2.p, N, H, (float)scale);
+    const std::string what = "(B " + std::to_string(B) + ", H " + std::to_string(H) + ", N " +
+                             std::to_string(N) + ", E " + std::to_string(E) + ")";
+    expect(std::memcmp(out.p, out2.p, out2.n * sizeof(bf16)) == 0,
+           "flash_fwd without logsumexp gives the same output " + what, 0);
+    expect(std::memcmp(lse.p, lse_fwd.p, lse.n * sizeof(float)) == 0,
+           "flash_fwd's logsumexp is the dq kernel's " + what, 0);
+    expect(std::memcmp(dqkv.p, dqkv2.p, dqkv.n * sizeof(bf16)) == 0,
+           "flash_bwd from the forward's logsumexp gives the same dqkv " + what, 0);
     std::vector<double> want_out((size_t)B * N * D), want_d((size_t)B * N * 3 * D);
     auto at = [&](int b, int t, int part, int h, int e) {
         return (((size_t)b * N + t) * 3 + part) * D + h * E + e;
@@ -633,8 +650,6 @@ static void flash(int B, int H, int N, int E) {
                     want_d[at(b, i, 2, h, e)] = dv;
                 }
         }
-    const std::string what = "(B " + std::to_string(B) + ", H " + std::to_string(H) + ", N " +
-                             std::to_string(N) + ", E " + std::to_string(E) + ")";
     expect_close(out.p, want_out, "flash_fwd " + what, 1e-2);
     // Each part of dqkv on its own, so that a part left unwritten shows.
     for (int part = 0; part < 3; part++) {
