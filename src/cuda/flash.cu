@@ -16,8 +16,10 @@
 // E + 8 elements, so that the eight 16-byte rows ldmatrix reads at a time fall in
 // different banks), and its 4 warps load their B operands from there with ldmatrix, four
 // 8 x 8 matrices per instruction (transposed for the products with P): each tile leaves
-// global memory once per block instead of once per warp in 4-byte pieces. Every address
-// of qkv, out and dout is 16-byte aligned (the host checks).
+// global memory once per block instead of once per warp in 4-byte pieces. The copies are
+// asynchronous (cp.async) and double-buffered: the block asks for tile i + 1 before it
+// computes on tile i, so the loads overlap the products instead of stalling every warp at
+// each tile. Every address of qkv, out and dout is 16-byte aligned (the host checks).
 
 #ifndef MIMCO_MMA_ON_CPU
 // c += a b for one m16n8k16 tile.
@@ -57,6 +59,41 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const bf16 *
                  : "r"(at));
 #else
     __trap();
+#endif
+}
+
+// cp.async (sm_80): `bytes` (4 or 16) from global `src` to shared `dst` without passing
+// through registers, the bytes from `valid` on zero-filled (valid 0: all zeros, src not
+// read). The copy lands once copy_wait lets it: the caller waits, then synchronises the
+// block, before reading.
+template <int bytes>
+__device__ __forceinline__ void copy_async(void *dst, const void *src, int valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned at = (unsigned)__cvta_generic_to_shared(dst);
+    if constexpr (bytes == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at), "l"(src),
+                     "r"(valid)
+                     : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(at), "l"(src),
+                     "r"(valid)
+                     : "memory");
+#else
+    __trap();
+#endif
+}
+
+// Closes the group of this thread's copies asked for since the last commit.
+__device__ __forceinline__ void copy_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most `pending` of this thread's committed groups are still in flight.
+template <int pending> __device__ __forceinline__ void copy_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
 #endif
 }
 #endif
@@ -111,6 +148,20 @@ __device__ __forceinline__ void load_tile(const bf16 *m, long ld, int row0, int 
         const int r = c / units, k = c % units;
         tile[r * (tile_ld<E>() / 8) + k] =
             row0 + r < rows ? *(const uint4 *)(m + (row0 + r) * ld + k * 8) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// load_tile with cp.async: asks for the copies, which land after copy_commit and
+// copy_wait (the caller's, then a __syncthreads).
+template <int E>
+__device__ __forceinline__ void fetch_tile(const bf16 *m, long ld, int row0, int rows,
+                                           uint4 *tile) {
+    constexpr int units = E / 8;  // per row
+    for (int c = threadIdx.x; c < 64 * units; c += blockDim.x) {
+        const int r = c / units, k = c % units;
+        const bool in = row0 + r < rows;
+        copy_async<16>(tile + r * (tile_ld<E>() / 8) + k, in ? m + (row0 + r) * ld + k * 8 : m,
+                       in ? 16 : 0);
     }
 }
 
@@ -255,29 +306,37 @@ struct Head {
 // block's tile copies.
 template <int E>
 __device__ void flash_fwd(const bf16 *qkv, bf16 *out, float *lse, int N, int H, float scale) {
-    __shared__ uint4 kt[TILE_UNITS(E)], vt[TILE_UNITS(E)];
+    __shared__ uint4 kt[2][TILE_UNITS(E)], vt[2][TILE_UNITS(E)];
     const Head hd = Head::of<E>(N, H);
     const int q0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
     const bool active = q0 < N;  // the same for the whole warp
+    const bf16 *k = hd.part(qkv, N, 1, E), *v = hd.part(qkv, N, 2, E);
+    fetch_tile<E>(k, hd.ld, 0, N, kt[0]);
+    fetch_tile<E>(v, hd.ld, 0, N, vt[0]);
+    copy_commit();
     unsigned qa[E / 16][4];
     load_a<E>(hd.part(qkv, N, 0, E), hd.ld, q0, N, qa);
     float o[E / 8][4] = {};
     float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
-    for (int k0 = 0; k0 < N; k0 += 64) {
-        load_tile<E>(hd.part(qkv, N, 1, E), hd.ld, k0, N, kt);
-        load_tile<E>(hd.part(qkv, N, 2, E), hd.ld, k0, N, vt);
+    for (int k0 = 0, buf = 0; k0 < N; k0 += 64, buf ^= 1) {
+        if (k0 + 64 < N) {  // the next tiles, into the other buffers
+            fetch_tile<E>(k, hd.ld, k0 + 64, N, kt[buf ^ 1]);
+            fetch_tile<E>(v, hd.ld, k0 + 64, N, vt[buf ^ 1]);
+        }
+        copy_commit();
+        copy_wait<1>();  // this tile's copies have landed (the next may be in flight)
         __syncthreads();
         if (active) {
             float s[8][4];
-            times_rows<E>(qa, (const bf16 *)kt, N - k0, s);
+            times_rows<E>(qa, (const bf16 *)kt[buf], N - k0, s);
             online_softmax(s, k0, N, scale, m, l, keep);
 #pragma unroll
             for (int en = 0; en < E / 8; en++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) o[en][r] *= keep[HALF(r)];
-            add_times<E>(s, (const bf16 *)vt, N - k0, o);
+            add_times<E>(s, (const bf16 *)vt[buf], N - k0, o);
         }
-        __syncthreads();
+        __syncthreads();  // before the next fetch overwrites this tile
     }
     if (!active) return;
     const float f[2] = {1.f / l[0], 1.f / l[1]};
@@ -292,7 +351,7 @@ __device__ void flash_fwd(const bf16 *qkv, bf16 *out, float *lse, int N, int H, 
 template <int E>
 __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout, bf16 *dqkv,
                              float *lse, float *dot, int lse_known, int N, int H, float scale) {
-    __shared__ uint4 kt[TILE_UNITS(E)], vt[TILE_UNITS(E)];
+    __shared__ uint4 kt[2][TILE_UNITS(E)], vt[2][TILE_UNITS(E)];
     const Head hd = Head::of<E>(N, H);
     const int q0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
     const bool active = q0 < N;  // the same for the whole warp
@@ -314,11 +373,11 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
     } else {
         float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
         for (int k0 = 0; k0 < N; k0 += 64) {
-            load_tile<E>(k, hd.ld, k0, N, kt);
+            load_tile<E>(k, hd.ld, k0, N, kt[0]);
             __syncthreads();
             if (active) {
                 float s[8][4];
-                times_rows<E>(qa, (const bf16 *)kt, N - k0, s);
+                times_rows<E>(qa, (const bf16 *)kt[0], N - k0, s);
                 online_softmax(s, k0, N, scale, m, l, keep);
             }
             __syncthreads();
@@ -327,6 +386,9 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
 #pragma unroll
         for (int i = 0; i < 2; i++) row_lse[i] = m[i] + logf(l[i]);  // as store_lse writes it
     }
+    fetch_tile<E>(k, hd.ld, 0, N, kt[0]);  // the main loop's first tiles
+    fetch_tile<E>(v, hd.ld, 0, N, vt[0]);
+    copy_commit();
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const int row = q0 + g + 8 * i;
@@ -339,14 +401,18 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
         if (t == 0 && row < N) dot[row] = row_dot[i];
     }
     float dq[E / 8][4] = {};
-    for (int k0 = 0; k0 < N; k0 += 64) {
-        load_tile<E>(k, hd.ld, k0, N, kt);
-        load_tile<E>(v, hd.ld, k0, N, vt);
+    for (int k0 = 0, buf = 0; k0 < N; k0 += 64, buf ^= 1) {
+        if (k0 + 64 < N) {
+            fetch_tile<E>(k, hd.ld, k0 + 64, N, kt[buf ^ 1]);
+            fetch_tile<E>(v, hd.ld, k0 + 64, N, vt[buf ^ 1]);
+        }
+        copy_commit();
+        copy_wait<1>();
         __syncthreads();
         if (active) {
             float p[8][4], dp[8][4];
-            times_rows<E>(qa, (const bf16 *)kt, N - k0, p);
-            times_rows<E>(da, (const bf16 *)vt, N - k0, dp);
+            times_rows<E>(qa, (const bf16 *)kt[buf], N - k0, p);
+            times_rows<E>(da, (const bf16 *)vt[buf], N - k0, dp);
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
@@ -356,7 +422,7 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
                                          : 0.f;
                     p[nt][r] = pr * (dp[nt][r] - row_dot[HALF(r)]);  // ds
                 }
-            add_times<E>(p, (const bf16 *)kt, N - k0, dq);
+            add_times<E>(p, (const bf16 *)kt[buf], N - k0, dq);
         }
         __syncthreads();
     }
@@ -369,41 +435,51 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
 template <int E>
 __device__ void flash_bwd_dkv(const bf16 *qkv, const bf16 *dout, const float *lse,
                               const float *dot, bf16 *dqkv, int N, int H, float scale) {
-    __shared__ uint4 qt[TILE_UNITS(E)], dt[TILE_UNITS(E)];
-    __shared__ float lse_t[64], dot_t[64];
+    __shared__ uint4 qt[2][TILE_UNITS(E)], dt[2][TILE_UNITS(E)];
+    __shared__ float lse_t[2][64], dot_t[2][64];
     const Head hd = Head::of<E>(N, H);
     const int k0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
     const bool active = k0 < N;  // the same for the whole warp
     const bf16 *q = hd.part(qkv, N, 0, E), *d_o = hd.rows(dout, N, E);
     lse += (long)blockIdx.y * N;
     dot += (long)blockIdx.y * N;
+    // Tile q0's queries, their output gradients and their rows' lse and dot (0 past N).
+    auto fetch = [&](int q0, int buf) {
+        fetch_tile<E>(q, hd.ld, q0, N, qt[buf]);
+        fetch_tile<E>(d_o, hd.ld_out, q0, N, dt[buf]);
+        if (threadIdx.x < 64) {
+            const int row = q0 + threadIdx.x;
+            const bool in = row < N;
+            copy_async<4>(&lse_t[buf][threadIdx.x], in ? lse + row : lse, in ? 4 : 0);
+            copy_async<4>(&dot_t[buf][threadIdx.x], in ? dot + row : dot, in ? 4 : 0);
+        }
+    };
+    fetch(0, 0);
+    copy_commit();
     unsigned ka[E / 16][4], va[E / 16][4];
     load_a<E>(hd.part(qkv, N, 1, E), hd.ld, k0, N, ka);
     load_a<E>(hd.part(qkv, N, 2, E), hd.ld, k0, N, va);
     float dk[E / 8][4] = {}, dv[E / 8][4] = {};
-    for (int q0 = 0; q0 < N; q0 += 64) {
-        load_tile<E>(q, hd.ld, q0, N, qt);
-        load_tile<E>(d_o, hd.ld_out, q0, N, dt);
-        if (threadIdx.x < 64) {
-            const int row = q0 + threadIdx.x;
-            lse_t[threadIdx.x] = row < N ? lse[row] : 0.f;
-            dot_t[threadIdx.x] = row < N ? dot[row] : 0.f;
-        }
+    for (int q0 = 0, buf = 0; q0 < N; q0 += 64, buf ^= 1) {
+        if (q0 + 64 < N) fetch(q0 + 64, buf ^ 1);
+        copy_commit();
+        copy_wait<1>();
         __syncthreads();
         if (active) {
             float p[8][4], ds[8][4];
-            times_rows<E>(ka, (const bf16 *)qt, N - q0, p);   // s^T
-            times_rows<E>(va, (const bf16 *)dt, N - q0, ds);  // dp^T = v dout^T
+            times_rows<E>(ka, (const bf16 *)qt[buf], N - q0, p);   // s^T
+            times_rows<E>(va, (const bf16 *)dt[buf], N - q0, ds);  // dp^T = v dout^T
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int col = COL(nt, r);
-                    p[nt][r] = q0 + col < N ? __expf(p[nt][r] * scale - lse_t[col]) : 0.f;
-                    ds[nt][r] = q0 + col < N ? p[nt][r] * (ds[nt][r] - dot_t[col]) : 0.f;
+                    const float lse_q = lse_t[buf][col], dot_q = dot_t[buf][col];
+                    p[nt][r] = q0 + col < N ? __expf(p[nt][r] * scale - lse_q) : 0.f;
+                    ds[nt][r] = q0 + col < N ? p[nt][r] * (ds[nt][r] - dot_q) : 0.f;
                 }
-            add_times<E>(p, (const bf16 *)dt, N - q0, dv);
-            add_times<E>(ds, (const bf16 *)qt, N - q0, dk);
+            add_times<E>(p, (const bf16 *)dt[buf], N - q0, dv);
+            add_times<E>(ds, (const bf16 *)qt[buf], N - q0, dk);
         }
         __syncthreads();
     }

@@ -1,9 +1,10 @@
 //! Attention on tensor cores (`flash.cu`): bf16 heads of 32 or 64 elements on sm_80 and
 //! newer, read from the packed `qkv` and written to the packed output, so no copy splits or
-//! merges the heads, and the scores are never stored. The forward is one kernel; the
-//! backward two: one for `dq`, which also keeps each query's logsumexp and the row sums of
-//! `dout` times `out`, then one for `dk` and `dv` from those. [`super::attention_qkv`]
-//! sends its other cases (f32, other head widths, older GPUs) through cuBLAS.
+//! merges the heads, and the scores are never stored. The forward is one kernel, which can
+//! keep each query's logsumexp; the backward two: one for `dq`, which also keeps the row
+//! sums of `dout` times `out` (and computes the logsumexp first where the forward's was not
+//! kept), then one for `dk` and `dv` from those. [`super::attention_qkv`] sends its other
+//! cases (f32, other head widths, older GPUs) through cuBLAS.
 //!
 //! The kernels' arithmetic is tested on the CPU (`tests/kernels_on_cpu.sh`, with the
 //! tensor-core tile emulated); `mimco bench kernels` checks these launches on a GPU.

@@ -152,6 +152,46 @@ inline void ldmatrix_x4_trans(unsigned (&r)[4], const unsigned short *row) {
     ldmatrix_lanes(r, row, true);
 }
 
+// cp.async for kernels that use it through copy_async, copy_commit and copy_wait: each
+// thread queues its copies and lands them in copy_wait, as late as the PTX ISA allows, so
+// that a kernel reading a buffer before waiting for it reads stale bytes; with
+// `copies_land_early` they land when asked for instead, so that a copy overwriting a buffer
+// other warps still read shows (when the threads' timing lets it).
+struct PendingCopy {
+    void *dst;
+    const void *src;
+    int bytes, valid;
+};
+inline bool copies_land_early = false;
+inline thread_local std::vector<PendingCopy> copies_open;
+inline thread_local std::vector<std::vector<PendingCopy>> copies_committed;
+inline void land(const PendingCopy &c) {
+    std::memcpy(c.dst, c.src, (size_t)c.valid);
+    std::memset((char *)c.dst + c.valid, 0, (size_t)(c.bytes - c.valid));
+}
+template <int bytes> inline void copy_async(void *dst, const void *src, int valid) {
+    if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0 ||
+        valid < 0 || valid > bytes) {
+        std::fprintf(stderr, "cp.async: misaligned address or bad source size\n");
+        std::abort();
+    }
+    const PendingCopy c{dst, src, bytes, valid};
+    if (copies_land_early)
+        land(c);
+    else
+        copies_open.push_back(c);
+}
+inline void copy_commit() {
+    copies_committed.push_back(std::move(copies_open));
+    copies_open.clear();
+}
+template <int pending> inline void copy_wait() {
+    while (copies_committed.size() > (size_t)pending) {
+        for (const auto &c : copies_committed.front()) land(c);
+        copies_committed.erase(copies_committed.begin());
+    }
+}
+
 // Runs `kernel` over `grid` x `block`: blocks in turn, the threads of a block together. A
 // thread that returns leaves its warp's and its block's barriers, so the others never wait
 // on it.

@@ -720,10 +720,13 @@ int main() {
     normalize_check();
     sum_squares_check();
     tokens_check();
-    flash(1, 2, 70, 64);
-    flash(2, 1, 33, 32);
-    flash(1, 1, 197, 64);
-    flash(3, 2, 5, 32);  // fewer tokens than a warp's 16 rows
+    for (bool early : {false, true}) {  // cp.async copies landing at the wait, and at once
+        copies_land_early = early;
+        flash(1, 2, 70, 64);
+        flash(2, 1, 33, 32);
+        flash(1, 1, 197, 64);
+        flash(3, 2, 5, 32);  // fewer tokens than a warp's 16 rows
+    }
     std::printf("kernels on CPU: %d checks passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
