@@ -134,7 +134,11 @@ pub(super) fn backward(
     unsafe { b.launch(launch_config(&h)) }.w()?;
     let f = func(dev, &format!("flash_bwd_dkv_bf16_{}", h.dim))?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&qkv).arg(&dout).arg(&lse_at).arg(&dot_at).arg(&dqkv_at);
+    b.arg(&qkv)
+        .arg(&dout)
+        .arg(&lse_at)
+        .arg(&dot_at)
+        .arg(&dqkv_at);
     b.arg(&n).arg(&heads).arg(&scale);
     unsafe { b.launch(launch_config(&h)) }.w()?;
     // Freed in stream order (cudarc frees on the stream, or synchronises first), after

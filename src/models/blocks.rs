@@ -137,8 +137,7 @@ impl Block {
         let (attention, lse) = match keep {
             true => functional::attention_qkv_lse(&qkv, tokens, self.heads, self.scale()?)?,
             false => {
-                let attention =
-                    functional::attention_qkv(&qkv, tokens, self.heads, self.scale()?)?;
+                let attention = functional::attention_qkv(&qkv, tokens, self.heads, self.scale()?)?;
                 (attention, None)
             }
         };
