@@ -35,6 +35,10 @@ pub enum FastPath {
     /// The residual joins folded into the linear layer's bias pass and the LayerNorm
     /// backward (where no gradient is recorded); else separate additions.
     Residual,
+    /// The linear layer's bias (and residual join) in cuBLASLt's epilogue, and its bias
+    /// gradient from the weight gradient's product (`cuda/epilogue.rs`); else separate
+    /// passes.
+    Epilogue,
 }
 
 static WITHOUT: AtomicU8 = AtomicU8::new(0);

@@ -134,7 +134,8 @@ enum BenchKind {
         /// With `fused`, turn off these fast paths to measure what each buys:
         /// `flash` (attention on tensor cores), `blocks-node` (the student's blocks as one
         /// graph node), `stem` (mask blend, CLS token and positions as one node),
-        /// `residual` (the residual joins inside the bias and LayerNorm-backward passes).
+        /// `residual` (the residual joins inside the bias and LayerNorm-backward passes),
+        /// `epilogue` (the bias, residual join and bias gradient in cuBLASLt's epilogue).
         #[arg(long, value_enum, value_delimiter = ',')]
         without: Vec<FastPathArg>,
         /// cpu, cuda, cuda:N, or auto.
@@ -171,6 +172,7 @@ enum FastPathArg {
     BlocksNode,
     Stem,
     Residual,
+    Epilogue,
 }
 
 impl FastPathArg {
@@ -181,6 +183,7 @@ impl FastPathArg {
             FastPathArg::BlocksNode => FastPath::BlocksNode,
             FastPathArg::Stem => FastPath::Stem,
             FastPathArg::Residual => FastPath::Residual,
+            FastPathArg::Epilogue => FastPath::Epilogue,
         }
     }
 
@@ -190,6 +193,7 @@ impl FastPathArg {
             FastPathArg::BlocksNode => "blocks-node",
             FastPathArg::Stem => "stem",
             FastPathArg::Residual => "residual",
+            FastPathArg::Epilogue => "epilogue",
         }
     }
 }

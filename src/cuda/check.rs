@@ -313,6 +313,13 @@ fn linear(
         };
         c.record(&what(name), shape, dtype, got, want, bwd)?;
     }
+    if act == Act::Identity && out == DType::F32 {
+        // With the residual join (the teacher's and the blocks node's forward).
+        let residual = c.random(&[shape[0], outputs], 1.0, 0.0)?;
+        let y = super::linear_residual(&x, &w, &b, &residual)?;
+        let y64 = (&z64 + residual.to_dtype(DType::F64)?)?;
+        c.record(&what("y + residual"), shape, dtype, &y, &y64, fwd)?;
+    }
     Ok(())
 }
 

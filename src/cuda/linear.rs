@@ -14,7 +14,12 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use half::bf16;
 
+use candle_core::Storage;
+use candle_core::op::BackpropOp;
+
+use super::attention::{address, alloc};
 use super::bias::{BiasActBwd, ColumnSum};
+use super::epilogue;
 use super::*;
 use crate::functional::Act;
 
@@ -136,19 +141,44 @@ impl CustomOp3 for Linear {
             Some(w) => (w, Layout::contiguous((outputs, inputs))),
             None => (ws, wl.clone()),
         };
-        let y = xs.matmul(w, (1, rows, outputs, inputs), xl, &w_at.transpose(0, 1)?)?;
         let dev = xs.device();
+        // The residual's storage stays borrowed until the launch is queued.
+        let residual = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let residual = match &residual {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cuda(s) if l.is_contiguous() => Some((s, l)),
+                _ => bail!("linear: the residual is not a contiguous GPU tensor"),
+            },
+            None => None,
+        };
+        if self.act == 0 && bl.is_contiguous() {
+            // The product with the bias (and the residual) in its epilogue.
+            let y = alloc(dev, self.out, rows * outputs)?;
+            let res = match residual {
+                Some((s, l)) => Some(address(s, l.start_offset())?),
+                None => None,
+            };
+            let ran = epilogue::linear_forward(
+                dev,
+                (xs.dtype(), self.out),
+                (rows, inputs, outputs),
+                address(xs, xl.start_offset())?,
+                address(w, w_at.start_offset())?,
+                address(bs, bl.start_offset())?,
+                res,
+                address(&y, 0)?,
+            )?;
+            if ran {
+                return Ok((y, Shape::from((rows, outputs))));
+            }
+        }
+        let y = xs.matmul(w, (1, rows, outputs, inputs), xl, &w_at.transpose(0, 1)?)?;
         let b = contiguous::<f32>(bs, bl, "bias")?;
         let in_dt = dtype_name(xs.dtype())?;
         let n = rows * outputs;
         let y_at = Layout::contiguous((rows, outputs));
-        // The residual's storage stays borrowed until the launch is queued.
-        let residual = self.residual.as_ref().map(Tensor::storage_and_layout);
-        let res = match &residual {
-            Some((s, l)) => match &**s {
-                candle_core::Storage::Cuda(s) => Some(contiguous::<f32>(s, l, "residual")?),
-                _ => bail!("linear: the residual is not on the GPU"),
-            },
+        let res = match residual {
+            Some((s, l)) => Some(contiguous::<f32>(s, l, "residual")?),
             None => None,
         };
         // bias_act_fwd_<dt>(x, bias, y, n, cols, act), bias_add_<in>_<out>(x, bias, y, n,
@@ -249,9 +279,49 @@ fn linear_code_bwd(
                 .apply_op3_no_bwd(bias, &g, &BiasActBwd(act))?
         }
     };
-    let db = g.apply_op1_no_bwd(&ColumnSum)?;
-    let g = g.to_dtype(x.dtype())?;
-    let dx = g.matmul(&w)?;
-    let dw = g.t()?.matmul(x)?.to_dtype(DType::F32)?;
+    let g_in = g.to_dtype(x.dtype())?;
+    let dx = g_in.matmul(&w)?;
+    let (dw, db) = match weight_grad(x, &g_in)? {
+        Some(both) => both,
+        None => (
+            g_in.t()?.matmul(x)?.to_dtype(DType::F32)?,
+            g.apply_op1_no_bwd(&ColumnSum)?,
+        ),
+    };
     Ok((dx, dw, db))
+}
+
+/// `(dw, db)` in f32 for the input `x` `(rows, in)` and the output gradient `g` `(rows,
+/// out)` in the dtype of `x`, by one cuBLASLt product; `None` where it does not take them.
+fn weight_grad(x: &Tensor, g: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return Ok(None);
+    };
+    let ((rows, ins), outs) = (x.dims2()?, g.dim(1)?);
+    let (x, g) = (x.contiguous()?, g.contiguous()?);
+    let dw = alloc(dev, DType::F32, outs * ins)?;
+    let db = alloc(dev, DType::F32, outs)?;
+    let ran = {
+        let ((xs, xl), (gs, gl)) = (x.storage_and_layout(), g.storage_and_layout());
+        let (Storage::Cuda(xs), Storage::Cuda(gs)) = (&*xs, &*gs) else {
+            return Ok(None);
+        };
+        epilogue::linear_weight_grad(
+            dev,
+            x.dtype(),
+            (rows, ins, outs),
+            address(xs, xl.start_offset())?,
+            address(gs, gl.start_offset())?,
+            address(&dw, 0)?,
+            address(&db, 0)?,
+        )?
+    };
+    let tensor =
+        |s, shape: Shape| Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false);
+    Ok(ran.then(|| {
+        (
+            tensor(dw, Shape::from((outs, ins))),
+            tensor(db, Shape::from(outs)),
+        )
+    }))
 }

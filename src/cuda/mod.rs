@@ -7,7 +7,8 @@
 //!   the heads' concatenated outputs, one graph node with its backward: on tensor cores
 //!   (`flash.cu`) for bf16 heads of 32 or 64 on sm_80 and newer, through cuBLAS otherwise.
 //! - [`linear()`]: `act(x W^T + b)` from f32 master weights, written in the next layer's
-//!   dtype.
+//!   dtype; the bias, the residual join and the bias gradient in cuBLASLt's epilogue
+//!   where it takes them (`epilogue.rs`).
 //! - [`info_nce()`]: MimCo's InfoNCE against a queue, per row, with its backward.
 //! - [`normalize_u8`], [`patchify`]: the images' way in, one pass each, no backward.
 //! - [`gather_rows`]: rows picked by index, the backward scattering them back.
@@ -25,6 +26,7 @@ mod adamw;
 mod attention;
 mod bias;
 pub mod check;
+mod epilogue;
 mod flash;
 mod gather;
 mod gemm;
