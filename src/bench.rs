@@ -1,16 +1,17 @@
 //! `mimco bench train`: optimiser steps of a config at full speed, on synthetic uint8
 //! batches or on the pipeline's real batches, timed and counted.
 //!
-//! Every step is the trainer's own (`Trainer::feed_uint8`: upload, normalise, teacher
-//! forward, student forward and backward, heads, losses, clipping, AdamW, EMA); each ends
-//! with the loss read back, so the host clock measures finished GPU work. FLOPs count the
+//! Every step is the trainer's own (`Trainer::upload` of the next batch, then
+//! `Trainer::feed_staged`: normalise, teacher forward, student forward and backward,
+//! heads, losses, clipping, AdamW, EMA), as `mimco train` runs them; each ends with the
+//! loss read back, so the host clock measures finished GPU work. FLOPs count the
 //! encoders' matmuls only (teacher forward once, student forward and backward as 3x its
 //! forward; heads and element-wise work excluded), so MFU is a lower bound.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use pipeline::{Loader, LoaderState, StoreOptions, Topology};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -20,7 +21,7 @@ use crate::config::{Config, MethodKind};
 use crate::method;
 use crate::models::vit::VitConfig;
 use crate::teacher;
-use crate::trainer::Trainer;
+use crate::trainer::{Staged, Trainer};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -123,17 +124,17 @@ pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport
     let mut times = Vec::with_capacity(opts.steps);
     let (mut waited, mut min_free) = (Duration::ZERO, usize::MAX);
     let mut timed_from = Instant::now();
+    // As `mimco train` does: each batch's upload starts before the one before it is fed.
+    let mut staged = source.upload_next(&trainer, grid)?;
     for step in 0..opts.warmup + opts.steps {
         if step == opts.warmup {
             timed_from = Instant::now();
             waited = Duration::ZERO;
         }
         let started = Instant::now();
-        let (pixels, masks) = source.next(grid)?;
+        let next = source.upload_next(&trainer, grid)?;
         waited += started.elapsed();
-        let views = pixels.len() / (batch * 3 * size * size);
-        let images = Tensor::from_slice(pixels, (batch, views, 3, size, size), device)?;
-        let report = trainer.feed_uint8(&images, masks)?;
+        let report = trainer.feed_staged(std::mem::replace(&mut staged, next))?;
         if report.is_none() {
             bail!("step {step} made no optimiser step");
         }
@@ -153,14 +154,12 @@ pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport
     trainer.profile_phases();
     let profiled = opts.steps.clamp(1, 5);
     for i in 0..profiled {
-        let (pixels, masks) = source.next(grid)?;
-        let views = pixels.len() / (batch * 3 * size * size);
+        let next = source.upload_next(&trainer, grid)?;
         let last = i + 1 == profiled;
         if last {
             crate::device::profiler_range(device, true)?;
         }
-        let images = Tensor::from_slice(pixels, (batch, views, 3, size, size), device)?;
-        trainer.feed_uint8(&images, masks)?;
+        trainer.feed_staged(std::mem::replace(&mut staged, next))?;
         if last {
             crate::device::profiler_range(device, false)?;
         }
@@ -200,12 +199,13 @@ enum Source {
     Loader(Box<Streamed>),
 }
 
-/// The loader's epochs, one after another, and the batch in use.
+/// The loader's epochs, one after another, and the last two batches: the one being fed
+/// and the one being uploaded, whose bytes must outlive their copies.
 struct Streamed {
     loader: Loader,
     epoch: Option<pipeline::Epoch>,
     state: LoaderState,
-    current: Option<(pipeline::Batch, Vec<u8>)>,
+    held: std::collections::VecDeque<(pipeline::Batch, Vec<u8>)>,
 }
 
 impl Source {
@@ -254,8 +254,17 @@ impl Source {
             loader,
             epoch: None,
             state: LoaderState::default(),
-            current: None,
+            held: Default::default(),
         })))
+    }
+
+    /// The next batch, its upload to the trainer's device started.
+    fn upload_next(&mut self, trainer: &Trainer, grid: usize) -> anyhow::Result<Staged> {
+        let (pixels, masks) = self.next(grid)?;
+        let batch = masks.len() / (grid * grid);
+        let size = grid * trainer.model.config().student.patch_size;
+        let views = pixels.len() / (batch * 3 * size * size);
+        trainer.upload(pixels, (batch, views, 3, size, size), masks.to_vec())
     }
 
     /// The next batch's uint8 pixels `(B, views, 3, H, W)` and token masks `(B, N)`.
@@ -271,7 +280,7 @@ impl Source {
                     loader,
                     epoch,
                     state,
-                    current,
+                    held,
                 } = streamed.as_mut();
                 for _ in 0..2 {
                     if epoch.is_none() {
@@ -282,7 +291,11 @@ impl Source {
                             let batch = batch?;
                             *state = batch.state_after;
                             let masks = batch.token_masks(grid);
-                            let (b, m) = current.insert((batch, masks));
+                            if held.len() == 2 {
+                                held.pop_front(); // fed: its step has returned
+                            }
+                            held.push_back((batch, masks));
+                            let (b, m) = held.back().expect("just pushed");
                             return Ok((b.images(), m));
                         }
                         None => {

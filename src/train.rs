@@ -196,18 +196,29 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     let mut micro_since_step = 0;
     'epochs: while state.epoch < config.optim.epochs && trainer.step() < max_steps {
         let mut batches = loader.epoch(state)?;
-        loop {
+        // Each batch's upload starts before the one before it is fed, so that its copy to
+        // the GPU overlaps that step; the batch stays alive until its own step returns.
+        let epoch = state.epoch;
+        let mut fetch = |trainer: &Trainer, window: &mut Window| -> anyhow::Result<_> {
             let waited = Instant::now();
-            let Some(batch) = batches.next() else { break };
+            let Some(batch) = batches.next() else {
+                return Ok(None);
+            };
             window.wait += waited.elapsed();
-            let batch =
-                batch.with_context(|| format!("reading epoch {} of {}", state.epoch, opts.data))?;
+            let batch = batch.with_context(|| format!("reading epoch {epoch} of {}", opts.data))?;
+            let staged = trainer.upload_batch(&batch)?;
+            Ok(Some((batch, staged)))
+        };
+        let mut next = fetch(&trainer, &mut window)?;
+        while let Some((batch, staged)) = next.take() {
+            next = fetch(&trainer, &mut window)?;
             state = batch.state_after;
             window.images += batch.len();
             micro_since_step += 1;
-            let Some(report) = trainer.feed(&batch)? else {
+            let Some(report) = trainer.feed_staged(staged)? else {
                 continue;
             };
+            drop(batch); // its step has read its loss back: the copy is done
             micro_since_step = 0;
             let step = report.step;
             let mut knn_top1 = None;

@@ -61,6 +61,16 @@ impl StepReport {
     }
 }
 
+/// A batch on its way to the trainer's device ([`Trainer::upload`]): its uint8 images
+/// (on CUDA, still being copied on a stream of their own) and its token mask.
+pub struct Staged {
+    images: Tensor,
+    /// The copy to wait for before the images are read.
+    #[cfg(feature = "cuda")]
+    copy: Option<crate::cuda::Upload>,
+    mask: Vec<u8>,
+}
+
 /// The method with its optimiser and schedule.
 pub struct Trainer {
     /// The method.
@@ -74,6 +84,9 @@ pub struct Trainer {
     peak_lr: f64,
     sums: BTreeMap<String, f64>,
     device: Device,
+    /// The copy stream for batches, on CUDA.
+    #[cfg(feature = "cuda")]
+    uploader: Option<crate::cuda::Uploader>,
     /// Wall time per phase of the step, when profiling.
     phases: Option<Vec<(&'static str, std::time::Duration)>>,
 }
@@ -116,6 +129,11 @@ impl Trainer {
             peak_lr,
             sums: BTreeMap::new(),
             device: device.clone(),
+            #[cfg(feature = "cuda")]
+            uploader: match device {
+                Device::Cuda(dev) => Some(crate::cuda::Uploader::new(dev)?),
+                _ => None,
+            },
             phases: None,
         })
     }
@@ -156,14 +174,52 @@ impl Trainer {
 
     /// Feeds one batch from the pipeline; see [`Trainer::micro_batch`].
     pub fn feed(&mut self, batch: &Batch) -> anyhow::Result<Option<StepReport>> {
+        let staged = self.upload_batch(batch)?;
+        self.feed_staged(staged)
+    }
+
+    /// [`Trainer::upload`] of one batch from the pipeline.
+    pub fn upload_batch(&self, batch: &Batch) -> anyhow::Result<Staged> {
         let (size, views) = (batch.size as usize, batch.views);
         let grid = size / self.model.config().student.patch_size;
-        let images = Tensor::from_slice(
-            batch.images(),
-            (batch.len(), views, 3, size, size),
-            &self.device,
-        )?;
-        self.feed_uint8(&images, &batch.token_masks(grid))
+        let shape = (batch.len(), views, 3, size, size);
+        self.upload(batch.images(), shape, batch.token_masks(grid))
+    }
+
+    /// Starts copying `(B, views, 3, H, W)` uint8 `images` to the trainer's device, with
+    /// the token `mask` (`B x N` bytes): on CUDA on a stream of its own, so that uploading
+    /// the next batch before feeding this one overlaps the copy with this one's step. The
+    /// bytes must stay as they are until the step that feeds them has returned.
+    pub fn upload(
+        &self,
+        images: &[u8],
+        shape: (usize, usize, usize, usize, usize),
+        mask: Vec<u8>,
+    ) -> anyhow::Result<Staged> {
+        #[cfg(feature = "cuda")]
+        if let Some(uploader) = &self.uploader {
+            let (images, copy) = uploader.start(images, shape)?;
+            return Ok(Staged {
+                images,
+                copy: Some(copy),
+                mask,
+            });
+        }
+        Ok(Staged {
+            images: Tensor::from_slice(images, shape, &self.device)?,
+            #[cfg(feature = "cuda")]
+            copy: None,
+            mask,
+        })
+    }
+
+    /// Feeds a batch [`Trainer::upload`] started; see [`Trainer::micro_batch`].
+    pub fn feed_staged(&mut self, staged: Staged) -> anyhow::Result<Option<StepReport>> {
+        #[cfg(feature = "cuda")]
+        if let Some(copy) = staged.copy {
+            copy.ready()?;
+        }
+        self.feed_uint8(&staged.images, &staged.mask)
     }
 
     /// Feeds `(B, views, 3, H, W)` uint8 `images` already on the trainer's device, with the

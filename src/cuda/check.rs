@@ -163,11 +163,44 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
         c.check(&format!("tokens {shape:?}"), |c| tokens(c, shape));
     }
     c.check("adamw", |c| adamw(c, &[[384, 1536], [7, 3]]));
+    c.check("upload", upload);
     c.check("sum_squares", sum_squares);
     for dtype in [DType::F32, DType::BF16] {
         c.check(&format!("vit blocks {dtype:?}"), |c| vit_blocks(c, dtype));
     }
     Ok(c.rows)
+}
+
+/// A batch-sized copy from pinned memory on the trainer's copy stream, read back on the
+/// compute stream once it waited: every byte arrives (without the wait the read back
+/// would race the copy).
+fn upload(c: &mut Checker) -> Result<()> {
+    let Device::Cuda(dev) = c.dev.clone() else {
+        candle_core::bail!("upload: not a CUDA device");
+    };
+    let shape = [256, 1, 3, 224, 224];
+    let n: usize = shape.iter().product();
+    let mut pinned = (crate::device::batch_allocator(&c.dev).expect("CUDA"))(n);
+    c.rng.fill(&mut pinned[..]);
+    // A busy compute stream, as in training, so that a missing wait would show.
+    let busy = c.random(&[4096, 4096], 1.0, 0.0)?;
+    let _ = busy.matmul(&busy)?;
+    let (images, copy) = super::Uploader::new(&dev)?.start(&pinned, shape.as_slice())?;
+    copy.ready()?;
+    let got = images.flatten_all()?.to_vec1::<u8>()?;
+    let wrong = got
+        .iter()
+        .zip(pinned.iter())
+        .filter(|(a, b)| a != b)
+        .count();
+    c.rows.push(CheckRow {
+        what: "upload on the copy stream (bytes wrong)".into(),
+        shape: format!("{shape:?}"),
+        dtype: "u8",
+        error: wrong as f64 / n as f64,
+        tolerance: 0.0,
+    });
+    Ok(())
 }
 
 /// The ViT blocks as one graph node with their hand-written backward against the same

@@ -16,7 +16,8 @@
 //! - [`adamw()`]: one AdamW update of every parameter in one launch, in place, the
 //!   gradients' averaging and clipping folded in; [`sum_squares`]: the gradient norm, one
 //!   launch per gradient.
-//! - [`pinned`]: page-locked batch buffers for the pipeline.
+//! - [`pinned`]: page-locked batch buffers for the pipeline; [`Uploader`]: their copy to
+//!   the GPU on a stream of its own, overlapping the step before.
 //!
 //! [`crate::functional`] sends CUDA tensors here and everything else to the composed ops,
 //! which stay the reference: [`check`] compares the two on the GPU. Without a GPU,
@@ -36,6 +37,7 @@ mod linear;
 mod norm;
 pub mod pinned;
 mod tokens;
+mod upload;
 
 pub use adamw::{AdamWSlot, AdamWStep, adamw, sum_squares};
 pub use attention::{attention_qkv, attention_qkv_bwd, attention_qkv_lse};
@@ -45,6 +47,7 @@ pub use info_nce::info_nce;
 pub use linear::{linear, linear_bwd, linear_residual};
 pub use norm::{layer_norm, layer_norm_bwd};
 pub use tokens::tokens;
+pub use upload::{Upload, Uploader};
 
 use std::sync::OnceLock;
 
