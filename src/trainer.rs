@@ -64,10 +64,11 @@ impl StepReport {
 /// A batch on its way to the trainer's device ([`Trainer::upload`]): its uint8 images
 /// (on CUDA, still being copied on a stream of their own) and its token mask.
 pub struct Staged {
-    images: Tensor,
-    /// The copy to wait for before the images are read.
+    /// The copy to wait for before the images are read. Declared before them: fields drop
+    /// in order, and an unused copy must be waited for before their buffer is freed.
     #[cfg(feature = "cuda")]
     copy: Option<crate::cuda::Upload>,
+    images: Tensor,
     mask: Vec<u8>,
 }
 
@@ -200,15 +201,15 @@ impl Trainer {
         if let Some(uploader) = &self.uploader {
             let (images, copy) = uploader.start(images, shape)?;
             return Ok(Staged {
-                images,
                 copy: Some(copy),
+                images,
                 mask,
             });
         }
         Ok(Staged {
-            images: Tensor::from_slice(images, shape, &self.device)?,
             #[cfg(feature = "cuda")]
             copy: None,
+            images: Tensor::from_slice(images, shape, &self.device)?,
             mask,
         })
     }

@@ -13,12 +13,12 @@
 //! Either way the `(B, H, N, N)` probabilities are not kept: the backward recomputes them
 //! from `q` and `k`, trading one more `q k^T` for `B * H * N^2` stored elements per layer.
 
+use std::sync::OnceLock;
+
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use std::sync::OnceLock;
-
 use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,

@@ -25,6 +25,12 @@ use candle_core::{CudaDevice, DType, Result, bail};
 
 use crate::functional::{FastPath, enabled};
 
+/// Whether the linear layers use the epilogues (`--without epilogue` says not to); the
+/// callers ask before allocating the outputs.
+pub(super) fn on() -> bool {
+    enabled(FastPath::Epilogue)
+}
+
 /// The shape of one product, in cuBLASLt's column-major terms, and its types: the key of
 /// the algorithm found for it.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -254,7 +260,7 @@ fn heuristic(lt: &Lt, desc: &Desc, layouts: &Layouts) -> Result<sys::cublasLtMat
 /// `y = x W^T + bias (+ residual)` for row-major `x` `(rows, inputs)` and `w` `(outputs,
 /// inputs)` in `inputs` dtype, the f32 `bias`, and `y` (and the residual) `(rows, outputs)`
 /// in `out` (f32 or the inputs' dtype; the residual only with f32). `false`, with nothing
-/// launched, where cuBLASLt cannot or `--without epilogue` says not to.
+/// launched, where cuBLASLt cannot.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear_forward(
     dev: &CudaDevice,
@@ -266,7 +272,7 @@ pub(super) fn linear_forward(
     residual: Option<CUdeviceptr>,
     y: CUdeviceptr,
 ) -> Result<bool> {
-    if !enabled(FastPath::Epilogue) || (residual.is_some() && out != DType::F32) {
+    if residual.is_some() && out != DType::F32 {
         return Ok(false);
     }
     // Column-major: y^T (outs x rows) = W (outs x ins, stored as ins x outs, transposed)
@@ -304,9 +310,6 @@ pub(super) fn linear_weight_grad(
     dw: CUdeviceptr,
     db: CUdeviceptr,
 ) -> Result<bool> {
-    if !enabled(FastPath::Epilogue) {
-        return Ok(false);
-    }
     // Column-major: dw^T (ins x outs) = x^T (ins x rows, as stored) times dy (rows x outs,
     // stored as outs x rows, transposed); the bias gradient sums B over k (the rows).
     let p = Problem {

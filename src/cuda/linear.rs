@@ -11,11 +11,11 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
-use half::bf16;
-
-use candle_core::Storage;
 use candle_core::op::BackpropOp;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail,
+};
+use half::bf16;
 
 use super::attention::{address, alloc};
 use super::bias::{BiasActBwd, ColumnSum};
@@ -151,7 +151,7 @@ impl CustomOp3 for Linear {
             },
             None => None,
         };
-        if self.act == 0 && bl.is_contiguous() {
+        if self.act == 0 && bl.is_contiguous() && epilogue::on() {
             // The product with the bias (and the residual) in its epilogue.
             let y = alloc(dev, self.out, rows * outputs)?;
             let res = match residual {
@@ -297,6 +297,9 @@ fn weight_grad(x: &Tensor, g: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     let candle_core::Device::Cuda(dev) = x.device() else {
         return Ok(None);
     };
+    if !epilogue::on() {
+        return Ok(None);
+    }
     let ((rows, ins), outs) = (x.dims2()?, g.dim(1)?);
     let (x, g) = (x.contiguous()?, g.contiguous()?);
     let dw = alloc(dev, DType::F32, outs * ins)?;

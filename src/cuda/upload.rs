@@ -29,10 +29,14 @@ pub struct Uploader {
 }
 
 /// A copy on its way: the images [`Uploader::start`] returned are not to be read before
-/// [`Upload::ready`].
+/// [`Upload::ready`]. Dropped unused (a run that stops with the next batch uploaded), it
+/// still makes the compute stream wait for the copy, so that the images' buffer is not
+/// freed, and handed out again there, while the copy writes into it: drop it before the
+/// images.
 pub struct Upload {
     copied: CudaEvent,
     compute: Arc<CudaStream>,
+    waited: bool,
 }
 
 impl Uploader {
@@ -58,13 +62,27 @@ impl Uploader {
         let copied = self.copy.record_event(None).w()?;
         let storage = CudaStorage::wrap_cuda_slice(dst, self.dev.clone());
         let images = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
-        Ok((images, Upload { copied, compute }))
+        let copy = Upload {
+            copied,
+            compute,
+            waited: false,
+        };
+        Ok((images, copy))
     }
 }
 
 impl Upload {
     /// Makes the compute stream wait for the copy: work queued from now on sees the images.
-    pub fn ready(self) -> Result<()> {
+    pub fn ready(mut self) -> Result<()> {
+        self.waited = true;
         self.compute.wait(&self.copied).w()
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if !self.waited {
+            let _ = self.compute.wait(&self.copied);
+        }
     }
 }
