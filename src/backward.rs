@@ -12,10 +12,12 @@ use candle_core::{DType, Result, Tensor, Var};
 
 use crate::functional::{self, Act};
 
-/// `(dx + skip, dweight, dbias)` of [`functional::layer_norm_to`] at `x`, `weight`, `bias`
-/// for the gradient `dy` of its output (written in `out`), where `skip` is the gradient
-/// that reaches `x` past the norm (a residual connection): f32, as the inputs. On CUDA
-/// the addition is part of the norm's backward pass.
+/// `(dx + skip, the same in bf16, dweight, dbias)` of [`functional::layer_norm_to`] at `x`,
+/// `weight`, `bias` for the gradient `dy` of its output (written in `out`), where `skip` is
+/// the gradient that reaches `x` past the norm (a residual connection): f32, as the
+/// inputs. On CUDA the addition is part of the norm's backward pass, and where `out` is
+/// bf16 that pass also writes the sum in bf16, for the bf16 layer whose output joined `x`
+/// (`None` elsewhere: the caller casts).
 pub fn layer_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -24,18 +26,20 @@ pub fn layer_norm(
     out: DType,
     dy: &Tensor,
     skip: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
+) -> Result<(Tensor, Option<Tensor>, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if functional::fused_layer_norm(x, weight) {
         let fold =
             skip.dtype() == DType::F32 && functional::enabled(functional::FastPath::Residual);
-        let (dx, dw, db) = crate::cuda::layer_norm_bwd(x, weight, eps, dy, fold.then_some(skip))?;
-        return Ok((if fold { dx } else { (dx + skip)? }, dw, db));
+        let bf16 = fold && out == DType::BF16;
+        let (dx, dx_bf16, dw, db) =
+            crate::cuda::layer_norm_bwd(x, weight, eps, dy, fold.then_some(skip), bf16)?;
+        return Ok((if fold { dx } else { (dx + skip)? }, dx_bf16, dw, db));
     }
     let [dx, dw, db] = autograd([x, weight, bias], dy, |[x, w, b]| {
         functional::layer_norm_to(x, w, b, eps, out)
     })?;
-    Ok(((dx + skip)?, dw, db))
+    Ok(((dx + skip)?, None, dw, db))
 }
 
 /// `(dx, dweight, dbias)` of [`functional::linear`] at `x`, `weight`, `bias` for the

@@ -110,11 +110,13 @@ __device__ void layer_norm_fwd(const float *x, const float *w, const float *b, T
 // LayerNorm backward. `out` holds dx (rows*d), then dw (d), then db (d); dw and db must be
 // zero on entry (each warp adds its rows' sums once per column). `skip` (rows*d, or null)
 // is added to dx: the gradient that reaches x past the norm, by a residual connection.
+// `dx_bf16` (rows*d, or null) receives dx rounded to bf16 as well: the residual stream's
+// gradient as the bf16 layers before the norm read it, without a cast pass.
 //   xhat = (x - mean) * rstd, g = dy * w,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), dw = sum dy * xhat, db = sum dy.
 template <typename TG, int E>
 __device__ void layer_norm_bwd(const float *x, const float *w, const TG *dy, const float *skip,
-                               float *out, int rows, int d, float eps) {
+                               float *out, bf16 *dx_bf16, int rows, int d, float eps) {
     const int warps = gridDim.x * (blockDim.x >> 5);
     const int lane = threadIdx.x & 31;
     float *dw = out + (long)rows * d;
@@ -146,9 +148,12 @@ __device__ void layer_norm_bwd(const float *x, const float *w, const TG *dy, con
 #pragma unroll
         for (int i = 0; i < E; i++) {
             const int c = lane + 32 * i;
-            if (c < d)
-                out[(long)row * d + c] =
+            if (c < d) {
+                const float dx =
                     rstd * (g[i] - sg - v[i] * sgx) + (skip ? skip[(long)row * d + c] : 0.f);
+                out[(long)row * d + c] = dx;
+                if (dx_bf16) dx_bf16[(long)row * d + c] = to_bf16(dx);
+            }
         }
     }
 #pragma unroll
@@ -351,9 +356,9 @@ ELEMENTWISE(bf16, bf16)
         layer_norm_fwd<TO, E>(x, w, b, y, rows, d, eps);                                      \
     }                                                                                         \
     extern "C" __global__ void layer_norm_bwd_f32_##NO##_##E(                                \
-        const float *x, const float *w, const TO *dy, const float *skip, float *out, int rows, \
-        int d, float eps) {                                                                   \
-        layer_norm_bwd<TO, E>(x, w, dy, skip, out, rows, d, eps);                             \
+        const float *x, const float *w, const TO *dy, const float *skip, float *out,          \
+        bf16 *dx_bf16, int rows, int d, float eps) {                                          \
+        layer_norm_bwd<TO, E>(x, w, dy, skip, out, dx_bf16, rows, d, eps);                    \
     }
 
 #define SOFTMAX(T, N, E)                                                                      \

@@ -1,17 +1,21 @@
 //! LayerNorm: forward in one pass, backward in one pass with dweight/dbias summed per warp.
 
+use std::sync::OnceLock;
+
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    bail,
 };
 use half::bf16;
 
-use super::attention::address;
+use super::attention::{address, alloc};
 use super::*;
 
 /// LayerNorm over the last dimension of an f32 `x` with f32 `weight`, `bias`, written in
@@ -99,14 +103,16 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = layer_norm_bwd(x, weight, self.eps as f64, grad, None)?;
+        let (dx, _, dw, db) = layer_norm_bwd(x, weight, self.eps as f64, grad, None, false)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// The gradients `(dx, dweight, dbias)` of [`layer_norm`] at the f32 `x` and `weight` for
-/// the output gradient `dy` (f32 or bf16), all three f32: one launch. `skip`, an f32
-/// tensor of the shape of `x`, is added to `dx` in the same pass (the gradient that
+/// The gradients `(dx, dx in bf16, dweight, dbias)` of [`layer_norm`] at the f32 `x` and
+/// `weight` for the output gradient `dy` (f32 or bf16): one launch. `dx`, `dweight` and
+/// `dbias` are f32; with `dx_bf16` the pass also writes `dx` rounded to bf16 (what the
+/// bf16 layer before the norm reads, without a cast pass), else that is `None`. `skip`, an
+/// f32 tensor of the shape of `x`, is added to `dx` in the same pass (the gradient that
 /// reaches `x` past the norm by a residual connection).
 pub fn layer_norm_bwd(
     x: &Tensor,
@@ -114,7 +120,8 @@ pub fn layer_norm_bwd(
     eps: f64,
     dy: &Tensor,
     skip: Option<&Tensor>,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    dx_bf16: bool,
+) -> Result<(Tensor, Option<Tensor>, Tensor, Tensor)> {
     let d = x.dim(candle_core::D::Minus1)?;
     let n = x.elem_count();
     if let Some(s) = skip
@@ -122,25 +129,32 @@ pub fn layer_norm_bwd(
     {
         bail!("layer_norm_bwd: an f32 skip gradient of the shape of x {x:?}, not {s:?}");
     }
-    let packed = x.contiguous()?.apply_op3_no_bwd(
-        weight,
-        &dy.contiguous()?,
-        &LayerNormBwd {
-            eps: eps as f32,
-            skip: skip.map(Tensor::contiguous).transpose()?,
-        },
-    )?;
+    let op = LayerNormBwd {
+        eps: eps as f32,
+        skip: skip.map(Tensor::contiguous).transpose()?,
+        dx_bf16: dx_bf16.then(OnceLock::new),
+    };
+    let packed = x
+        .contiguous()?
+        .apply_op3_no_bwd(weight, &dy.contiguous()?, &op)?;
+    let dx_bf16 = op
+        .dx_bf16
+        .and_then(OnceLock::into_inner)
+        .map(|s| Tensor::from_storage(Storage::Cuda(s), x.shape(), BackpropOp::none(), false));
     Ok((
         packed.narrow(0, 0, n)?.reshape(x.shape())?,
+        dx_bf16,
         packed.narrow(0, n, d)?.reshape(weight.shape())?,
         packed.narrow(0, n + d, d)?.reshape(weight.shape())?,
     ))
 }
 
-/// `(x, weight, dy)` -> `dx ++ dweight ++ dbias`, flat f32, `skip` added to `dx`.
+/// `(x, weight, dy)` -> `dx ++ dweight ++ dbias`, flat f32, `skip` added to `dx`; where
+/// `dx_bf16` is asked for, also `dx` in bf16, left in the cell.
 struct LayerNormBwd {
     eps: f32,
     skip: Option<Tensor>,
+    dx_bf16: Option<OnceLock<CudaStorage>>,
 }
 
 impl CustomOp3 for LayerNormBwd {
@@ -189,7 +203,7 @@ impl CustomOp3 for LayerNormBwd {
             f: &CudaFunction,
             (x, w): (&CudaView<f32>, &CudaView<f32>),
             (gs, gl): (&CudaStorage, &Layout),
-            skip: CUdeviceptr,
+            (skip, dx_bf16): (CUdeviceptr, CUdeviceptr),
             out: &CudaSlice<f32>,
             (rows, d, eps, cfg): (usize, usize, f32, LaunchConfig),
         ) -> Result<()> {
@@ -197,7 +211,7 @@ impl CustomOp3 for LayerNormBwd {
             let (rows_i, d_i) = (rows as i32, d as i32);
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(f);
-            l.arg(x).arg(w).arg(&g).arg(&skip).arg(out);
+            l.arg(x).arg(w).arg(&g).arg(&skip).arg(out).arg(&dx_bf16);
             l.arg(&rows_i).arg(&d_i).arg(&eps);
             unsafe { l.launch(cfg) }.w()?;
             Ok(())
@@ -213,11 +227,25 @@ impl CustomOp3 for LayerNormBwd {
             },
             None => 0,
         };
+        let dx_bf16 = match &self.dx_bf16 {
+            Some(_) => Some(alloc(dev, DType::BF16, n)?),
+            None => None,
+        };
+        let extra = (
+            skip_at,
+            match &dx_bf16 {
+                Some(s) => address(s, 0)?,
+                None => 0,
+            },
+        );
         match gs.dtype() {
-            DType::F32 => backward::<f32>(dev, &f, (&x, &w), (gs, gl), skip_at, &out, args)?,
-            _ => backward::<bf16>(dev, &f, (&x, &w), (gs, gl), skip_at, &out, args)?,
+            DType::F32 => backward::<f32>(dev, &f, (&x, &w), (gs, gl), extra, &out, args)?,
+            _ => backward::<bf16>(dev, &f, (&x, &w), (gs, gl), extra, &out, args)?,
         }
         drop(skip);
+        if let (Some(cell), Some(s)) = (&self.dx_bf16, dx_bf16) {
+            let _ = cell.set(s);
+        }
         Ok((
             wrap(CudaStorageSlice::F32(out), dev),
             Shape::from(n + 2 * d),

@@ -51,16 +51,16 @@ impl Norm {
         functional::layer_norm_to(x, &self.weight, &self.bias, self.eps, out)
     }
 
-    /// `(dx + skip, dweight, dbias)` at `x` for the gradient `dy` of
-    /// [`Norm::forward_to`]`(x, out)`, where `skip` is the gradient that reaches `x` by the
-    /// residual connection past the norm.
+    /// `(dx + skip, the same in bf16 where the kernel wrote it, dweight, dbias)` at `x` for
+    /// the gradient `dy` of [`Norm::forward_to`]`(x, out)`, where `skip` is the gradient that
+    /// reaches `x` by the residual connection past the norm ([`backward::layer_norm`]).
     fn backward(
         &self,
         x: &Tensor,
         out: DType,
         dy: &Tensor,
         skip: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, Option<Tensor>, Tensor, Tensor)> {
         backward::layer_norm(x, &self.weight, &self.bias, self.eps, out, dy, skip)
     }
 
@@ -157,27 +157,35 @@ impl Block {
         Ok((y, saved))
     }
 
-    /// The gradients of the block's input and of its parameters (in the order of
-    /// [`Block::params`]) for the gradient `dy` of its output.
+    /// The gradients of the block's input (f32, and in bf16 where the norm's kernel wrote
+    /// that too) and of its parameters (in the order of [`Block::params`]) for the gradient
+    /// `dy` of its output (f32, and `dy_bf16` the same rounded, if at hand).
     fn backward(
         &self,
         s: &Saved,
-        dy: &Tensor,
+        (dy, dy_bf16): (&Tensor, Option<&Tensor>),
         tokens: usize,
         compute: DType,
-    ) -> Result<(Tensor, [Tensor; PARAMS])> {
+    ) -> Result<(Tensor, Option<Tensor>, [Tensor; PARAMS])> {
         let f32 = DType::F32;
         let [w, b] = self.fc2.params();
         let (d_hidden, d_fc2_w, d_fc2_b) =
-            backward::linear(&s.hidden, w, b, Act::Identity, f32, dy)?;
+            backward::linear(&s.hidden, w, b, Act::Identity, f32, dy_bf16.unwrap_or(dy))?;
         let normed2 = self.norm2.forward_to(&s.x1, compute)?;
         let [w, b] = self.fc1.params();
         let (d_normed2, d_fc1_w, d_fc1_b) =
             backward::linear(&normed2, w, b, Act::Gelu, compute, &d_hidden)?;
-        let (d_x1, d_norm2_w, d_norm2_b) = self.norm2.backward(&s.x1, compute, &d_normed2, dy)?;
+        let (d_x1, d_x1_bf16, d_norm2_w, d_norm2_b) =
+            self.norm2.backward(&s.x1, compute, &d_normed2, dy)?;
         let [w, b] = self.proj.params();
-        let (d_attention, d_proj_w, d_proj_b) =
-            backward::linear(&s.attention, w, b, Act::Identity, f32, &d_x1)?;
+        let (d_attention, d_proj_w, d_proj_b) = backward::linear(
+            &s.attention,
+            w,
+            b,
+            Act::Identity,
+            f32,
+            d_x1_bf16.as_ref().unwrap_or(&d_x1),
+        )?;
         let d_qkv = backward::attention_qkv(
             &s.qkv,
             &s.attention,
@@ -191,12 +199,13 @@ impl Block {
         let [w, b] = self.qkv.params();
         let (d_normed1, d_qkv_w, d_qkv_b) =
             backward::linear(&normed1, w, b, Act::Identity, compute, &d_qkv)?;
-        let (d_x, d_norm1_w, d_norm1_b) = self.norm1.backward(&s.x, compute, &d_normed1, &d_x1)?;
+        let (d_x, d_x_bf16, d_norm1_w, d_norm1_b) =
+            self.norm1.backward(&s.x, compute, &d_normed1, &d_x1)?;
         let grads = [
             d_norm1_w, d_norm1_b, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2_w, d_norm2_b,
             d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b,
         ];
-        Ok((d_x, grads))
+        Ok((d_x, d_x_bf16, grads))
     }
 
     /// The dtype of the linear layers' weights, if they share one.
@@ -366,12 +375,13 @@ impl CustomOp3 for Stack {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut dy = grad.clone();
+        let (mut dy, mut dy_bf16) = (grad.clone(), None);
         let mut grads = Vec::with_capacity(self.blocks.len());
         for (block, saved) in self.blocks.iter().zip(&self.saved).rev() {
-            let (dx, d_params) = block.backward(saved, &dy, self.tokens, self.compute)?;
+            let (dx, dx_bf16, d_params) =
+                block.backward(saved, (&dy, dy_bf16.as_ref()), self.tokens, self.compute)?;
             grads.push(d_params);
-            dy = dx;
+            (dy, dy_bf16) = (dx, dx_bf16);
         }
         let flat = grads
             .iter()

@@ -291,7 +291,7 @@ template <typename TO>
 static void layer_norm(void (*fwd)(const float *, const float *, const float *, TO *, int, int,
                                    float),
                        void (*bwd)(const float *, const float *, const TO *, const float *,
-                                   float *, int, int, float),
+                                   float *, bf16 *, int, int, float),
                        int rows, int d) {
     const float eps = 1e-6f;
     const auto xv = random_values<float>((size_t)rows * d, -2, 3);
@@ -305,10 +305,12 @@ static void layer_norm(void (*fwd)(const float *, const float *, const float *, 
            (const float *)b.p, y.p, rows, d, eps);
     // Two warps in all, so that each goes over several rows.
     launch(bwd, {1}, {64}, (const float *)x.p, (const float *)w.p, (const TO *)g.p,
-           (const float *)nullptr, out.p, rows, d, eps);
-    // With a skip gradient: dx gains it, dweight and dbias do not change.
+           (const float *)nullptr, out.p, (bf16 *)nullptr, rows, d, eps);
+    // With a skip gradient: dx gains it, dweight and dbias do not change; and dx rounded to
+    // bf16 as well.
+    Buffer<bf16> skipped_bf16((size_t)rows * d);
     launch(bwd, {1}, {64}, (const float *)x.p, (const float *)w.p, (const TO *)g.p,
-           (const float *)skip.p, skipped.p, rows, d, eps);
+           (const float *)skip.p, skipped.p, skipped_bf16.p, rows, d, eps);
     std::vector<double> want_y((size_t)rows * d), dx((size_t)rows * d), dw(d, 0.0), db(d, 0.0);
     for (int r = 0; r < rows; r++) {
         const float *xr = &xv[(size_t)r * d];
@@ -341,6 +343,9 @@ static void layer_norm(void (*fwd)(const float *, const float *, const float *, 
     for (size_t i = 0; i < dx.size(); i++) dx_skip[i] += sv[i];
     expect_close(skipped.p, dx_skip, "layer_norm_bwd dx + skip " + what, 1e-5);
     expect_close(skipped.p + (size_t)rows * d, dw, "layer_norm_bwd dweight (skip) " + what, 1e-5);
+    bool rounded = true;
+    for (size_t i = 0; i < (size_t)rows * d; i++) rounded &= skipped_bf16.p[i] == to_bf16(skipped.p[i]);
+    expect(rounded, "layer_norm_bwd dx in bf16 is dx rounded " + what);
 }
 
 template <typename T>
