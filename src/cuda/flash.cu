@@ -138,21 +138,9 @@ template <int E> __device__ constexpr int tile_ld() { return E + 8; }
 // Elements of one tile (64 rows), as a count of 16-byte units for a __shared__ uint4 array.
 #define TILE_UNITS(E) (64 * (E + 8) / 8)
 
-// Rows row0 .. row0 + 63 of a row-major matrix (rows `ld` apart, E columns, 16-byte
-// aligned), zero past `rows`, into `tile`, by the whole block; the caller synchronises.
-template <int E>
-__device__ __forceinline__ void load_tile(const bf16 *m, long ld, int row0, int rows,
-                                          uint4 *tile) {
-    constexpr int units = E / 8;  // per row
-    for (int c = threadIdx.x; c < 64 * units; c += blockDim.x) {
-        const int r = c / units, k = c % units;
-        tile[r * (tile_ld<E>() / 8) + k] =
-            row0 + r < rows ? *(const uint4 *)(m + (row0 + r) * ld + k * 8) : make_uint4(0, 0, 0, 0);
-    }
-}
-
-// load_tile with cp.async: asks for the copies, which land after copy_commit and
-// copy_wait (the caller's, then a __syncthreads).
+// Asks for rows row0 .. row0 + 63 of a row-major matrix (rows `ld` apart, E columns,
+// 16-byte aligned), zero past `rows`, to be copied into `tile` by the whole block; they
+// land after the caller's copy_commit and copy_wait, then a __syncthreads.
 template <int E>
 __device__ __forceinline__ void fetch_tile(const bf16 *m, long ld, int row0, int rows,
                                            uint4 *tile) {
@@ -373,7 +361,9 @@ __device__ void flash_bwd_dq(const bf16 *qkv, const bf16 *out, const bf16 *dout,
     } else {
         float m[2] = {MINUS_INF, MINUS_INF}, l[2] = {0.f, 0.f}, keep[2];
         for (int k0 = 0; k0 < N; k0 += 64) {
-            load_tile<E>(k, hd.ld, k0, N, kt[0]);
+            fetch_tile<E>(k, hd.ld, k0, N, kt[0]);
+            copy_commit();
+            copy_wait<0>();
             __syncthreads();
             if (active) {
                 float s[8][4];
