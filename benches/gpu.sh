@@ -19,9 +19,9 @@
 #                    (benches/torch_mimco_step.py; needs python3 with torch and timm).
 #   b16-bf16-fused, torch-b16   the same for ViT-B/16 at batch 128.
 #   s16-bf16-stock   Candle's stock ops only; s16-tf32-fused: f32 weights, TF32 matmuls.
-#   s16-bf16-without-flash, -blocks-node, -stem, -residual, -epilogue   the step with one
-#                    fast path off (`--without`): what each buys, or the step without a
-#                    broken one.
+#   s16-bf16-without-flash, -blocks-node, -stem, -residual, -epilogue, -copy-stream   the
+#                    step with one fast path off (`--without`): what each buys, or the step
+#                    without a broken one.
 #   s16-bf16-fused-shards, loader-N   the step fed by the pipeline from generated
 #                    ImageNet-like shards; the loader alone on 1, 8 and all cores.
 #   train-s16        `mimco train` on those shards: 6 steps, checkpoints, --resume to 12.
@@ -113,7 +113,7 @@ bench b16-bf16-fused --config "$b16" --batch 128 --precision bf16
 torch_step torch-b16 150 $torch_b16
 bench s16-bf16-stock --config "$s16" --batch 256 --precision bf16 --kernels stock --steps 10 --warmup 2
 bench s16-tf32-fused --config "$s16" --batch 256 --precision tf32 --steps 15 --peak-tflops 494.5
-for path in flash blocks-node stem residual epilogue; do
+for path in flash blocks-node stem residual epilogue copy-stream; do
     bench "s16-bf16-without-$path" --config "$s16" --batch 256 --precision bf16 --without "$path" \
         --steps 15 --warmup 3
 done

@@ -33,12 +33,16 @@ pub enum FastPath {
     /// else Candle's broadcast ops.
     Stem,
     /// The residual joins folded into the linear layer's bias pass and the LayerNorm
-    /// backward (where no gradient is recorded); else separate additions.
+    /// backward (where no gradient is recorded), which then also writes the gradient in
+    /// bf16 for the layers before it; else separate additions and casts.
     Residual,
     /// The linear layer's bias (and residual join) in cuBLASLt's epilogue, and its bias
     /// gradient from the weight gradient's product (`cuda/epilogue.rs`); else separate
     /// passes.
     Epilogue,
+    /// Batches copied to the GPU on a stream of their own, overlapping the step before
+    /// (`cuda/upload.rs`); else on the compute stream.
+    CopyStream,
 }
 
 static WITHOUT: AtomicU8 = AtomicU8::new(0);

@@ -63,6 +63,10 @@ enum Command {
         /// CPU); cuda and auto take GPU LOCAL_RANK when torchrun sets it.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// CUDA fast paths to turn off (as `mimco bench train --without`), should one fail
+        /// its `mimco bench kernels` check on your GPU.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        without: Vec<FastPathArg>,
     },
     /// Measure training speed (images/s, step time, TFLOP/s, MFU, peak memory, data wait),
     /// or check the fused CUDA kernels against the composed ops.
@@ -135,7 +139,8 @@ enum BenchKind {
         /// `flash` (attention on tensor cores), `blocks-node` (the student's blocks as one
         /// graph node), `stem` (mask blend, CLS token and positions as one node),
         /// `residual` (the residual joins inside the bias and LayerNorm-backward passes),
-        /// `epilogue` (the bias, residual join and bias gradient in cuBLASLt's epilogue).
+        /// `epilogue` (the bias, residual join and bias gradient in cuBLASLt's epilogue),
+        /// `copy-stream` (batches uploaded on a stream of their own).
         #[arg(long, value_enum, value_delimiter = ',')]
         without: Vec<FastPathArg>,
         /// cpu, cuda, cuda:N, or auto.
@@ -173,6 +178,7 @@ enum FastPathArg {
     Stem,
     Residual,
     Epilogue,
+    CopyStream,
 }
 
 impl FastPathArg {
@@ -184,6 +190,7 @@ impl FastPathArg {
             FastPathArg::Stem => FastPath::Stem,
             FastPathArg::Residual => FastPath::Residual,
             FastPathArg::Epilogue => FastPath::Epilogue,
+            FastPathArg::CopyStream => FastPath::CopyStream,
         }
     }
 
@@ -194,6 +201,7 @@ impl FastPathArg {
             FastPathArg::Stem => "stem",
             FastPathArg::Residual => "residual",
             FastPathArg::Epilogue => "epilogue",
+            FastPathArg::CopyStream => "copy-stream",
         }
     }
 }
@@ -292,7 +300,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             knn_train,
             knn_val,
             device,
+            without,
         } => {
+            for w in &without {
+                mimco::functional::disable(w.path());
+            }
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let config =

@@ -198,7 +198,9 @@ impl Trainer {
         mask: Vec<u8>,
     ) -> anyhow::Result<Staged> {
         #[cfg(feature = "cuda")]
-        if let Some(uploader) = &self.uploader {
+        if let Some(uploader) = &self.uploader
+            && crate::functional::enabled(crate::functional::FastPath::CopyStream)
+        {
             let (images, copy) = uploader.start(images, shape)?;
             return Ok(Staged {
                 copy: Some(copy),
