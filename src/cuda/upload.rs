@@ -18,9 +18,13 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Result, Shape, Storage, Tensor};
+
+/// Events that only order work (cheaper than timed ones).
+const NO_TIMING: Option<CUevent_flags> = Some(CUevent_flags::CU_EVENT_DISABLE_TIMING);
 
 /// The copy stream of one device.
 pub struct Uploader {
@@ -57,9 +61,9 @@ impl Uploader {
         }
         let compute = self.dev.cuda_stream();
         let mut dst = unsafe { self.dev.alloc::<u8>(bytes.len()) }?;
-        self.copy.wait(&compute.record_event(None).w()?).w()?;
+        self.copy.wait(&compute.record_event(NO_TIMING).w()?).w()?;
         self.copy.memcpy_htod(bytes, &mut dst).w()?;
-        let copied = self.copy.record_event(None).w()?;
+        let copied = self.copy.record_event(NO_TIMING).w()?;
         let storage = CudaStorage::wrap_cuda_slice(dst, self.dev.clone());
         let images = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
         let copy = Upload {
