@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA build, checked on a machine without a GPU (tests/run.sh calls it): the fused
-# kernels compile with NVRTC as they do at run time, and `--features cuda` compiles and
-# documents with no warnings. Running the kernels needs a GPU: benches/gpu.sh.
+# kernels compile with NVRTC as they do at run time (ptxas reports their registers), and
+# `--features cuda` compiles and documents with no warnings. Running the kernels needs a GPU: benches/gpu.sh.
 #
 # Uses nvcc from PATH when there is one; otherwise installs the CUDA 13.0 compiler, NVRTC
 # and headers from PyPI wheels into target/cuda-venv (about 2 minutes once). The first
@@ -31,7 +31,10 @@ else
 fi
 # Candle's kernels are built for Hopper unless told otherwise (no GPU to ask here).
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
-python3 tests/nvrtc_check.py src/cuda/kernels.cu src/cuda/flash.cu
+# ptxas (beside nvcc) reports the attention kernels' registers and shared memory, and any
+# kernel that spills: what bounds their blocks per SM, which no CPU test sees.
+python3 tests/nvrtc_check.py --registers "$(dirname "$(command -v nvcc)")/ptxas" \
+    src/cuda/kernels.cu src/cuda/flash.cu
 cargo clippy --release --locked --features cuda --all-targets --target-dir target-cuda --quiet -- -D warnings
 RUSTDOCFLAGS=-Dwarnings cargo doc --release --locked --features cuda --target-dir target-cuda \
     --no-deps --quiet -p mimco
