@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA build, checked on a machine without a GPU (tests/run.sh calls it): the fused
 # kernels compile with NVRTC as they do at run time (ptxas reports their registers), and
-# `--features cuda` compiles and documents with no warnings. Running the kernels needs a GPU: benches/gpu.sh.
+# `--features cuda` compiles and documents with no warnings. Running the kernels needs a
+# GPU: benches/gpu.sh.
 #
 # Uses nvcc from PATH when there is one; otherwise installs the CUDA 13.0 compiler, NVRTC
 # and headers from PyPI wheels into target/cuda-venv (about 2 minutes once). The first
