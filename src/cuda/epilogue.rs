@@ -49,11 +49,12 @@ struct Problem {
     accumulate: bool,
 }
 
-/// One device's cuBLASLt handle, workspace and algorithms (`None`: not supported).
+/// One device's cuBLASLt handle, workspace and algorithms per problem and TF32 setting
+/// (`None`: not supported).
 struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algos: Mutex<HashMap<Problem, Option<sys::cublasLtMatmulAlgo_t>>>,
+    algos: Mutex<HashMap<(Problem, bool), Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
 // SAFETY: the handle is used under `LTS`' lock discipline only from the thread running the
@@ -147,11 +148,12 @@ fn run(dev: &CudaDevice, p: Problem, ops: Operands) -> Result<bool> {
         return Ok(false);
     }
     let lt = lt(dev)?;
-    let compute = match p.inputs {
-        DType::F32 if candle_core::cuda_backend::gemm_reduced_precision_f32() => {
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        }
-        _ => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+    // f32 products on tensor cores (TF32) where the precision setting asks for it; part
+    // of the key, since an algorithm is found for one compute type.
+    let tf32 = p.inputs == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32();
+    let compute = match tf32 {
+        true => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        false => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
     };
     let desc =
         Desc(result::create_matmul_desc(compute, sys::cudaDataType::CUDA_R_32F).map_err(lt_error)?);
@@ -183,14 +185,14 @@ fn run(dev: &CudaDevice, p: Problem, ops: Operands) -> Result<bool> {
         layout(p.out, p.m, p.n)?,
     ]);
     let mut algos = lt.algos.lock().expect("cuBLASLt algorithms");
-    let algo = match algos.get(&p) {
+    let algo = match algos.get(&(p, tf32)) {
         Some(found) => *found,
         None => {
             let found = heuristic(&lt, &desc, &layouts);
             if let Err(e) = &found {
                 tracing::warn!("{e} for {p:?}: the linear layer takes separate passes there");
             }
-            *algos.entry(p).or_insert(found.ok())
+            *algos.entry((p, tf32)).or_insert(found.ok())
         }
     };
     let Some(algo) = algo else {
@@ -224,7 +226,7 @@ fn run(dev: &CudaDevice, p: Problem, ops: Operands) -> Result<bool> {
     if let Err(e) = launched {
         // Refused before anything ran: this problem takes the separate passes from now on.
         tracing::warn!("cuBLASLt: {e:?} for {p:?}: the linear layer takes separate passes there");
-        algos.insert(p, None);
+        algos.insert((p, tf32), None);
         return Ok(false);
     }
     Ok(true)
