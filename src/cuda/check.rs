@@ -142,6 +142,7 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
             c.check(&what, |c| linear(c, &shape, outputs, act, dtypes));
         }
     }
+    c.check("linear epilogues", linear_epilogues);
     for (shape, p) in [([4, 3, 224, 224], 16), ([2, 3, 40, 24], 8)] {
         for dtype in [DType::F32, DType::BF16] {
             let what = format!("images {shape:?} {dtype:?}");
@@ -353,6 +354,29 @@ fn linear(
         let y64 = (&z64 + residual.to_dtype(DType::F64)?)?;
         c.record(&what("y + residual"), shape, dtype, &y, &y64, fwd)?;
     }
+    Ok(())
+}
+
+/// That a ViT-S block's linear layer (bf16, 788 x 384 -> 1152) takes cuBLASLt's
+/// epilogues, not the separate passes (which the other linear rows would pass as well):
+/// the forward with the residual join, the forward without, and the weight gradient.
+fn linear_epilogues(c: &mut Checker) -> Result<()> {
+    let x = Var::from_tensor(&c.random(&[788, 384], 2.0, 0.0)?.to_dtype(DType::BF16)?)?;
+    let w = c.random(&[1152, 384], 0.1, 0.0)?;
+    let b = c.random(&[1152], 1.0, 0.0)?;
+    let residual = c.random(&[788, 1152], 1.0, 0.0)?;
+    let before = super::epilogue::launched();
+    super::linear_residual(&x, &w, &b, &residual)?;
+    let y = super::linear(&x, &w, &b, Act::Identity, DType::BF16)?;
+    y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+    let missing = 3u64.saturating_sub(super::epilogue::launched() - before);
+    c.rows.push(CheckRow {
+        what: "linear in cuBLASLt's epilogues (of 3 products, not)".into(),
+        shape: "[788, 384] -> 1152".into(),
+        dtype: "bf16",
+        error: missing as f64,
+        tolerance: 0.0,
+    });
     Ok(())
 }
 

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::WrapErr;
@@ -24,6 +25,15 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::{CudaDevice, DType, Result, bail};
 
 use crate::functional::{FastPath, enabled};
+
+/// Products launched through here so far (for `mimco bench kernels`, which checks that
+/// the linear layer takes this path rather than its fallback).
+static LAUNCHED: AtomicU64 = AtomicU64::new(0);
+
+/// [`LAUNCHED`]'s count.
+pub(super) fn launched() -> u64 {
+    LAUNCHED.load(Ordering::Relaxed)
+}
 
 /// Whether the linear layers use the epilogues (`--without epilogue` says not to); the
 /// callers ask before allocating the outputs.
@@ -229,6 +239,7 @@ fn run(dev: &CudaDevice, p: Problem, ops: Operands) -> Result<bool> {
         algos.insert((p, tf32), None);
         return Ok(false);
     }
+    LAUNCHED.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }
 
