@@ -15,9 +15,11 @@
 //!
 //! The stack keeps per block its input, `qkv`, the attention output (and on the
 //! tensor-core path its logsumexp per query, so that the backward does not recompute it),
-//! the residual stream after attention and the GELU output; the two LayerNorms are recomputed in the backward
-//! (one cheap pass each) rather than kept, and the f32 outputs of `attn.proj` and
-//! `mlp.fc2` are not kept at all (the graph kept both).
+//! the residual stream after attention and the GELU output; the two LayerNorms are
+//! recomputed in the backward (one cheap pass each) rather than kept, and the f32 outputs
+//! of `attn.proj` and `mlp.fc2` are not kept at all (the graph kept both). On CUDA in bf16
+//! the LayerNorm backward also hands the residual stream's gradient to the layers before
+//! it in bf16, so that they need no cast.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};

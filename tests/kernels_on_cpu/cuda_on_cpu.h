@@ -170,8 +170,8 @@ inline void land(const PendingCopy &c) {
     std::memset((char *)c.dst + c.valid, 0, (size_t)(c.bytes - c.valid));
 }
 template <int bytes> inline void copy_async(void *dst, const void *src, int valid) {
-    if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0 ||
-        valid < 0 || valid > bytes) {
+    const auto misaligned = [](const void *p) { return reinterpret_cast<uintptr_t>(p) % bytes; };
+    if (misaligned(dst) || misaligned(src) || valid < 0 || valid > bytes) {
         std::fprintf(stderr, "cp.async: misaligned address or bad source size\n");
         std::abort();
     }

@@ -344,7 +344,8 @@ static void layer_norm(void (*fwd)(const float *, const float *, const float *, 
     expect_close(skipped.p, dx_skip, "layer_norm_bwd dx + skip " + what, 1e-5);
     expect_close(skipped.p + (size_t)rows * d, dw, "layer_norm_bwd dweight (skip) " + what, 1e-5);
     bool rounded = true;
-    for (size_t i = 0; i < (size_t)rows * d; i++) rounded &= skipped_bf16.p[i] == to_bf16(skipped.p[i]);
+    for (size_t i = 0; i < (size_t)rows * d; i++)
+        rounded &= skipped_bf16.p[i] == to_bf16(skipped.p[i]);
     expect(rounded, "layer_norm_bwd dx in bf16 is dx rounded " + what);
 }
 
