@@ -207,10 +207,10 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             window.wait += waited.elapsed();
             let batch = batch.with_context(|| format!("reading epoch {epoch} of {}", opts.data))?;
             let staged = trainer.upload_batch(&batch)?;
-            Ok(Some((batch, staged)))
+            Ok(Some((staged, batch))) // in this order, an unused upload drops first
         };
         let mut next = fetch(&trainer, &mut window)?;
-        while let Some((batch, staged)) = next.take() {
+        while let Some((staged, batch)) = next.take() {
             next = fetch(&trainer, &mut window)?;
             state = batch.state_after;
             window.images += batch.len();

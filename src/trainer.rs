@@ -65,7 +65,7 @@ impl StepReport {
 /// (on CUDA, still being copied on a stream of their own) and its token mask.
 pub struct Staged {
     /// The copy to wait for before the images are read. Declared before them: fields drop
-    /// in order, and an unused copy must be waited for before their buffer is freed.
+    /// in order, and an unused copy must finish before their buffer is freed.
     #[cfg(feature = "cuda")]
     copy: Option<crate::cuda::Upload>,
     images: Tensor,

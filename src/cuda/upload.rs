@@ -34,9 +34,9 @@ pub struct Uploader {
 
 /// A copy on its way: the images [`Uploader::start`] returned are not to be read before
 /// [`Upload::ready`]. Dropped unused (a run that stops with the next batch uploaded), it
-/// still makes the compute stream wait for the copy, so that the images' buffer is not
-/// freed, and handed out again there, while the copy writes into it: drop it before the
-/// images.
+/// waits for the copy to finish, so that neither the images' device buffer (freed in the
+/// compute stream's order) nor the host bytes are reused while the copy runs: drop it
+/// before both.
 pub struct Upload {
     copied: CudaEvent,
     compute: Arc<CudaStream>,
@@ -86,7 +86,7 @@ impl Upload {
 impl Drop for Upload {
     fn drop(&mut self) {
         if !self.waited {
-            let _ = self.compute.wait(&self.copied);
+            let _ = self.copied.synchronize();
         }
     }
 }
