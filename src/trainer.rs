@@ -181,6 +181,13 @@ impl Trainer {
 
     /// [`Trainer::upload`] of one batch from the pipeline.
     pub fn upload_batch(&self, batch: &Batch) -> anyhow::Result<Staged> {
+        if !batch.encoded.is_empty() {
+            anyhow::bail!(
+                "{} images of this batch are left encoded for the GPU ([data] device_decode = \
+                 true), which this trainer does not decode: set device_decode = false",
+                batch.encoded.len()
+            );
+        }
         let (size, views) = (batch.size as usize, batch.views);
         let grid = size / self.model.config().student.patch_size;
         let shape = (batch.len(), views, 3, size, size);

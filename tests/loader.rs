@@ -347,3 +347,61 @@ fn two_view_and_centre_crop_sets() {
     let same = common.iter().filter(|k| a[**k] == b[**k]).count();
     assert_eq!(same, common.len(), "no randomness in the centre crop");
 }
+
+/// With `device_decode`, the JPEGs nvJPEG's hardware decoder takes come encoded, with the
+/// crop and flip drawn for them, and decoded on the CPU they are the batches the loader
+/// gives without it, byte for byte; the PNG and the CMYK JPEG among the quirks come
+/// decoded. MoCo v3's set, whose colour ops need pixels, is refused.
+#[test]
+fn device_decode_leaves_jpegs_encoded_with_their_crops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed(tmp.path());
+    let reference: Vec<Seen> = epoch(
+        &open(&dir, Topology::default(), config(2, 2)),
+        LoaderState::default(),
+    )
+    .iter()
+    .map(seen)
+    .collect();
+    let mut cfg = config(2, 2);
+    cfg.device_decode = true;
+    let loader = open(&dir, Topology::default(), cfg.clone());
+    let mut decoder = pipeline::decode::CropDecoder::default();
+    let mut encoded = 0;
+    let mut quirks_encoded = 0;
+    let decoded: Vec<Seen> = epoch(&loader, LoaderState::default())
+        .into_iter()
+        .map(|mut b| {
+            encoded += b.encoded.len();
+            let slots: Vec<usize> = b.encoded.iter().map(|e| e.slot).collect();
+            assert!(slots.windows(2).all(|w| w[0] < w[1]), "{slots:?}");
+            for e in &b.encoded {
+                let key = &b.keys[e.slot];
+                quirks_encoded += usize::from(key.contains("quirk_png") || key.contains("cmyk"));
+            }
+            assert!(b.decode_encoded(&mut decoder).is_empty());
+            assert!(b.encoded.is_empty());
+            seen(&b)
+        })
+        .collect();
+    assert_eq!(decoded, reference);
+    let metrics = loader.metrics();
+    // Counted by the decoders, which also saw the samples of the dropped last batch.
+    assert!(metrics.left_encoded >= encoded as u64);
+    assert!(
+        encoded + 3 >= metrics.samples as usize && encoded > 0,
+        "{encoded}"
+    );
+    assert_eq!(quirks_encoded, 0);
+
+    cfg.transform.set = pipeline::config::TransformSet::Mocov3;
+    let refused = Loader::open(
+        dir.to_str().unwrap(),
+        &StoreOptions::default(),
+        Topology::default(),
+        cfg,
+        None,
+    );
+    let message = refused.err().expect("refused").to_string();
+    assert!(message.contains("device_decode"), "{message}");
+}

@@ -3,10 +3,12 @@
 //! files. A benchmark, not a test: `benches/data.sh` runs it next to the Python baseline.
 //!
 //! ```text
-//! cargo run --release -p pipeline --example throughput -- SPLIT [--workers N] [--epochs E] [--two-views] [--decoders] [--upload-from DIR]
+//! cargo run --release -p pipeline --example throughput -- SPLIT [--workers N] [--epochs E] [--two-views] [--device-decode] [--decoders] [--upload-from DIR]
 //! ```
 //! SPLIT is a split folder or `s3://bucket/prefix` (with the AWS_* variables set);
-//! `--upload-from DIR` first copies the split in local folder DIR there.
+//! `--upload-from DIR` first copies the split in local folder DIR there. `--device-decode`
+//! leaves the JPEGs a GPU's nvJPEG takes encoded (`[data] device_decode`): it measures
+//! what is left to the CPU when the GPU decodes.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let split = args
         .first()
-        .ok_or("usage: throughput SPLIT [--workers N] [--epochs E] [--two-views] [--decoders]")?;
+        .ok_or("usage: throughput SPLIT [--workers N] [--epochs E] [--two-views] [--device-decode] [--decoders]")?;
     let flag = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -38,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         config.transform.set = pipeline::config::TransformSet::Mocov3;
         config.transform.scale = [0.08, 1.0];
     }
+    config.device_decode = args.iter().any(|a| a == "--device-decode");
     let threads = config.worker_count();
     let store = StoreOptions::from_vars(std::env::vars());
     if let Some(i) = args.iter().position(|a| a == "--upload-from") {
@@ -75,7 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         images as f64 / secs / threads as f64
     );
     println!(
-        "stages (summed over threads): decode+augment {:.2} s ({:.2} ms/image), read wait {:.2} s, consumer wait {:.2} s, {:.1} MB read; decodes at 1/1,1/2,1/4,1/8: {:?}, {:.0}% of their pixels; failed {}, warned {}",
+        "stages (summed over threads): decode+augment {:.2} s ({:.2} ms/image), read wait {:.2} s, consumer wait {:.2} s, {:.1} MB read; decodes at 1/1,1/2,1/4,1/8: {:?}, {:.0}% of their pixels; left encoded {}; failed {}, warned {}",
         m.decode_seconds,
         m.decode_seconds * 1e3 / images.max(1) as f64,
         m.read_wait_seconds,
@@ -83,6 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         m.bytes_read as f64 / 1e6,
         m.decodes_by_scale,
         100.0 * m.decoded_fraction,
+        m.left_encoded,
         m.failed_samples,
         m.warned_samples
     );

@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::decode::{CropDecoder, DecodeError};
 use crate::loader::LoaderState;
+use crate::transform::CropParams;
+use crate::transform::flip::to_chw;
 use crate::transform::mask::expand_units;
 
 /// A host buffer a batch's images live in (plain `Vec<u8>`, or pinned memory).
@@ -64,6 +67,41 @@ impl BatchPool {
     }
 }
 
+/// An image left encoded for the GPU (`device_decode`), with the crop and flip drawn
+/// for it: decoded, cropped, resized to the batch's size and mirrored when `flip`, it is
+/// the image the loader would have put in its slot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    /// The sample's position in the batch.
+    pub slot: usize,
+    /// The JPEG's bytes, as in the shard.
+    pub jpeg: Vec<u8>,
+    /// The image's width and height, from its header.
+    pub dims: (u32, u32),
+    /// The crop, in source pixels.
+    pub crop: CropParams,
+    /// Whether to mirror the output.
+    pub flip: bool,
+}
+
+impl Encoded {
+    /// Decodes, crops, resizes and flips the image on the CPU into `chw` (3 x `size` x
+    /// `size` bytes), through `hwc` (as many); the loader's decode without
+    /// `device_decode`, and the fallback for images a GPU does not decode. libjpeg's
+    /// warnings about the image are not reported.
+    pub fn decode(
+        &self,
+        decoder: &mut CropDecoder,
+        size: u32,
+        hwc: &mut [u8],
+        chw: &mut [u8],
+    ) -> Result<(), DecodeError> {
+        decoder.decode_crop(&self.jpeg, self.dims, &self.crop, size, hwc)?;
+        to_chw(hwc, size as usize, self.flip, chw);
+        Ok(())
+    }
+}
+
 /// One batch, in delivery order.
 pub struct Batch {
     /// The epoch it belongs to.
@@ -85,6 +123,10 @@ pub struct Batch {
     /// The loader state to store in a checkpoint taken after this batch: resuming from it
     /// yields exactly the batches that come after this one.
     pub state_after: LoaderState,
+    /// The images left encoded for the GPU (`device_decode`), in slot order; their slots
+    /// in [`Batch::images`] hold no pixels until they are decoded there, or here by
+    /// [`Batch::decode_encoded`].
+    pub encoded: Vec<Encoded>,
     images: Option<Box<dyn HostBuffer>>,
     home: Sender<Box<dyn HostBuffer>>,
 }
@@ -109,6 +151,7 @@ impl Batch {
             mask_grid,
             masks: Vec::with_capacity(capacity * mask_grid * mask_grid),
             state_after: LoaderState::default(),
+            encoded: Vec::new(),
             images: Some(pool.get()),
             home: pool.returner(),
         }
@@ -149,6 +192,44 @@ impl Batch {
         if let Some(mask) = mask {
             self.masks.extend_from_slice(mask);
         }
+    }
+
+    /// Adds a sample left encoded: its slot's pixels come from decoding `encoded` (whose
+    /// `slot` is set here).
+    pub(crate) fn push_encoded(
+        &mut self,
+        mut encoded: Encoded,
+        label: u32,
+        key: String,
+        mask: Option<&[u8]>,
+    ) {
+        encoded.slot = self.len();
+        self.encoded.push(encoded);
+        self.labels.push(label);
+        self.keys.push(key);
+        if let Some(mask) = mask {
+            self.masks.extend_from_slice(mask);
+        }
+    }
+
+    /// Decodes the images left encoded on the CPU, into their slots, exactly as the
+    /// loader does without `device_decode`; `encoded` is empty afterwards. An image that
+    /// does not decode (the loader only read its header) leaves its slot black; its key
+    /// and the error are returned, for the caller to log and count.
+    pub fn decode_encoded(&mut self, decoder: &mut CropDecoder) -> Vec<(String, DecodeError)> {
+        let (size, n) = (self.size, self.image_bytes());
+        let mut hwc = vec![0u8; n];
+        let mut failed = Vec::new();
+        for e in std::mem::take(&mut self.encoded) {
+            // `images` is only None during drop; slots are views * n bytes, views is 1 here.
+            let images = self.images.as_mut().expect("images present");
+            let chw = &mut images[e.slot * n..(e.slot + 1) * n];
+            if let Err(err) = e.decode(decoder, size, &mut hwc, chw) {
+                chw.fill(0);
+                failed.push((self.keys[e.slot].clone(), err));
+            }
+        }
+        failed
     }
 
     /// The masks upsampled to `tokens` x `tokens` per sample (14 for ViT/16 at 224).

@@ -37,6 +37,11 @@ pub struct LoaderConfig {
     /// storage, read instead of the store from then on (local sources are never cached).
     /// By default, none.
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Leave the JPEGs nvJPEG's hardware decoder takes (8-bit baseline, YCbCr or grey:
+    /// nearly all of ImageNet) encoded in the batch, with their crop and flip, for the
+    /// CUDA trainer to decode, crop and resize on the GPU; other images are decoded here.
+    /// Only with `set = "stage2"` or `"center"` (no colour ops). By default, false.
+    pub device_decode: bool,
     /// The augmentation.
     pub transform: TransformConfig,
 }
@@ -54,6 +59,7 @@ impl Default for LoaderConfig {
             prefetch_batches: 2,
             io_retry_seconds: 120,
             cache_dir: None,
+            device_decode: false,
             transform: TransformConfig::default(),
         }
     }
@@ -249,6 +255,12 @@ impl LoaderConfig {
         }
         if self.readers == 0 || self.chunk_bytes == 0 {
             return bad("readers and chunk_bytes must be at least 1");
+        }
+        if self.device_decode && self.transform.set == TransformSet::Mocov3 {
+            return bad(
+                "device_decode needs set = \"stage2\" or \"center\": the colour ops of \
+                 \"mocov3\" run on decoded pixels here; set device_decode = false",
+            );
         }
         self.transform.build().map(|_| ())
     }

@@ -58,7 +58,7 @@ pub mod shard;
 pub mod source;
 pub mod transform;
 
-pub use batch::{Allocator, Batch, HostBuffer, vec_allocator};
+pub use batch::{Allocator, Batch, Encoded, HostBuffer, vec_allocator};
 pub use config::{LoaderConfig, TransformConfig};
 pub use error::{Error, Result};
 pub use format::{

@@ -70,6 +70,16 @@ pub struct DecodeInfo {
     pub warning: Option<String>,
 }
 
+/// What [`CropDecoder::inspect`] read from an image's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inspected {
+    /// Width and height in pixels.
+    pub dims: (u32, u32),
+    /// An 8-bit sequential (baseline) JPEG, YCbCr in 4:4:4, 4:2:2, 4:2:0 or 4:4:0, or
+    /// greyscale: an image nvJPEG's hardware decoder takes.
+    pub hardware_decodable: bool,
+}
+
 impl DecodeInfo {
     /// The fraction of the (scaled) image's pixels that were decoded.
     pub fn decoded_fraction(&self) -> f64 {
@@ -128,15 +138,28 @@ fn covering_region(
 impl CropDecoder {
     /// Reads the image's width and height from its header.
     pub fn dimensions(&mut self, bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+        Ok(self.inspect(bytes)?.dims)
+    }
+
+    /// Reads the image's header: its width and height, and whether nvJPEG's hardware
+    /// decoder takes it.
+    pub fn inspect(&mut self, bytes: &[u8]) -> Result<Inspected, DecodeError> {
         if is_jpeg(bytes) {
             let header = self.turbo()?.header(bytes).map_err(corrupt)?;
-            return Ok((header.width, header.height));
+            return Ok(Inspected {
+                dims: (header.width, header.height),
+                hardware_decodable: header.hardware_decodable,
+            });
         }
-        image::ImageReader::new(Cursor::new(bytes))
+        let dims = image::ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(corrupt)?
             .into_dimensions()
-            .map_err(corrupt)
+            .map_err(corrupt)?;
+        Ok(Inspected {
+            dims,
+            hardware_decodable: false,
+        })
     }
 
     fn turbo(&mut self) -> Result<&mut Jpeg, DecodeError> {

@@ -19,6 +19,10 @@ pub(crate) struct Header {
     pub mcu_width: Option<u32>,
     /// CMYK and YCCK images, which libjpeg-turbo does not turn into RGB.
     pub cmyk: bool,
+    /// An 8-bit sequential, Huffman-coded YCbCr (4:4:4, 4:2:2, 4:2:0 or 4:4:0) or greyscale
+    /// image: what nvJPEG's hardware decoder takes (no progressive, arithmetic-coded,
+    /// lossless, CMYK, RGB, 4:1:1 or 4:4:1 images).
+    pub hardware_decodable: bool,
 }
 
 /// A rectangle of the image at the decode's scale, in pixels.
@@ -164,12 +168,29 @@ impl Jpeg {
         if width < 1 || height < 1 {
             return Err(format!("the header says {width}x{height}"));
         }
+        let subsampling = get(tj::TJPARAM_TJPARAM_SUBSAMP);
+        let hardware_decodable = !lossless
+            && get(tj::TJPARAM_TJPARAM_PRECISION) == 8
+            && get(tj::TJPARAM_TJPARAM_PROGRESSIVE) == 0
+            && get(tj::TJPARAM_TJPARAM_ARITHMETIC) == 0
+            && match colorspace {
+                c if c == tj::TJCS_TJCS_GRAY as i32 => true,
+                c if c == tj::TJCS_TJCS_YCbCr as i32 => [
+                    tj::TJSAMP_TJSAMP_444,
+                    tj::TJSAMP_TJSAMP_422,
+                    tj::TJSAMP_TJSAMP_420,
+                    tj::TJSAMP_TJSAMP_440,
+                ]
+                .contains(&subsampling),
+                _ => false,
+            };
         Ok(Header {
             width: width as u32,
             height: height as u32,
             mcu_width,
             cmyk: colorspace == tj::TJCS_TJCS_CMYK as i32
                 || colorspace == tj::TJCS_TJCS_YCCK as i32,
+            hardware_decodable,
         })
     }
 

@@ -22,6 +22,7 @@ pub(super) struct Metrics {
     /// Decoded pixels over the images' pixels (at the decode's scale), in millionths.
     pub(super) decoded_ppm: AtomicU64,
     pub(super) cache_hits: AtomicU64,
+    pub(super) left_encoded: AtomicU64,
     pub(super) io: Arc<IoCounters>,
     pub(super) last_error: std::sync::Mutex<Option<String>>,
 }
@@ -50,6 +51,7 @@ impl Metrics {
                 get(&m.decoded_ppm) as f64 / 1e6 / decodes.max(1) as f64
             },
             cache_hits: get(&m.cache_hits),
+            left_encoded: get(&m.left_encoded),
             last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
@@ -98,6 +100,8 @@ pub struct MetricsSnapshot {
     pub decoded_fraction: f64,
     /// Shards read from the local cache instead of the store.
     pub cache_hits: u64,
+    /// Images the decoders left encoded for the GPU (`device_decode`).
+    pub left_encoded: u64,
     /// The last shard or sample failure, with its shard or key.
     pub last_error: Option<String>,
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::batch::{Batch, BatchPool};
+use crate::batch::{Batch, BatchPool, Encoded};
 use crate::cache::{ShardCache, Tee};
 use crate::decode::{CropDecoder, DecodeError};
 use crate::error::{Error, Result};
@@ -17,6 +17,7 @@ use crate::format::{Compression, Sample};
 use crate::order::{EpochPlan, seeded_rng};
 use crate::shard::ShardReader;
 use crate::source::RangeReader;
+use crate::transform::flip::to_chw;
 
 use super::{Ctx, LoaderState, panic_message};
 
@@ -38,9 +39,18 @@ pub(super) struct Job {
     pub(super) sample: Option<Sample>,
 }
 
+/// A sample's pixels: its views decoded and augmented, or its JPEG left for the GPU.
+pub(super) enum Pixels {
+    Chw(Vec<u8>),
+    Encoded(Encoded),
+}
+
+/// A sample's pixels, its first view's mask and libjpeg's warning about it.
+type Augmented = (Pixels, Option<Vec<u8>>, Option<String>);
+
 pub(super) enum Outcome {
     Ready {
-        chw: Vec<u8>,
+        pixels: Pixels,
         label: u32,
         key: String,
         mask: Option<Vec<u8>>,
@@ -259,12 +269,10 @@ impl DecoderCtx {
         for job in jobs {
             let outcome = match job.sample {
                 None => Outcome::Missing,
-                Some(sample) => {
+                Some(mut sample) => {
                     let started = Instant::now();
-                    let mut chw = self.spare.try_recv().unwrap_or_default();
-                    chw.resize(c.augment.views() * view_bytes, 0);
                     let result = catch_unwind(AssertUnwindSafe(|| {
-                        self.augment(&mut decoder, &sample, &mut hwc, &mut chw)
+                        self.augment(&mut decoder, &mut sample, &mut hwc)
                             .map_err(|e| e.to_string())
                     }))
                     .unwrap_or_else(|payload| {
@@ -275,8 +283,8 @@ impl DecoderCtx {
                         .decode_ns
                         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     match result {
-                        Ok((mask, warning)) => Outcome::Ready {
-                            chw,
+                        Ok((pixels, mask, warning)) => Outcome::Ready {
+                            pixels,
                             label: sample.cls,
                             key: sample.key,
                             mask,
@@ -296,20 +304,21 @@ impl DecoderCtx {
         }
     }
 
-    /// Decodes `sample` once for all its views and writes them, augmented, into `chw`
-    /// (views x 3 x size x size bytes); returns the first view's mask, if it has one,
-    /// and libjpeg's warning, if it gave one.
+    /// Decodes `sample` once for all its views and returns them, augmented (views x 3 x
+    /// size x size bytes), or, with `device_decode`, its JPEG with the crop and flip
+    /// drawn for it where the GPU can decode it (its image bytes move out of `sample`);
+    /// with the first view's mask, if it has one, and libjpeg's warning, if it gave one.
     fn augment(
         &self,
         decoder: &mut CropDecoder,
-        sample: &Sample,
+        sample: &mut Sample,
         hwc: &mut [u8],
-        chw: &mut [u8],
-    ) -> Result<(Option<Vec<u8>>, Option<String>), DecodeError> {
+    ) -> Result<Augmented, DecodeError> {
         let c = &self.loader;
         let size = c.augment.size();
         let (seed, epoch) = (c.config.seed.to_le_bytes(), self.epoch.to_le_bytes());
-        let dims = decoder.dimensions(&sample.image)?;
+        let header = decoder.inspect(&sample.image)?;
+        let dims = header.dims;
         let params: Vec<_> = (0..c.augment.views())
             .map(|view| {
                 let mut rng = seeded_rng(&[
@@ -322,6 +331,20 @@ impl DecoderCtx {
                 c.augment.sample(view, dims, &mut rng)
             })
             .collect();
+        if c.config.device_decode && header.hardware_decodable && params.len() == 1 {
+            let p = params.into_iter().next().expect("one view");
+            let encoded = Encoded {
+                slot: 0, // set by the batch
+                jpeg: std::mem::take(&mut sample.image),
+                dims,
+                crop: p.crop,
+                flip: p.flip,
+            };
+            c.metrics.left_encoded.fetch_add(1, Ordering::Relaxed);
+            return Ok((Pixels::Encoded(encoded), p.mask.map(|m| m.units), None));
+        }
+        let mut chw = self.spare.try_recv().unwrap_or_default();
+        chw.resize(params.len() * hwc.len(), 0);
         let crops: Vec<_> = params.iter().map(|p| p.crop).collect();
         let info = decoder.decode(&sample.image, dims, &crops, size)?;
         let scale = info.scale.trailing_zeros().min(3) as usize;
@@ -334,49 +357,7 @@ impl DecoderCtx {
             to_chw(hwc, size as usize, p.flip, out);
         }
         let mask = params.into_iter().next().and_then(|p| p.mask);
-        Ok((mask.map(|m| m.units), info.warning))
-    }
-}
-
-/// Interleaved HWC to planar CHW in `chw` (3 x size x size bytes), mirrored horizontally
-/// when `flip`.
-pub(super) fn to_chw(hwc: &[u8], size: usize, flip: bool, chw: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked above.
-        return unsafe { to_chw_avx2(hwc, size, flip, chw) };
-    }
-    to_chw_rows(hwc, size, flip, chw);
-}
-
-/// [`to_chw`] compiled for AVX2, where the compiler vectorises the shuffle (the baseline
-/// x86-64 build does not: its loop was 5% of a decoder thread's time).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn to_chw_avx2(hwc: &[u8], size: usize, flip: bool, chw: &mut [u8]) {
-    to_chw_rows(hwc, size, flip, chw);
-}
-
-#[inline(always)]
-fn to_chw_rows(hwc: &[u8], size: usize, flip: bool, chw: &mut [u8]) {
-    let (r, gb) = chw.split_at_mut(size * size);
-    let (g, b) = gb.split_at_mut(size * size);
-    let rows = hwc.chunks_exact(3 * size);
-    let planes = r
-        .chunks_exact_mut(size)
-        .zip(g.chunks_exact_mut(size))
-        .zip(b.chunks_exact_mut(size));
-    for (row, ((r, g), b)) in rows.zip(planes) {
-        let out = r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut());
-        if flip {
-            for (((r, g), b), p) in out.zip(row.chunks_exact(3).rev()) {
-                (*r, *g, *b) = (p[0], p[1], p[2]);
-            }
-        } else {
-            for (((r, g), b), p) in out.zip(row.chunks_exact(3)) {
-                (*r, *g, *b) = (p[0], p[1], p[2]);
-            }
-        }
+        Ok((Pixels::Chw(chw), mask.map(|m| m.units), info.warning))
     }
 }
 
@@ -436,7 +417,7 @@ impl Assembler {
                 cursor += 1;
                 match outcome {
                     Outcome::Ready {
-                        chw,
+                        pixels,
                         label,
                         key,
                         mask,
@@ -448,8 +429,15 @@ impl Assembler {
                                 "sample {key}: decoded despite libjpeg's warning: {warning}"
                             );
                         }
-                        batch.push(&chw, label, key, mask.as_deref());
-                        let _ = self.spare.try_send(chw); // full: let it go
+                        match pixels {
+                            Pixels::Chw(chw) => {
+                                batch.push(&chw, label, key, mask.as_deref());
+                                let _ = self.spare.try_send(chw); // full: let it go
+                            }
+                            Pixels::Encoded(e) => {
+                                batch.push_encoded(e, label, key, mask.as_deref());
+                            }
+                        }
                         ready_this_pass += 1;
                     }
                     Outcome::Failed => {
@@ -486,36 +474,6 @@ impl Assembler {
             };
             if batches.send(Ok(batch)).is_err() {
                 return;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The vectorised shuffle (and the portable one) puts pixel (x, y)'s channel c at
-    /// c * size * size + y * size + x, or at x's mirror when flipped.
-    #[test]
-    fn to_chw_moves_every_byte_to_its_plane() {
-        for size in [1, 5, 32, 37] {
-            let hwc: Vec<u8> = (0..3 * size * size).map(|i| (i * 7 % 251) as u8).collect();
-            for flip in [false, true] {
-                let mut want = vec![0u8; hwc.len()];
-                for y in 0..size {
-                    for x in 0..size {
-                        let from = if flip { size - 1 - x } else { x };
-                        for c in 0..3 {
-                            want[c * size * size + y * size + x] = hwc[3 * (y * size + from) + c];
-                        }
-                    }
-                }
-                let (mut fast, mut portable) = (vec![0u8; hwc.len()], vec![0u8; hwc.len()]);
-                to_chw(&hwc, size, flip, &mut fast);
-                to_chw_rows(&hwc, size, flip, &mut portable);
-                assert_eq!(fast, want, "size {size}, flip {flip}");
-                assert_eq!(portable, want, "size {size}, flip {flip}");
             }
         }
     }
