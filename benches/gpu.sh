@@ -24,6 +24,10 @@
 #                    without a broken one.
 #   s16-bf16-fused-shards, loader-N   the step fed by the pipeline from generated
 #                    ImageNet-like shards; the loader alone on 1, 8 and all cores.
+#   s16-bf16-device-decode-shards, loader-N-device-decode   the same with the JPEGs left
+#                    encoded for the GPU (`[data] device_decode`: nvJPEG's hardware decoder;
+#                    needs libnvjpeg.so.13 on LD_LIBRARY_PATH, e.g. from PyPI's
+#                    nvidia-nvjpeg 13.0); the loader's share of the work on all cores.
 #   train-s16        `mimco train` on those shards: 6 steps, checkpoints, --resume to 12.
 #   torch-s16-compile   the PyTorch baseline under torch.compile.
 set -uo pipefail # a timeout's failure, not tee's success, decides a step's status
@@ -119,13 +123,16 @@ for path in flash blocks-node stem residual epilogue copy-stream; do
 done
 
 if wanted s16-bf16-fused-shards || wanted train-s16 || wanted loader-1 || wanted loader-8 ||
-    wanted "loader-$(nproc)"; then
+    wanted "loader-$(nproc)" || wanted s16-bf16-device-decode-shards; then
     echo "== generating shards (t=${SECONDS}s)"
     work=$(mktemp -d "${TMPDIR:-/tmp}/gpubench.XXXXXX")
     if timeout 120 "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 1500 --val-per-class 0 \
         --no-bad-files --no-quirks --min-side 350 --max-side 450 --min-quality 98 --max-quality 100 > /dev/null &&
         timeout 60 "$bin/shardtool" pack "$work/imagenet" --out "$work/shards" -q --shard-size 64MB > /dev/null; then
         bench s16-bf16-fused-shards --config "$s16" --batch 256 --precision bf16 --data "$work/shards/train"
+        sed '/^\[data\]$/a device_decode = true' "$s16" > "$work/s16_device_decode.toml"
+        bench s16-bf16-device-decode-shards --config "$work/s16_device_decode.toml" --batch 256 \
+            --precision bf16 --data "$work/shards/train"
         if wanted train-s16; then
             # The real training command on those shards: 6 optimiser steps of 2,048 images
             # (8 micro-batches each), a checkpoint every 3, then --resume to step 12 (across
@@ -156,6 +163,10 @@ if wanted s16-bf16-fused-shards || wanted train-s16 || wanted loader-1 || wanted
             timeout 120 "$throughput" "$work/shards/train" --workers "$workers" --epochs $epochs 2>&1 |
                 grep '^loader' | tee -a "$results/loader.md" || fail "loader-$workers"
         done
+        if wanted "loader-$(nproc)-device-decode"; then
+            timeout 120 "$throughput" "$work/shards/train" --workers "$(nproc)" --epochs 3 --device-decode 2>&1 |
+                grep -E '^(loader|stages)' | tee -a "$results/loader.md" || fail "loader-$(nproc)-device-decode"
+        fi
     else
         fail "generating shards"
     fi

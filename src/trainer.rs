@@ -181,17 +181,34 @@ impl Trainer {
 
     /// [`Trainer::upload`] of one batch from the pipeline.
     pub fn upload_batch(&self, batch: &Batch) -> anyhow::Result<Staged> {
-        if !batch.encoded.is_empty() {
-            anyhow::bail!(
-                "{} images of this batch are left encoded for the GPU ([data] device_decode = \
-                 true), which this trainer does not decode: set device_decode = false",
-                batch.encoded.len()
-            );
-        }
         let (size, views) = (batch.size as usize, batch.views);
         let grid = size / self.model.config().student.patch_size;
         let shape = (batch.len(), views, 3, size, size);
-        self.upload(batch.images(), shape, batch.token_masks(grid))
+        let mask = batch.token_masks(grid);
+        if batch.encoded.is_empty() {
+            return self.upload(batch.images(), shape, mask);
+        }
+        // JPEGs left encoded ([data] device_decode) are decoded after the copy, on the
+        // copy stream, into their slots.
+        #[cfg(feature = "cuda")]
+        if let Some(uploader) = &self.uploader {
+            let decode = crate::cuda::ToDecode {
+                encoded: &batch.encoded,
+                keys: &batch.keys,
+                size: batch.size,
+            };
+            let (images, copy) = uploader.start(batch.images(), shape, Some(decode))?;
+            return Ok(Staged {
+                copy: Some(copy),
+                images,
+                mask,
+            });
+        }
+        anyhow::bail!(
+            "{} images of this batch are left encoded for the GPU ([data] device_decode = \
+             true), which only the CUDA trainer decodes: set device_decode = false",
+            batch.encoded.len()
+        )
     }
 
     /// Starts copying `(B, views, 3, H, W)` uint8 `images` to the trainer's device, with
@@ -208,7 +225,7 @@ impl Trainer {
         if let Some(uploader) = &self.uploader
             && crate::functional::enabled(crate::functional::FastPath::CopyStream)
         {
-            let (images, copy) = uploader.start(images, shape)?;
+            let (images, copy) = uploader.start(images, shape, None)?;
             return Ok(Staged {
                 copy: Some(copy),
                 images,

@@ -165,6 +165,7 @@ pub fn run(dev: &Device, seed: u64) -> Result<Vec<CheckRow>> {
     }
     c.check("adamw", |c| adamw(c, &[[384, 1536], [7, 3]]));
     c.check("upload", upload);
+    c.check("device decode", device_decode);
     c.check("sum_squares", sum_squares);
     for dtype in [DType::F32, DType::BF16] {
         c.check(&format!("vit blocks {dtype:?}"), |c| vit_blocks(c, dtype));
@@ -186,7 +187,7 @@ fn upload(c: &mut Checker) -> Result<()> {
     // A busy compute stream, as in training, so that a missing wait would show.
     let busy = c.random(&[4096, 4096], 1.0, 0.0)?;
     let _ = busy.matmul(&busy)?;
-    let (images, copy) = super::Uploader::new(&dev)?.start(&pinned, shape.as_slice())?;
+    let (images, copy) = super::Uploader::new(&dev)?.start(&pinned, shape.as_slice(), None)?;
     copy.ready()?;
     let got = images.flatten_all()?.to_vec1::<u8>()?;
     let wrong = got
@@ -199,6 +200,97 @@ fn upload(c: &mut Checker) -> Result<()> {
         shape: format!("{shape:?}"),
         dtype: "u8",
         error: wrong as f64 / n as f64,
+        tolerance: 0.0,
+    });
+    Ok(())
+}
+
+/// JPEGs decoded on the GPU for a batch left encoded (nvJPEG's hardware decoder, then
+/// `crop_resize_u8`) against the loader's CPU decode of the same crops (libjpeg-turbo and
+/// `fast_image_resize`): real-photo JPEGs from shardtool's generator, 180-500 px, random
+/// crops and flips. The decoders' IDCT and upsampling differ by a level or two; a crop,
+/// a flip or a slot out of place is far off. A second row fails unless the hardware took
+/// every image (none fell back to the CPU).
+fn device_decode(c: &mut Checker) -> Result<()> {
+    let Device::Cuda(dev) = c.dev.clone() else {
+        candle_core::bail!("device decode: not a CUDA device");
+    };
+    let msg = |e: &dyn std::fmt::Display| candle_core::Error::Msg(e.to_string());
+    let root = std::env::temp_dir().join(format!("mimco-decode-check-{}", std::process::id()));
+    let spec = shardtool::synth::SynthSpec {
+        classes: 1,
+        train_per_class: 12,
+        val_per_class: 0,
+        flat_val: false,
+        quirks: false,
+        bad_files: false,
+        short_side: (180, 500),
+        quality: (85, 98),
+        seed: 7,
+    };
+    let written = shardtool::synth::write_imagenet_like(&root, &spec, 2);
+    let folder = root.join("train").join(shardtool::synth::wnid(0));
+    let mut files: Vec<_> = std::fs::read_dir(&folder)
+        .map_err(|e| msg(&e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    let jpegs: Vec<Vec<u8>> = files.iter().filter_map(|f| std::fs::read(f).ok()).collect();
+    let _ = std::fs::remove_dir_all(&root);
+    written.map_err(|e| msg(&e))?;
+    let size = 224u32;
+    let augment = pipeline::TransformConfig::default()
+        .build()
+        .map_err(|e| msg(&e))?;
+    let mut cpu = pipeline::decode::CropDecoder::default();
+    let mut encoded = Vec::new();
+    for (slot, jpeg) in jpegs.into_iter().enumerate() {
+        let dims = cpu.dimensions(&jpeg).map_err(|e| msg(&e))?;
+        let p = augment.sample(0, dims, &mut c.rng);
+        encoded.push(pipeline::Encoded {
+            slot,
+            jpeg,
+            dims,
+            crop: p.crop,
+            flip: p.flip,
+        });
+    }
+    let (b, n) = (encoded.len(), 3 * (size as usize).pow(2));
+    let (mut want, mut hwc) = (vec![0u8; b * n], vec![0u8; n]);
+    for e in &encoded {
+        let chw = &mut want[e.slot * n..(e.slot + 1) * n];
+        e.decode(&mut cpu, size, &mut hwc, chw)
+            .map_err(|e| msg(&e))?;
+    }
+    let keys: Vec<String> = (0..b).map(|i| format!("check-{i}")).collect();
+    let uploader = super::Uploader::new(&dev)?;
+    let decode = super::ToDecode {
+        encoded: &encoded,
+        keys: &keys,
+        size,
+    };
+    let shape = [b, 1, 3, size as usize, size as usize];
+    let (images, copy) = uploader.start(&vec![0u8; b * n], shape.as_slice(), Some(decode))?;
+    copy.ready()?;
+    let got = images.flatten_all()?.to_vec1::<u8>()?;
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(&want) {
+        diff += (f64::from(*g) - f64::from(*w)).powi(2);
+        norm += f64::from(*w).powi(2);
+    }
+    c.rows.push(CheckRow {
+        what: "JPEGs decoded on the GPU vs the loader's CPU decode".into(),
+        shape: format!("{shape:?}"),
+        dtype: "u8",
+        error: (diff / norm.max(1.0)).sqrt(),
+        tolerance: 0.03,
+    });
+    let done = uploader.decoded();
+    c.rows.push(CheckRow {
+        what: format!("JPEGs nvJPEG's hardware took ({} of {b})", done.on_gpu),
+        shape: format!("{shape:?}"),
+        dtype: "u8",
+        error: (b - done.on_gpu) as f64 / b as f64,
         tolerance: 0.0,
     });
     Ok(())

@@ -668,3 +668,62 @@ extern "C" __global__ void sum_squares_f32(const long *table, double *out) {
         atomicAdd(out, total);
     }
 }
+
+// One image of a batch that nvJPEG decoded (planar RGB, `width` x `height`, planes of
+// width * height bytes from `src`), the crop to cut out of it (source pixels) and the
+// slot of the batch its output goes to. 40 bytes, as `nvjpeg::CropJob` on the Rust side.
+struct CropJob {
+    const unsigned char *src;
+    int width, height;
+    int left, top, crop_width, crop_height;
+    int flip, slot;
+};
+
+// The bilinear filter: a triangle of support 1.
+__device__ inline float triangle(float x) {
+    x = fabsf(x);
+    return x < 1.f ? 1.f - x : 0.f;
+}
+
+// Cuts each job's crop out of its image, resizes it to size x size with the bilinear
+// filter, antialiased as PIL and fast_image_resize do (the triangle widened by the
+// downscaling factor, its taps reaching past the crop up to the image's edges, weights
+// normalised), mirrors it when `flip`, and writes it into slot `slot` of the uint8
+// (B, 3, size, size) `out`: the loader's crop and resize of the same image (whose two
+// passes round in between; this one rounds once). Grid: (pixel tiles, jobs).
+extern "C" __global__ void crop_resize_u8(const CropJob *jobs, unsigned char *out, int size) {
+    const CropJob j = jobs[blockIdx.y];
+    const int pixels = size * size;
+    const float sx = (float)j.crop_width / size, sy = (float)j.crop_height / size;
+    const float fx = fmaxf(sx, 1.f), fy = fmaxf(sy, 1.f);
+    const long plane = (long)j.width * j.height;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < pixels; i += gridDim.x * blockDim.x) {
+        const int oy = i / size, ox = i % size;
+        const float cx = j.left + (ox + 0.5f) * sx, cy = j.top + (oy + 0.5f) * sy;
+        // The taps' range, clamped to the image (the casts truncate toward zero, as PIL's).
+        int x0 = (int)(cx - fx + 0.5f), x1 = (int)(cx + fx + 0.5f);
+        int y0 = (int)(cy - fy + 0.5f), y1 = (int)(cy + fy + 0.5f);
+        x0 = x0 < 0 ? 0 : x0;
+        y0 = y0 < 0 ? 0 : y0;
+        x1 = x1 > j.width ? j.width : x1;
+        y1 = y1 > j.height ? j.height : y1;
+        float r = 0.f, g = 0.f, b = 0.f, total = 0.f;
+        for (int y = y0; y < y1; y++) {
+            const float wy = triangle((y - cy + 0.5f) / fy);
+            const unsigned char *row = j.src + (long)y * j.width;
+            for (int x = x0; x < x1; x++) {
+                const float w = wy * triangle((x - cx + 0.5f) / fx);
+                r += w * row[x];
+                g += w * row[plane + x];
+                b += w * row[2 * plane + x];
+                total += w;
+            }
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        unsigned char *o = out + (long)j.slot * 3 * pixels + (long)oy * size +
+                           (j.flip ? size - 1 - ox : ox);
+        o[0] = (unsigned char)fminf(fmaxf(r * inv + 0.5f, 0.f), 255.f);
+        o[pixels] = (unsigned char)fminf(fmaxf(g * inv + 0.5f, 0.f), 255.f);
+        o[2 * pixels] = (unsigned char)fminf(fmaxf(b * inv + 0.5f, 0.f), 255.f);
+    }
+}

@@ -17,7 +17,9 @@
 //!   gradients' averaging and clipping folded in; [`sum_squares`]: the gradient norm, one
 //!   launch per gradient.
 //! - [`pinned`]: page-locked batch buffers for the pipeline; [`Uploader`]: their copy to
-//!   the GPU on a stream of its own, overlapping the step before.
+//!   the GPU on a stream of its own, overlapping the step before, and the decode of the
+//!   JPEGs the loader left encoded (nvJPEG's hardware decoder, then a crop-and-resize
+//!   kernel: `nvjpeg.rs`).
 //!
 //! [`crate::functional`] sends CUDA tensors here and everything else to the composed ops,
 //! which stay the reference: [`check`] compares the two on the GPU. Without a GPU,
@@ -35,6 +37,7 @@ mod images;
 mod info_nce;
 mod linear;
 mod norm;
+mod nvjpeg;
 pub mod pinned;
 mod tokens;
 mod upload;
@@ -46,8 +49,9 @@ pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;
 pub use linear::{linear, linear_bwd, linear_residual};
 pub use norm::{layer_norm, layer_norm_bwd};
+pub use nvjpeg::Decoded;
 pub use tokens::tokens;
-pub use upload::{Upload, Uploader};
+pub use upload::{ToDecode, Upload, Uploader};
 
 use std::sync::OnceLock;
 

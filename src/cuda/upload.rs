@@ -15,21 +15,37 @@
 //! the step that read it. The host bytes must not change until that step has finished; the
 //! trainer reads each step's loss back before the pipeline may reuse a batch buffer.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Result, Shape, Storage, Tensor};
+use pipeline::Encoded;
+
+use super::nvjpeg::{Decoded, DeviceDecoder};
 
 /// Events that only order work (cheaper than timed ones).
 const NO_TIMING: Option<CUevent_flags> = Some(CUevent_flags::CU_EVENT_DISABLE_TIMING);
 
-/// The copy stream of one device.
+/// The copy stream of one device, and its JPEG decoder for batches left encoded.
 pub struct Uploader {
     dev: CudaDevice,
     copy: Arc<CudaStream>,
+    /// Made by the first batch with JPEGs to decode, with the counts so far.
+    decoder: Mutex<(Option<DeviceDecoder>, Decoded)>,
+}
+
+/// JPEGs of a batch to decode on the GPU after its copy: the batch's images left encoded,
+/// its keys (for the log) and its output side.
+pub struct ToDecode<'a> {
+    /// The images left encoded.
+    pub encoded: &'a [Encoded],
+    /// The batch's sample keys.
+    pub keys: &'a [String],
+    /// The output side in pixels.
+    pub size: u32,
 }
 
 /// A copy on its way: the images [`Uploader::start`] returned are not to be read before
@@ -50,11 +66,18 @@ impl Uploader {
         Ok(Uploader {
             dev: dev.clone(),
             copy,
+            decoder: Mutex::new((None, Decoded::default())),
         })
     }
 
-    /// Starts copying `bytes` into a new uint8 tensor of `shape` on the device.
-    pub fn start(&self, bytes: &[u8], shape: impl Into<Shape>) -> Result<(Tensor, Upload)> {
+    /// Starts copying `bytes` into a new uint8 tensor of `shape` on the device, then
+    /// decoding the JPEGs of `decode` into their slots (`nvjpeg.rs`), on the copy stream.
+    pub fn start(
+        &self,
+        bytes: &[u8],
+        shape: impl Into<Shape>,
+        decode: Option<ToDecode>,
+    ) -> Result<(Tensor, Upload)> {
         let shape = shape.into();
         if shape.elem_count() != bytes.len() {
             candle_core::bail!("upload: {} bytes for {shape:?}", bytes.len());
@@ -63,6 +86,18 @@ impl Uploader {
         let mut dst = unsafe { self.dev.alloc::<u8>(bytes.len()) }?;
         self.copy.wait(&compute.record_event(NO_TIMING).w()?).w()?;
         self.copy.memcpy_htod(bytes, &mut dst).w()?;
+        if let Some(d) = decode.filter(|d| !d.encoded.is_empty()) {
+            let mut guard = self.decoder.lock().expect("decoder lock");
+            let (decoder, totals) = &mut *guard;
+            if decoder.is_none() {
+                *decoder = Some(DeviceDecoder::new(&self.dev)?);
+            }
+            let decoder = decoder.as_mut().expect("made above");
+            let done = decoder.decode(&self.copy, d.encoded, d.keys, d.size, &mut dst)?;
+            totals.on_gpu += done.on_gpu;
+            totals.on_cpu += done.on_cpu;
+            totals.failed += done.failed;
+        }
         let copied = self.copy.record_event(NO_TIMING).w()?;
         let storage = CudaStorage::wrap_cuda_slice(dst, self.dev.clone());
         let images = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
@@ -72,6 +107,13 @@ impl Uploader {
             waited: false,
         };
         Ok((images, copy))
+    }
+}
+
+impl Uploader {
+    /// How the JPEGs left encoded were decoded so far.
+    pub fn decoded(&self) -> Decoded {
+        self.decoder.lock().expect("decoder lock").1
     }
 }
 

@@ -507,6 +507,74 @@ static void normalize_check() {
     expect_close(y.p, want, "normalize_u8", 1e-6);
 }
 
+// The GPU decode's crop and resize: two images into slots 2 and 0 of three (slot 1 left
+// alone), downscaled and upscaled, mirrored or not, taps clamped at the edges, against the
+// same filter in double; a crop of the output's size is the source's pixels exactly.
+static void crop_resize_check() {
+    const int size = 6, pixels = size * size;
+    const int dims[2][2] = {{37, 23}, {5, 9}};
+    std::vector<unsigned char> src[2];
+    for (int k = 0; k < 2; k++) {
+        src[k].resize(3 * dims[k][0] * dims[k][1]);
+        for (auto &v : src[k]) v = (unsigned char)(rng() % 256);
+    }
+    Buffer<unsigned char> a(src[0]), b(src[1]);
+    auto run = [&](CropJob j0, CropJob j1, const std::string &what) {
+        Buffer<CropJob> jobs(std::vector<CropJob>{j0, j1});
+        Buffer<unsigned char> out(std::vector<unsigned char>(3 * 3 * pixels, 77));
+        launch(crop_resize_u8, {2, 2}, {16}, (const CropJob *)jobs.p, out.p, size);
+        double worst = 0;
+        for (const CropJob &j : {j0, j1}) {
+            const int w = j.width, h = j.height;
+            const double sx = (double)j.crop_width / size, sy = (double)j.crop_height / size;
+            const double fx = std::max(sx, 1.0), fy = std::max(sy, 1.0);
+            auto taps = [](double c, double f, double support, int n) {
+                std::vector<double> wt(n, 0.0);
+                double total = 0;
+                for (int t = 0; t < n; t++) {
+                    const double d = std::fabs((t - c + 0.5) / f);
+                    if (d < 1 && t >= (int)(c - support + 0.5) && t < (int)(c + support + 0.5))
+                        total += wt[t] = 1 - d;
+                }
+                for (auto &v : wt) v /= total;
+                return wt;
+            };
+            for (int oy = 0; oy < size; oy++)
+                for (int ox = 0; ox < size; ox++) {
+                    const auto wx = taps(j.left + (ox + 0.5) * sx, fx, fx, w);
+                    const auto wy = taps(j.top + (oy + 0.5) * sy, fy, fy, h);
+                    for (int c = 0; c < 3; c++) {
+                        double v = 0;
+                        for (int y = 0; y < h; y++)
+                            for (int x = 0; x < w; x++)
+                                v += wy[y] * wx[x] * j.src[(long)c * w * h + y * w + x];
+                        const int x = j.flip ? size - 1 - ox : ox;
+                        const double got = out.p[j.slot * 3 * pixels + c * pixels + oy * size + x];
+                        worst = std::max(worst, std::fabs(got - v));
+                    }
+                }
+        }
+        bool untouched = true;
+        for (int i = 0; i < 3 * pixels; i++) untouched &= out.p[3 * pixels + i] == 77;
+        expect(worst <= 0.51 && untouched, "crop_resize_u8 " + what, worst);
+        return std::vector<unsigned char>(out.p, out.p + 3 * 3 * pixels);
+    };
+    // Down 3.5x by 2.3x from inside the image (taps past the crop), up from a 4x7 crop at
+    // the small image's corner, mirrored.
+    run({a.p, 37, 23, 9, 4, 21, 14, 0, 2}, {b.p, 5, 9, 1, 2, 4, 7, 1, 0}, "down, up mirrored");
+    run({a.p, 37, 23, 0, 0, 37, 23, 1, 2}, {b.p, 5, 9, 0, 0, 5, 9, 0, 0}, "whole images");
+    // A size x size crop is a copy.
+    const auto copy = run({a.p, 37, 23, 30, 16, 6, 6, 0, 2}, {b.p, 5, 9, 0, 0, 5, 9, 0, 0},
+                          "copy");
+    bool same = true;
+    for (int c = 0; c < 3; c++)
+        for (int y = 0; y < size; y++)
+            for (int x = 0; x < size; x++)
+                same &= copy[2 * 3 * pixels + c * pixels + y * size + x] ==
+                        src[0][c * 37 * 23 + (16 + y) * 37 + 30 + x];
+    expect(same, "crop_resize_u8: a crop of the output's size is copied");
+}
+
 // The token stream (CLS, patches or the mask token, plus positions) and its gradients for x
 // and the mask token, against the composed formulas; rows wider than a block.
 static void tokens_check() {
@@ -724,6 +792,7 @@ int main() {
     patchify_check<float>(patchify_f32_f32, 2, 8, 12, 4);
     patchify_check<bf16>(patchify_f32_bf16, 2, 8, 12, 4);
     normalize_check();
+    crop_resize_check();
     sum_squares_check();
     tokens_check();
     for (bool early : {false, true}) {  // cp.async copies landing at the wait, and at once
