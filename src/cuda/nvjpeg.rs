@@ -160,6 +160,9 @@ pub struct DeviceDecoder {
     batch: Option<usize>,
     /// The decoded images' planes, grown to the largest batch.
     planes: Option<CudaSlice<u8>>,
+    /// The last batched call's arrays (bitstream pointers, lengths, destinations), kept
+    /// until the next one in case nvJPEG reads them after the call returns.
+    arrays: (Vec<*const u8>, Vec<usize>, Vec<Image>),
     dev: CudaDevice,
     cpu: CropDecoder,
 }
@@ -220,6 +223,7 @@ impl DeviceDecoder {
             stream,
             batch: None,
             planes: None,
+            arrays: (Vec::new(), Vec::new(), Vec::new()),
             dev: dev.clone(),
             cpu: CropDecoder::default(),
         })
@@ -321,6 +325,8 @@ impl DeviceDecoder {
         }
         let data: Vec<*const u8> = jpegs.iter().map(|e| e.jpeg.as_ptr()).collect();
         let lengths: Vec<usize> = jpegs.iter().map(|e| e.jpeg.len()).collect();
+        self.arrays = (data, lengths, images);
+        let (data, lengths, images) = &mut self.arrays;
         // SAFETY: the arrays hold one entry per image and outlive the calls; every plane
         // lies inside `planes` (sized above); the JPEG bytes outlive the stream's use of
         // them (the caller's promise); the stream belongs to this context.
