@@ -35,7 +35,7 @@ def expected():
               "bias_add_res_f32_f32", "bias_add_res_bf16_f32",
               "info_nce_fwd_f32", "info_nce_bwd_f32", "normalize_u8_f32",
               "patchify_f32_f32", "patchify_f32_bf16", "sum_squares_f32",
-              "tokens_fwd_f32", "tokens_bwd_f32", "tokens_token_grad_f32"]
+              "tokens_fwd_f32", "tokens_bwd_f32", "tokens_token_grad_f32", "crop_resize_u8"]
     for e in (32, 64):
         names += [f"flash_fwd_bf16_{e}", f"flash_bwd_dq_bf16_{e}", f"flash_bwd_dkv_bf16_{e}"]
     return names
