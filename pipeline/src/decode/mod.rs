@@ -324,6 +324,23 @@ mod tests {
         out
     }
 
+    /// A baseline YCbCr JPEG is one nvJPEG's hardware takes; cut short it is not (the
+    /// CPU's decode refuses it), nor is a PNG.
+    #[test]
+    fn inspect_says_which_images_the_hardware_decoder_takes() {
+        let bytes = jpeg(64, 48);
+        let mut d = CropDecoder::default();
+        let whole = d.inspect(&bytes).unwrap();
+        assert_eq!((whole.dims, whole.hardware_decodable), ((64, 48), true));
+        let cut = d.inspect(&bytes[..bytes.len() - 100]).unwrap();
+        assert_eq!((cut.dims, cut.hardware_decodable), ((64, 48), false));
+        let mut png = Vec::new();
+        image::RgbImage::new(5, 4)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert!(!d.inspect(&png).unwrap().hardware_decodable);
+    }
+
     #[test]
     fn large_crops_decode_downscaled_and_match_full_decode() {
         let bytes = jpeg(1024, 768);

@@ -169,7 +169,10 @@ impl Jpeg {
             return Err(format!("the header says {width}x{height}"));
         }
         let subsampling = get(tj::TJPARAM_TJPARAM_SUBSAMP);
+        // A file cut short takes the CPU's decode too, which refuses it (the sample is
+        // skipped), as it is without `device_decode`.
         let hardware_decodable = !lossless
+            && ends_its_last_scan(bytes)
             && get(tj::TJPARAM_TJPARAM_PRECISION) == 8
             && get(tj::TJPARAM_TJPARAM_PROGRESSIVE) == 0
             && get(tj::TJPARAM_TJPARAM_ARITHMETIC) == 0
