@@ -47,6 +47,13 @@ pub struct DataFaults {
     pub failed_shards: u64,
     /// Store requests retried.
     pub io_retries: u64,
+    /// JPEGs left for the GPU (`[data] device_decode`) that it did not decode: decoded on
+    /// the CPU by the trainer instead, or, `black_samples` of them, nowhere.
+    #[serde(default)]
+    pub gpu_decode_fallbacks: u64,
+    /// JPEGs left for the GPU that decoded nowhere: delivered black (the log names them).
+    #[serde(default)]
+    pub black_samples: u64,
 }
 
 impl From<&pipeline::MetricsSnapshot> for DataFaults {
@@ -57,6 +64,8 @@ impl From<&pipeline::MetricsSnapshot> for DataFaults {
             warned_samples: m.warned_samples,
             failed_shards: m.failed_shards,
             io_retries: m.io_retries,
+            gpu_decode_fallbacks: 0,
+            black_samples: 0,
         }
     }
 }

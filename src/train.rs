@@ -241,6 +241,10 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
                 let mut record = window.record(&report, state.epoch, started.elapsed());
                 record.knn_top1 = knn_top1;
                 record.data_faults = DataFaults::from(&loader.metrics());
+                (
+                    record.data_faults.gpu_decode_fallbacks,
+                    record.data_faults.black_samples,
+                ) = trainer.gpu_decode_faults();
                 let parts: String = report
                     .parts
                     .iter()

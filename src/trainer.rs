@@ -179,6 +179,17 @@ impl Trainer {
         self.feed_staged(staged)
     }
 
+    /// Of the JPEGs batches left for the GPU so far: how many it did not decode (decoded
+    /// on the CPU instead), and how many decoded nowhere (delivered black).
+    pub fn gpu_decode_faults(&self) -> (u64, u64) {
+        #[cfg(feature = "cuda")]
+        if let Some(uploader) = &self.uploader {
+            let d = uploader.decoded();
+            return ((d.on_cpu + d.failed) as u64, d.failed as u64);
+        }
+        (0, 0)
+    }
+
     /// [`Trainer::upload`] of one batch from the pipeline.
     pub fn upload_batch(&self, batch: &Batch) -> anyhow::Result<Staged> {
         let (size, views) = (batch.size as usize, batch.views);
