@@ -44,6 +44,9 @@ echo "== pipeline, local shards"
 "$bin/examples/throughput" "$work/shards/train" --workers 1
 "$bin/examples/throughput" "$work/shards/train" --workers "$(nproc)" --decoders
 echo
+echo "== pipeline, local shards, JPEGs left for the GPU ([data] device_decode: the CPU's share)"
+"$bin/examples/throughput" "$work/shards/train" --workers "$(nproc)" --device-decode --epochs 3
+echo
 echo "== torchvision-style Python (Pillow + NumPy, multiprocessing)"
 "$venv/bin/python" benches/torchvision_style.py "$work/imagenet" --decode-only
 "$venv/bin/python" benches/torchvision_style.py "$work/imagenet" --workers 1

@@ -203,7 +203,9 @@ impl Trainer {
         // copy stream, into their slots.
         #[cfg(feature = "cuda")]
         if let Some(uploader) = &self.uploader {
+            let decoded = batch.decoded_ranges();
             let decode = crate::cuda::ToDecode {
+                decoded: &decoded,
                 encoded: &batch.encoded,
                 keys: &batch.keys,
                 size: batch.size,

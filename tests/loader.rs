@@ -375,6 +375,18 @@ fn device_decode_leaves_jpegs_encoded_with_their_crops() {
             encoded += b.encoded.len();
             let slots: Vec<usize> = b.encoded.iter().map(|e| e.slot).collect();
             assert!(slots.windows(2).all(|w| w[0] < w[1]), "{slots:?}");
+            // The decoded ranges and the encoded slots cover the batch, once.
+            let per = 3 * 32 * 32;
+            let mut covered = vec![0u8; b.len()];
+            for r in b.decoded_ranges() {
+                assert!(
+                    r.start % per == 0 && r.end % per == 0 && r.start < r.end,
+                    "{r:?}"
+                );
+                (r.start / per..r.end / per).for_each(|s| covered[s] += 1);
+            }
+            slots.iter().for_each(|&s| covered[s] += 1);
+            assert!(covered.iter().all(|&c| c == 1), "{covered:?}");
             for e in &b.encoded {
                 let key = &b.keys[e.slot];
                 quirks_encoded += usize::from(key.contains("quirk_png") || key.contains("cmyk"));

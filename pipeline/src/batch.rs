@@ -212,6 +212,24 @@ impl Batch {
         }
     }
 
+    /// The byte ranges of [`Batch::images`] that hold pixels: all but the slots of the
+    /// images left encoded, neighbouring slots in one range.
+    pub fn decoded_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let per = self.views * self.image_bytes();
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        for slot in self.encoded.iter().map(|e| e.slot) {
+            if slot > start {
+                ranges.push(start * per..slot * per);
+            }
+            start = slot + 1;
+        }
+        if start < self.len() {
+            ranges.push(start * per..self.len() * per);
+        }
+        ranges
+    }
+
     /// Decodes the images left encoded on the CPU, into their slots, exactly as the
     /// loader does without `device_decode`; `encoded` is empty afterwards. An image that
     /// does not decode (the loader only read its header) leaves its slot black; its key
@@ -281,6 +299,7 @@ mod tests {
             (b.len(), b.images(), b.token_masks(2)),
             (1, &[1u8; 12][..], vec![1, 1, 1, 1])
         );
+        assert_eq!(b.decoded_ranges(), vec![0..12]);
         let norm = b.to_f32_normalized([0.0; 3], [1.0; 3]);
         assert!((norm[0] - 1.0 / 255.0).abs() < 1e-6);
         drop(b);

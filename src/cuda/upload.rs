@@ -15,6 +15,7 @@
 //! the step that read it. The host bytes must not change until that step has finished; the
 //! trainer reads each step's loss back before the pipeline may reuse a batch buffer.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::WrapErr;
@@ -38,8 +39,11 @@ pub struct Uploader {
 }
 
 /// JPEGs of a batch to decode on the GPU after its copy: the batch's images left encoded,
-/// its keys (for the log) and its output side.
+/// the byte ranges of the others (the only ones copied), its keys (for the log) and its
+/// output side.
 pub struct ToDecode<'a> {
+    /// The byte ranges of the images that are not left encoded.
+    pub decoded: &'a [Range<usize>],
     /// The images left encoded.
     pub encoded: &'a [Encoded],
     /// The batch's sample keys.
@@ -70,8 +74,9 @@ impl Uploader {
         })
     }
 
-    /// Starts copying `bytes` into a new uint8 tensor of `shape` on the device, then
-    /// decoding the JPEGs of `decode` into their slots (`nvjpeg.rs`), on the copy stream.
+    /// Starts copying `bytes` into a new uint8 tensor of `shape` on the device (with
+    /// `decode`, only its `decoded` ranges), then decoding the JPEGs of `decode` into
+    /// their slots (`nvjpeg.rs`), on the copy stream.
     pub fn start(
         &self,
         bytes: &[u8],
@@ -85,7 +90,14 @@ impl Uploader {
         let compute = self.dev.cuda_stream();
         let mut dst = unsafe { self.dev.alloc::<u8>(bytes.len()) }?;
         self.copy.wait(&compute.record_event(NO_TIMING).w()?).w()?;
-        self.copy.memcpy_htod(bytes, &mut dst).w()?;
+        let all = 0..bytes.len();
+        let ranges = decode
+            .as_ref()
+            .map_or(std::slice::from_ref(&all), |d| d.decoded);
+        for r in ranges {
+            let mut part = dst.slice_mut(r.clone());
+            self.copy.memcpy_htod(&bytes[r.clone()], &mut part).w()?;
+        }
         if let Some(d) = decode.filter(|d| !d.encoded.is_empty()) {
             let mut guard = self.decoder.lock().expect("decoder lock");
             let (decoder, totals) = &mut *guard;
