@@ -59,7 +59,7 @@ bench() { # label, then mimco bench train arguments
     echo "== $label (t=${SECONDS}s)"
     local err=$results/step.err
     if timeout 150 "$bin/mimco" bench train --device cuda "$@" 2> "$err" | tee -a "$table"; then
-        grep phases "$err" || true
+        grep -E "phases|device decode" "$err" || true
     else
         fail "$label"
         tail -5 "$err"

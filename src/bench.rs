@@ -172,6 +172,13 @@ pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport
                 .collect()
         })
         .unwrap_or_default();
+    if config.data.device_decode && opts.data.is_some() {
+        let (fallbacks, black) = trainer.gpu_decode_faults();
+        eprintln!(
+            "device decode: {fallbacks} JPEGs left to the GPU were decoded on the CPU instead, \
+             {black} nowhere (black)"
+        );
+    }
     times.sort();
     let images_per_s = (opts.steps * batch) as f64 / wall;
     let flops_per_image = step_flops_per_image(&config)?;
