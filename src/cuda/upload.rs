@@ -87,6 +87,12 @@ impl Uploader {
         if shape.elem_count() != bytes.len() {
             candle_core::bail!("upload: {} bytes for {shape:?}", bytes.len());
         }
+        let decode = decode.filter(|d| !d.encoded.is_empty());
+        let mut decoder = self.decoder.lock().expect("decoder lock");
+        if decode.is_some() && decoder.0.is_none() {
+            // Made before anything is queued: without nvJPEG nothing is copied.
+            decoder.0 = Some(DeviceDecoder::new(&self.dev)?);
+        }
         let compute = self.dev.cuda_stream();
         let mut dst = unsafe { self.dev.alloc::<u8>(bytes.len()) }?;
         self.copy.wait(&compute.record_event(NO_TIMING).w()?).w()?;
@@ -98,18 +104,15 @@ impl Uploader {
             let mut part = dst.slice_mut(r.clone());
             self.copy.memcpy_htod(&bytes[r.clone()], &mut part).w()?;
         }
-        if let Some(d) = decode.filter(|d| !d.encoded.is_empty()) {
-            let mut guard = self.decoder.lock().expect("decoder lock");
-            let (decoder, totals) = &mut *guard;
-            if decoder.is_none() {
-                *decoder = Some(DeviceDecoder::new(&self.dev)?);
-            }
-            let decoder = decoder.as_mut().expect("made above");
-            let done = decoder.decode(&self.copy, d.encoded, d.keys, d.size, &mut dst)?;
+        if let Some(d) = decode {
+            let (jpeg, totals) = &mut *decoder;
+            let jpeg = jpeg.as_mut().expect("made above");
+            let done = jpeg.decode(&self.copy, d.encoded, d.keys, d.size, &mut dst)?;
             totals.on_gpu += done.on_gpu;
             totals.on_cpu += done.on_cpu;
             totals.failed += done.failed;
         }
+        drop(decoder);
         let copied = self.copy.record_event(NO_TIMING).w()?;
         let storage = CudaStorage::wrap_cuda_slice(dst, self.dev.clone());
         let images = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
@@ -120,9 +123,7 @@ impl Uploader {
         };
         Ok((images, copy))
     }
-}
 
-impl Uploader {
     /// How the JPEGs left encoded were decoded so far.
     pub fn decoded(&self) -> Decoded {
         self.decoder.lock().expect("decoder lock").1
