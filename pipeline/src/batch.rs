@@ -187,11 +187,7 @@ impl Batch {
         // `images` is only None during drop.
         let images = self.images.as_mut().expect("images present");
         images[start..start + n].copy_from_slice(chw);
-        self.labels.push(label);
-        self.keys.push(key);
-        if let Some(mask) = mask {
-            self.masks.extend_from_slice(mask);
-        }
+        self.push_labels(label, key, mask);
     }
 
     /// Adds a sample left encoded: its slot's pixels come from decoding `encoded` (whose
@@ -205,6 +201,11 @@ impl Batch {
     ) {
         encoded.slot = self.len();
         self.encoded.push(encoded);
+        self.push_labels(label, key, mask);
+    }
+
+    /// A sample's label, key and mask, after its pixels.
+    fn push_labels(&mut self, label: u32, key: String, mask: Option<&[u8]>) {
         self.labels.push(label);
         self.keys.push(key);
         if let Some(mask) = mask {
