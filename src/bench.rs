@@ -249,11 +249,7 @@ impl Source {
                 .collect();
             return Ok(Source::Synthetic { sets, next: 0 });
         };
-        if config.data.device_decode && !opts.device.is_cuda() {
-            anyhow::bail!(
-                "[data] device_decode = true needs the CUDA trainer (--device cuda): set it to false"
-            );
-        }
+        crate::device::check_device_decode(&opts.device, &config.data)?;
         let loader = Loader::open(
             data,
             &opts.store,

@@ -50,6 +50,17 @@ fn cuda(ordinal: usize) -> candle_core::Result<Device> {
     Ok(device)
 }
 
+/// Refuses `[data] device_decode` where no CUDA trainer would decode the JPEGs it leaves
+/// encoded (one error at start, not at the first batch).
+pub fn check_device_decode(device: &Device, data: &pipeline::LoaderConfig) -> anyhow::Result<()> {
+    if data.device_decode && !device.is_cuda() {
+        bail!(
+            "[data] device_decode = true needs the CUDA trainer (--device cuda): set it to false"
+        );
+    }
+    Ok(())
+}
+
 /// Bytes of device memory `(free, total)` on the current CUDA context; `None` on the CPU.
 pub fn memory(device: &Device) -> Option<(usize, usize)> {
     #[cfg(feature = "cuda")]
@@ -95,5 +106,21 @@ pub fn describe(device: &Device) -> String {
         candle_core::DeviceLocation::Cpu => "cpu".into(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_decode_is_refused_on_the_cpu() {
+        let mut data = pipeline::LoaderConfig::default();
+        assert!(check_device_decode(&Device::Cpu, &data).is_ok());
+        data.device_decode = true;
+        let message = check_device_decode(&Device::Cpu, &data)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("device_decode"), "{message}");
     }
 }

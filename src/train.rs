@@ -116,11 +116,7 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             bail!("method {method:?} trains without a teacher: drop --teacher/--random-teacher")
         }
     }
-    if config.data.device_decode && !device.is_cuda() {
-        bail!(
-            "[data] device_decode = true needs the CUDA trainer (--device cuda): set it to false"
-        );
-    }
+    crate::device::check_device_decode(&device, &config.data)?;
     let ckpt_path = last_checkpoint(&opts.out);
     if !opts.resume && ckpt_path.exists() {
         bail!(
