@@ -145,7 +145,8 @@ impl CropDecoder {
     /// decoder takes it.
     pub fn inspect(&mut self, bytes: &[u8]) -> Result<Inspected, DecodeError> {
         if is_jpeg(bytes) {
-            let header = self.turbo()?.header(bytes).map_err(corrupt)?;
+            let header = self.turbo()?.header(bytes);
+            let header = self.unless_failed(header)?;
             return Ok(Inspected {
                 dims: (header.width, header.height),
                 hardware_decodable: header.hardware_decodable,
@@ -167,6 +168,18 @@ impl CropDecoder {
             self.turbo = Some(Jpeg::new().map_err(corrupt)?);
         }
         Ok(self.turbo.as_mut().expect("just made"))
+    }
+
+    /// `result` of a libjpeg-turbo call; where it failed, the decompressor is dropped (a
+    /// new one is made for the next image). libjpeg-turbo 3.1's `tj3DecompressHeader`
+    /// returns from an error without aborting the decompression, and the handle then
+    /// fails every later image with that same error: one corrupt JPEG would fail all the
+    /// rest of a decode thread's images.
+    fn unless_failed<T>(&mut self, result: Result<T, String>) -> Result<T, DecodeError> {
+        if result.is_err() {
+            self.turbo = None;
+        }
+        result.map_err(corrupt)
     }
 
     /// Decodes `bytes` (source image `dims`), cuts `crop` out and resizes it to
@@ -267,8 +280,8 @@ impl CropDecoder {
         size: u32,
         denom: u32,
     ) -> Result<Option<DecodeInfo>, DecodeError> {
-        let turbo = self.turbo()?;
-        let header = turbo.header(bytes).map_err(corrupt)?;
+        let header = self.turbo()?.header(bytes);
+        let header = self.unless_failed(header)?;
         if header.cmyk {
             return Ok(None);
         }
@@ -287,9 +300,8 @@ impl CropDecoder {
             self.rgb.resize(len, 0);
         }
         let turbo = self.turbo.as_mut().expect("made above");
-        let warning = turbo
-            .decode_rgb(bytes, &header, denom, region, &mut self.rgb[..len])
-            .map_err(corrupt)?;
+        let warning = turbo.decode_rgb(bytes, &header, denom, region, &mut self.rgb[..len]);
+        let warning = self.unless_failed(warning)?;
         Ok(Some(DecodeInfo {
             scale: denom,
             region,
@@ -339,6 +351,30 @@ mod tests {
             .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
         assert!(!d.inspect(&png).unwrap().hardware_decodable);
+    }
+
+    /// A JPEG whose Huffman table libjpeg-turbo refuses, then good ones, through one
+    /// decoder: the good ones decode (libjpeg-turbo leaves a decompressor that failed on a
+    /// header failing every later image).
+    #[test]
+    fn one_refused_jpeg_does_not_fail_the_next() {
+        let good = jpeg(64, 48);
+        let mut bad = good.clone();
+        let dht = bad.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+        bad[dht + 5..dht + 21].fill(0xFF); // 16 code counts of 255: "Bogus Huffman table"
+        let crop = CropParams {
+            top: 0,
+            left: 0,
+            height: 48,
+            width: 64,
+        };
+        let mut d = CropDecoder::default();
+        let mut out = vec![0u8; 32 * 32 * 3];
+        let refused = d.inspect(&bad).unwrap_err().to_string();
+        assert!(refused.contains("Huffman"), "{refused}");
+        assert_eq!(d.inspect(&good).unwrap().dims, (64, 48));
+        assert!(d.decode_crop(&bad, (64, 48), &crop, 32, &mut out).is_err());
+        d.decode_crop(&good, (64, 48), &crop, 32, &mut out).unwrap();
     }
 
     #[test]
