@@ -384,6 +384,9 @@ impl Assembler {
         let mut cursor = self.state.plan_cursor;
         let mut delivered = self.state.batches * batch_size;
         let mut ready_this_pass = 0u64;
+        // Which samples of the plan were delivered; those before a resumed cursor are
+        // taken as delivered.
+        let mut delivered_once: Vec<bool> = (0..len).map(|i| i < cursor).collect();
         let mut requested_pass = cursor / len.max(1);
         for index in self.state.batches..plan.batches {
             let want = batch_size.min(plan.samples - delivered);
@@ -411,9 +414,7 @@ impl Assembler {
                         Err(_) => return,
                     },
                 };
-                if cursor >= len {
-                    c.metrics.repeated.fetch_add(1, Ordering::Relaxed);
-                }
+                let at = (cursor % len) as usize;
                 cursor += 1;
                 match outcome {
                     Outcome::Ready {
@@ -439,6 +440,9 @@ impl Assembler {
                             }
                         }
                         ready_this_pass += 1;
+                        if std::mem::replace(&mut delivered_once[at], true) {
+                            c.metrics.repeated.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     Outcome::Failed => {
                         c.metrics.failed_samples.fetch_add(1, Ordering::Relaxed);
