@@ -51,12 +51,26 @@ fn cuda(ordinal: usize) -> candle_core::Result<Device> {
 }
 
 /// Refuses `[data] device_decode` where no CUDA trainer would decode the JPEGs it leaves
-/// encoded (one error at start, not at the first batch).
+/// encoded: on the CPU, and on a GPU where nvJPEG's hardware decoder cannot be made (no
+/// nvJPEG library, or no JPEG engine); one error at start, not at the first batch.
 pub fn check_device_decode(device: &Device, data: &pipeline::LoaderConfig) -> anyhow::Result<()> {
-    if data.device_decode && !device.is_cuda() {
+    if !data.device_decode {
+        return Ok(());
+    }
+    if !device.is_cuda() {
         bail!(
             "[data] device_decode = true needs the CUDA trainer (--device cuda): set it to false"
         );
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        // Made and dropped: the uploader makes its own at the first batch.
+        crate::cuda::DeviceDecoder::new(dev).map_err(|e| {
+            anyhow::anyhow!(
+                "[data] device_decode = true, but there is no GPU JPEG decoder: {e}. Set \
+                 device_decode = false to decode on the CPU"
+            )
+        })?;
     }
     Ok(())
 }

@@ -207,8 +207,10 @@ fn upload(c: &mut Checker) -> Result<()> {
 
 /// JPEGs decoded on the GPU for a batch left encoded (nvJPEG's hardware decoder, then
 /// `crop_resize_u8`) against the loader's CPU decode of the same crops (libjpeg-turbo and
-/// `fast_image_resize`): real-photo JPEGs from shardtool's generator, 180-500 px, random
-/// crops and flips; every third image comes decoded (copied into its slot, not decoded).
+/// `fast_image_resize`): real-photo JPEGs from shardtool's generator, 180-500 px, its
+/// greyscale JPEG among them (its CMYK JPEG and PNG, which the loader decodes itself, left
+/// out as the loader leaves them), random crops and flips; every third image comes decoded
+/// (copied into its slot, not decoded).
 /// The decoders' IDCT and upsampling differ by a level or two; a crop, a flip or a slot
 /// out of place is far off. A second row fails unless the hardware took every image left
 /// to it (none fell back to the CPU).
@@ -223,7 +225,7 @@ fn device_decode(c: &mut Checker) -> Result<()> {
         train_per_class: 12,
         val_per_class: 0,
         flat_val: false,
-        quirks: false,
+        quirks: true,
         bad_files: false,
         short_side: (180, 500),
         quality: (85, 98),
@@ -245,8 +247,12 @@ fn device_decode(c: &mut Checker) -> Result<()> {
         .map_err(|e| msg(&e))?;
     let mut cpu = pipeline::decode::CropDecoder::default();
     let mut encoded = Vec::new();
-    for (slot, jpeg) in jpegs.into_iter().enumerate() {
-        let dims = cpu.dimensions(&jpeg).map_err(|e| msg(&e))?;
+    for jpeg in jpegs {
+        let inspected = cpu.inspect(&jpeg).map_err(|e| msg(&e))?;
+        if !inspected.hardware_decodable {
+            continue; // the CMYK JPEG and the PNG
+        }
+        let (slot, dims) = (encoded.len(), inspected.dims);
         let p = augment.sample(0, dims, &mut c.rng);
         encoded.push(pipeline::Encoded {
             slot,

@@ -49,7 +49,7 @@ pub use images::{normalize_u8, patchify};
 pub use info_nce::info_nce;
 pub use linear::{linear, linear_bwd, linear_residual};
 pub use norm::{layer_norm, layer_norm_bwd};
-pub use nvjpeg::Decoded;
+pub use nvjpeg::{Decoded, DeviceDecoder};
 pub use tokens::tokens;
 pub use upload::{ToDecode, Upload, Uploader};
 

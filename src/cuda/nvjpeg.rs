@@ -82,9 +82,9 @@ impl Api {
             .find_map(|&name| unsafe { libloading::Library::new(name) }.ok())
             .ok_or_else(|| {
                 candle_core::Error::Msg(
-                    "device_decode: nvJPEG (libnvjpeg.so.13) is not on the library path: install \
+                    "nvJPEG (libnvjpeg.so.13) is not on the library path: install \
                      the CUDA toolkit's nvJPEG or `pip install nvidia-nvjpeg==13.0.*` and add its \
-                     nvidia/cu13/lib folder to LD_LIBRARY_PATH, or set [data] device_decode = false"
+                     nvidia/cu13/lib folder to LD_LIBRARY_PATH"
                         .into(),
                 )
             })?;
