@@ -39,6 +39,12 @@ impl ShardCache {
         complete.then(|| File::open(path).ok()).flatten()
     }
 
+    /// Removes the cached copy of `shard` (one that turned out damaged), so that the next
+    /// read fetches it from the store again.
+    pub fn evict(&self, shard: &ShardInfo) {
+        let _ = std::fs::remove_file(self.dir.join(&shard.name));
+    }
+
     /// Wraps `inner` (the shard streamed from the store) so that what is read is also
     /// written to the cache.
     pub fn fill<R: Read>(&self, shard: &ShardInfo, inner: R) -> Tee<R> {

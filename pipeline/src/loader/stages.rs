@@ -78,6 +78,7 @@ impl ReaderCtx {
                 Compression::from_shard_name(&shard.name).unwrap_or(Compression::Zstd);
             let retry = Duration::from_secs(c.config.io_retry_seconds);
             let cached = self.cache.as_ref().and_then(|cache| cache.open(shard));
+            let from_cache = cached.is_some();
             let input: Tee<Box<dyn Read + Send>> = match (cached, &self.cache) {
                 (Some(file), _) => {
                     c.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -124,18 +125,25 @@ impl ReaderCtx {
                 });
             let failure = match result {
                 Ok(false) => return,
-                Err(e) => Some(format!(
-                    "shard {}: {e}; skipped the rest of it after {count} samples",
-                    shard.name
-                )),
+                Err(e) => {
+                    let named = format!("shard {}: ", shard.name);
+                    let e = e.to_string();
+                    let e = if e.starts_with(&named) { e } else { named + &e };
+                    Some(format!("{e}; skipped the rest of it after {count} samples"))
+                }
                 Ok(true) if u64::from(count) != shard.samples => Some(format!(
                     "shard {} holds {count} samples, its manifest entry {}",
                     shard.name, shard.samples
                 )),
                 Ok(true) => None,
             };
-            if let Some(message) = failure {
+            if let Some(mut message) = failure {
                 c.metrics.failed_shards.fetch_add(1, Ordering::Relaxed);
+                // A cached copy that went bad (the disk, or a hand) would fail every epoch.
+                if let Some(cache) = self.cache.as_ref().filter(|_| from_cache) {
+                    cache.evict(shard);
+                    message += "; removed its cached copy: the next read fetches it again";
+                }
                 c.metrics.note(message);
             }
             if arrivals.send(Arrival::End { ticket, count }).is_err()

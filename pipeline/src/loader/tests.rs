@@ -160,3 +160,64 @@ fn a_panic_while_others_wait_for_ever_is_an_error_not_a_hang() {
     drop(epoch); // returns without joining the waiting thread
     drop(never_tx);
 }
+
+/// A cached copy damaged after it was kept (same size, other bytes) fails its shard once
+/// and is removed; the next epoch fetches the shard from the store again, whole.
+#[test]
+fn a_damaged_cached_shard_is_removed_and_fetched_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let split_dir = tmp.path().join("split");
+    std::fs::create_dir_all(&split_dir).unwrap();
+    split(&split_dir);
+    // The cache keeps only copies with the manifest's SHA-256.
+    let mut manifest = Manifest::read(&split_dir.join(MANIFEST_FILE)).unwrap();
+    for shard in &mut manifest.shards {
+        let mut hashing = crate::format::HashingWriter::new(std::io::sink());
+        let bytes = std::fs::read(split_dir.join(&shard.name)).unwrap();
+        std::io::Write::write_all(&mut hashing, &bytes).unwrap();
+        shard.sha256 = hashing.finish().2;
+    }
+    std::fs::write(split_dir.join(MANIFEST_FILE), manifest.to_json()).unwrap();
+    let mut loader = loader(&split_dir, usize::MAX, false);
+    loader.config.cache_dir = Some(tmp.path().join("cache"));
+    // The same files as a remote store, which the cache serves.
+    let store = object_store::local::LocalFileSystem::new_with_prefix(&split_dir).unwrap();
+    loader.source = Arc::new(ShardSource::new(Arc::new(store), "", "remote://split"));
+    let keys = |loader: &Loader, epoch| -> Vec<String> {
+        let state = LoaderState {
+            epoch,
+            ..Default::default()
+        };
+        let batches = loader.epoch(state).unwrap().map(Result::unwrap);
+        let mut keys: Vec<String> = batches.flat_map(|b| b.keys.clone()).collect();
+        keys.sort();
+        keys
+    };
+    let all = keys(&loader, 0);
+    assert_eq!(all.len(), 8);
+    let cached = std::fs::read_dir(tmp.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap()
+        .join("train-000000.tar.zst");
+    let mut bytes = std::fs::read(&cached).unwrap();
+    bytes[..4].fill(0x55); // zstd's magic number
+    std::fs::write(&cached, &bytes).unwrap();
+
+    // Epoch 1 reads both shards from the cache; the damaged one fails, and the samples
+    // it lost are replaced by a second pass over the plan, which fetches it again.
+    keys(&loader, 1);
+    let m = loader.metrics();
+    assert!(m.cache_hits >= 2, "{m:?}");
+    assert_eq!((m.failed_shards, m.missing_samples), (1, 4), "{m:?}");
+    let note = m.last_error.unwrap();
+    assert!(
+        note.starts_with("shard train-000000.tar.zst: ")
+            && note.contains("removed its cached copy"),
+        "{note}"
+    );
+    assert_eq!(keys(&loader, 2), all);
+    assert_eq!(loader.metrics().failed_shards, 1);
+    assert!(cached.exists(), "fetched and cached again");
+}
