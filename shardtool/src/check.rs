@@ -4,11 +4,13 @@
 //! The type comes from the bytes, never from the file name: ImageNet's train set holds a
 //! PNG named `.JPEG`, and CMYK and greyscale JPEGs, all of which pack.
 
-use std::io::Cursor;
+use std::cell::RefCell;
 
 use fast_image_resize as fr;
-use image::{DynamicImage, ImageFormat, ImageReader};
+use image::{DynamicImage, ImageFormat};
+use pipeline::decode::{CropDecoder, DecodeError};
 use pipeline::format::{ImageCheck, Reencode};
+use pipeline::transform::CropParams;
 
 /// Why a file was not packed. The text goes into `rejects.tsv`.
 #[derive(Debug, thiserror::Error)]
@@ -61,18 +63,7 @@ pub fn check_image(bytes: &[u8], level: ImageCheck) -> Result<ImageInfo, Rejecti
         ImageFormat::Png => "png",
         other => return Err(Rejection::Unsupported(other)),
     };
-    let reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = match level {
-        ImageCheck::Header => reader
-            .into_dimensions()
-            .map_err(|e| Rejection::Header(e.to_string()))?,
-        ImageCheck::Decode => {
-            let image = reader
-                .decode()
-                .map_err(|e| Rejection::Decode(e.to_string()))?;
-            (image.width(), image.height())
-        }
-    };
+    let (width, height) = read_like_the_loader(bytes, level)?;
     if width == 0 || height == 0 {
         return Err(Rejection::Header(format!("image is {width}x{height}")));
     }
@@ -80,6 +71,41 @@ pub fn check_image(bytes: &[u8], level: ImageCheck) -> Result<ImageInfo, Rejecti
         format: name,
         width,
         height,
+    })
+}
+
+/// The image's size from the loader's own decoder (libjpeg-turbo for JPEGs, the `image`
+/// crate for PNGs and CMYK JPEGs): its header read, and with [`ImageCheck::Decode`] the
+/// whole image decoded. libjpeg-turbo refuses some files the `image` crate reads (a
+/// Huffman table with too many codes, an unknown marker in a scan); such a file packed
+/// would be skipped by the loader in every epoch.
+fn read_like_the_loader(bytes: &[u8], level: ImageCheck) -> Result<(u32, u32), Rejection> {
+    thread_local! {
+        static DECODER: RefCell<CropDecoder> = RefCell::default();
+    }
+    // The decoder's errors read "undecodable image: ...", as a rejection's do.
+    let text = |e: DecodeError| {
+        let e = e.to_string();
+        e.strip_prefix("undecodable image: ")
+            .map_or(e.clone(), str::to_string)
+    };
+    DECODER.with_borrow_mut(|decoder| {
+        let dims = decoder
+            .dimensions(bytes)
+            .map_err(|e| Rejection::Header(text(e)))?;
+        if level == ImageCheck::Decode && dims.0 > 0 && dims.1 > 0 {
+            let whole = CropParams {
+                left: 0,
+                top: 0,
+                width: dims.0,
+                height: dims.1,
+            };
+            // At full scale: an output as large as the image's shorter side.
+            decoder
+                .decode(bytes, dims, &[whole], dims.0.min(dims.1))
+                .map_err(|e| Rejection::Decode(text(e)))?;
+        }
+        Ok(dims)
     })
 }
 
@@ -221,6 +247,30 @@ mod tests {
             check_image(b"hello, world", ImageCheck::Header),
             Err(Rejection::NotAnImage)
         ));
+    }
+
+    /// Images the `image` crate reads but the loader's decoder (libjpeg-turbo) refuses are
+    /// rejected: a Huffman table with too many codes (at the header level) and a byte pair
+    /// in the scan that libjpeg takes for an unknown marker (when decoding).
+    #[test]
+    fn rejects_what_the_loaders_decoder_refuses() {
+        let good = jpeg(64, 64);
+        let mut bogus_table = good.clone();
+        let dht = good.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+        bogus_table[dht + 5..dht + 21].fill(0xFF);
+        for level in [ImageCheck::Header, ImageCheck::Decode] {
+            let e = check_image(&bogus_table, level).unwrap_err().to_string();
+            assert!(e.contains("Huffman"), "{level:?}: {e}");
+        }
+        let mut stray_marker = good.clone();
+        let sos = good.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let data = sos + 2 + usize::from(u16::from_be_bytes([good[sos + 2], good[sos + 3]]));
+        stray_marker[data + 40..data + 42].copy_from_slice(&[0xFF, 0x5B]);
+        check_image(&stray_marker, ImageCheck::Header).unwrap();
+        let e = check_image(&stray_marker, ImageCheck::Decode)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("marker"), "{e}");
     }
 
     /// The (H, V) sampling factors of each component, from the baseline frame header.
