@@ -29,27 +29,33 @@ pub fn packed(root: &Path, classes: usize, per_class: usize, quirks: bool, seed:
         seed,
     };
     write_imagenet_like(&input, &spec, 2).unwrap();
+    pack(&input, &root.join("shards"), ImageCheck::Header)
+}
+
+/// Packs the ImageNet-shaped folder `input` into shards of about 40 KB under `out`,
+/// checking images at `check`; returns the train split's folder.
+pub fn pack(input: &Path, out: &Path, check: ImageCheck) -> PathBuf {
     let settings = PackSettings {
         seed: 0,
         target_shard_bytes: 40_000,
         compression: Compression::Zstd,
         zstd_level: 1,
-        check: ImageCheck::Header,
+        check,
         reencode: None,
         write_json: true,
     };
     let opts = PackOptions {
-        out: root.join("shards"),
+        out: out.to_path_buf(),
         settings,
         workers: 2,
         strict: false,
         resume: false,
         progress: false,
     };
-    for split in find_splits(&input, None).unwrap() {
+    for split in find_splits(input, None).unwrap() {
         pack_split(&split, &opts).unwrap();
     }
-    root.join("shards/train")
+    out.join("train")
 }
 
 /// A loader config for 32-px crops with 8-px mask units (a 4x4 grid), batches of 4.
