@@ -30,6 +30,10 @@ pub struct Meta {
     pub counters: BTreeMap<String, usize>,
     /// The config the run was started with, as TOML.
     pub config: String,
+    /// The training data's [`pipeline::format::Manifest::fingerprint`], which `mimco
+    /// train --resume` checks (absent in checkpoints written without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 /// Writes `tensors` and `meta` to `path` atomically (temporary file, fsync, rename).
@@ -112,6 +116,7 @@ mod tests {
             },
             counters: BTreeMap::from([("queue.patch".to_string(), 4)]),
             config: "x = 1".into(),
+            data: Some("0f".repeat(32)),
         };
         save(&path, &tensors, &meta).unwrap();
         assert!(!path.with_extension("partial").exists());

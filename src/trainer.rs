@@ -387,6 +387,7 @@ impl Trainer {
             loader,
             counters,
             config: toml::to_string(self.model.config())?,
+            data: None,
         };
         Ok((tensors, meta))
     }

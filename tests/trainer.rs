@@ -344,8 +344,32 @@ fn resume_continues_exactly_and_checkpoints_round_trip_bit_for_bit() {
     let state = fresh.restore(&t1, &meta1).unwrap();
     let (again, meta_again) = fresh.checkpoint(state).unwrap();
     let again: HashMap<String, Tensor> = again.into_iter().collect();
-    assert_eq!(meta_again, meta1);
+    // The data's fingerprint is the run's (`mimco train`), not the trainer's.
+    assert_eq!(meta1.data, Some(common_manifest(&data).fingerprint()));
+    assert_eq!(
+        meta_again,
+        mimco::checkpoint::Meta {
+            data: None,
+            ..meta1
+        }
+    );
     assert!(bits(&again) == bits(&t1));
+
+    // Resuming on other data (another pack) is refused, and the checkpoint is kept.
+    let other = common::packed(&dir.path().join("other"), 4, 12, false, 1);
+    let err = run(&config, &options(&other, &dir.path().join("b"), true))
+        .expect_err("other data refused");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("other data") && err.contains("new --out"),
+        "{err}"
+    );
+    let (_, kept) = mimco::checkpoint::load(&second.checkpoint, &Device::Cpu).unwrap();
+    assert_eq!(kept.step, 9);
+}
+
+fn common_manifest(split: &Path) -> pipeline::format::Manifest {
+    pipeline::format::Manifest::read(&split.join(pipeline::format::MANIFEST_FILE)).unwrap()
 }
 
 #[test]

@@ -261,6 +261,14 @@ impl Manifest {
         bytes
     }
 
+    /// A SHA-256 (hex) of what the split holds: its name, classes and shards (names,
+    /// sample counts, sizes, SHA-256s); the same for a copy of the split anywhere.
+    pub fn fingerprint(&self) -> String {
+        let what = (&self.split, &self.classes, &self.shards);
+        let bytes = serde_json::to_vec(&what).expect("manifest parts serialise");
+        format!("{:x}", Sha256::digest(&bytes))
+    }
+
     /// Internal consistency: counts add up, names are unique shard names, classes unique.
     fn check(&self) -> std::result::Result<(), String> {
         let total: u64 = self.shards.iter().map(|s| s.samples).sum();
