@@ -174,10 +174,14 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     let steps_per_epoch = batches_per_epoch as f64 / accumulation as f64;
     let mut trainer = Trainer::new(model, total_steps, steps_per_epoch, accumulation, &device)?;
     let mut state = LoaderState::default();
-    let data = loader.manifest().fingerprint();
+    let fingerprint = loader.manifest().fingerprint();
     if opts.resume {
         let (tensors, meta) = checkpoint::load(&ckpt_path, &device)?;
-        if meta.data.as_ref().is_some_and(|saved| *saved != data) {
+        if meta
+            .data
+            .as_ref()
+            .is_some_and(|saved| *saved != fingerprint)
+        {
             bail!(
                 "--resume: {} was trained on other data than the split at {} (its shards \
                  differ): resume with the data it was trained on, or start a new --out",
@@ -189,7 +193,7 @@ pub fn run(config: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     }
     let save = |trainer: &Trainer, state: LoaderState| -> anyhow::Result<()> {
         let (tensors, mut meta) = trainer.checkpoint(state)?;
-        meta.data = Some(data.clone());
+        meta.data = Some(fingerprint.clone());
         checkpoint::save(&ckpt_path, &tensors, &meta)
     };
     std::fs::create_dir_all(&opts.out)

@@ -83,11 +83,10 @@ fn read_like_the_loader(bytes: &[u8], level: ImageCheck) -> Result<(u32, u32), R
     thread_local! {
         static DECODER: RefCell<CropDecoder> = RefCell::default();
     }
-    // The decoder's errors read "undecodable image: ...", as a rejection's do.
-    let text = |e: DecodeError| {
-        let e = e.to_string();
-        e.strip_prefix("undecodable image: ")
-            .map_or(e.clone(), str::to_string)
+    // The decoder's message, without its "undecodable image: ", which a rejection adds.
+    let text = |e: DecodeError| match e {
+        DecodeError::Corrupt(message) => message,
+        other => other.to_string(),
     };
     DECODER.with_borrow_mut(|decoder| {
         let dims = decoder

@@ -125,12 +125,8 @@ impl ReaderCtx {
                 });
             let failure = match result {
                 Ok(false) => return,
-                Err(e) => {
-                    let named = format!("shard {}: ", shard.name);
-                    let e = e.to_string();
-                    let e = if e.starts_with(&named) { e } else { named + &e };
-                    Some(format!("{e}; skipped the rest of it after {count} samples"))
-                }
+                // The shard reader's errors name the shard.
+                Err(e) => Some(format!("{e}; skipped the rest of it after {count} samples")),
                 Ok(true) if u64::from(count) != shard.samples => Some(format!(
                     "shard {} holds {count} samples, its manifest entry {}",
                     shard.name, shard.samples
