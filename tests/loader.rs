@@ -203,6 +203,32 @@ fn a_corrupt_shard_is_skipped_and_the_epoch_still_completes() {
     );
 }
 
+/// A shard the manifest lists but the folder lacks is skipped at once (not retried for
+/// `io_retry_seconds`), and said so; the epoch completes.
+#[test]
+fn a_shard_missing_from_a_local_folder_is_skipped_without_retries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed(tmp.path());
+    let manifest = Manifest::read(&dir.join(MANIFEST_FILE)).unwrap();
+    let missing = &manifest.shards[2].name;
+    std::fs::remove_file(dir.join(missing)).unwrap();
+    let cfg = LoaderConfig {
+        io_retry_seconds: 600,
+        ..config(2, 2)
+    };
+    let loader = open(&dir, Topology::default(), cfg);
+    let plan = loader.plan(0).unwrap();
+    assert_eq!(epoch(&loader, LoaderState::default()).len(), plan.batches);
+    let m = loader.metrics();
+    assert_eq!(m.io_retries, 0, "{m:?}");
+    assert!(m.failed_shards >= 1, "{m:?}");
+    let note = m.last_error.unwrap();
+    assert!(
+        note.contains(missing.as_str()) && note.contains("no such file"),
+        "{note}"
+    );
+}
+
 #[test]
 fn an_undecodable_sample_is_skipped_and_counted() {
     let tmp = tempfile::tempdir().unwrap();

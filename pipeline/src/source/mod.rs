@@ -308,7 +308,8 @@ impl ShardSource {
     }
 
     /// Fetches `range` of shard `name`, retrying failures with exponential backoff
-    /// (0.2 s doubling to 5 s) for up to `retry_for`, or until `stop` is set.
+    /// (0.2 s doubling to 5 s) for up to `retry_for`, or until `stop` is set. A shard
+    /// missing from a local folder is no passing failure: it is not retried.
     pub async fn get_range(
         &self,
         name: &str,
@@ -330,6 +331,15 @@ impl ShardSource {
                     range.start,
                     bytes.len()
                 ),
+                Err(object_store::Error::NotFound { .. }) if self.local => {
+                    return Err(Error::Source {
+                        location: format!("{}/{name}", self.location),
+                        message: "the manifest lists this shard but the folder has no such \
+                                  file: run `shardtool verify` on the split, and pack it \
+                                  again (or restore the file)"
+                            .into(),
+                    });
+                }
                 Err(e) => e.to_string(),
             };
             match failure {
