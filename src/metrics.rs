@@ -2,7 +2,7 @@
 //! draws the loss and throughput curves from that file to a PNG.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -103,19 +103,36 @@ impl MetricsLog {
     }
 }
 
-/// Reads every record of a metrics file.
+/// Reads every record of a metrics file. A last line that lacks its newline and does not
+/// parse was cut short (the run was killed while writing it): it is left out, with a
+/// warning, so that a killed run still resumes. Any other line that does not parse is an
+/// error.
 pub fn read(path: &Path) -> anyhow::Result<Vec<Record>> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    BufReader::new(file)
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
-        .map(|(i, line)| {
-            let line = line?;
-            serde_json::from_str(&line)
-                .with_context(|| format!("{} line {}: not a metrics record", path.display(), i + 1))
-        })
-        .collect()
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    let torn = !text.ends_with('\n');
+    let mut records = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(record) => records.push(record),
+            Err(_) if torn && i + 1 == lines.len() => tracing::warn!(
+                "{} line {}: a record cut short (the run stopped while writing it); left out",
+                path.display(),
+                i + 1
+            ),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "{} line {}: not a metrics record",
+                    path.display(),
+                    i + 1
+                )));
+            }
+        }
+    }
+    Ok(records)
 }
 
 /// Fonts tried, in order, when `--font` is not given.
@@ -217,4 +234,62 @@ pub fn plot(metrics: &Path, png: &Path, font: Option<&Path>) -> anyhow::Result<(
     root.present()
         .with_context(|| format!("writing {}", png.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(step: u64) -> Record {
+        Record {
+            report: StepReport {
+                step,
+                loss: 1.5,
+                parts: Default::default(),
+                lr: 1e-3,
+                momentum: 0.99,
+                grad_norm: 2.0,
+            },
+            epoch: 0,
+            images_per_s: 10.0,
+            data_wait: 0.0,
+            elapsed_s: 1.0,
+            knn_top1: None,
+            data_faults: Default::default(),
+        }
+    }
+
+    /// A run killed mid-line leaves a last line cut short: reading leaves it out and
+    /// reopening for a resume drops it; a damaged line before the last is an error.
+    #[test]
+    fn a_last_record_cut_short_is_left_out_and_others_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, 0).unwrap();
+        for step in 1..=3 {
+            log.write(&record(step)).unwrap();
+        }
+        drop(log);
+        let whole = fs::read_to_string(&path).unwrap();
+        let cut = &whole[..whole.len() - 20];
+        fs::write(&path, cut).unwrap();
+        let steps = |path: &Path| -> Vec<u64> {
+            read(path).unwrap().iter().map(|r| r.report.step).collect()
+        };
+        assert_eq!(steps(&path), [1, 2]);
+        let mut log = MetricsLog::open(&path, 2).unwrap();
+        log.write(&record(3)).unwrap();
+        drop(log);
+        assert_eq!(steps(&path), [1, 2, 3]);
+
+        let first_newline = whole.find('\n').unwrap();
+        let damaged = format!(
+            "{}\n{}",
+            &whole[..first_newline - 20],
+            &whole[first_newline + 1..]
+        );
+        fs::write(&path, damaged).unwrap();
+        let e = format!("{:#}", read(&path).unwrap_err());
+        assert!(e.contains("line 1: not a metrics record"), "{e}");
+    }
 }
