@@ -49,9 +49,12 @@ impl ShardCache {
     /// written to the cache.
     pub fn fill<R: Read>(&self, shard: &ShardInfo, inner: R) -> Tee<R> {
         let dest = self.dir.join(&shard.name);
+        // Unique to this process and thread: the ranks of a node may share a cache folder,
+        // and thread ids repeat across processes.
         let tmp = self.dir.join(format!(
-            "{}.partial-{:?}",
+            "{}.partial-{}-{:?}",
             shard.name,
+            std::process::id(),
             std::thread::current().id()
         ));
         let file = File::create(&tmp)
