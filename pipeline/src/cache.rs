@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::format::{HashingWriter, ShardInfo};
 
@@ -29,6 +30,7 @@ impl ShardCache {
             .collect();
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
+        remove_stale_partials(&dir);
         Ok(ShardCache { dir })
     }
 
@@ -68,6 +70,29 @@ impl ShardCache {
                 dest,
                 expect: (shard.bytes, shard.sha256.clone()),
             }),
+        }
+    }
+}
+
+/// How long a copy being filled may go unwritten before it counts as left behind.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// Removes the copies being filled that a run killed mid-shard left behind (untouched for
+/// [`STALE_AFTER`]): each holds up to a shard's bytes, and preempted runs leave one per
+/// reader thread. A fill still running writes far more often; one removed anyway only
+/// fails to keep its copy.
+fn remove_stale_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let partial = entry.file_name().to_string_lossy().contains(".partial-");
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_AFTER));
+        if partial && stale {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -150,6 +175,27 @@ mod tests {
             bytes: data.len() as u64,
             sha256: format!("{:x}", Sha256::digest(data)),
         }
+    }
+
+    /// A copy being filled that was left untouched for over an hour (a killed run's) is
+    /// removed when a cache is opened; a recent one, and complete copies, stay.
+    #[test]
+    fn copies_left_behind_by_killed_runs_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ShardCache::new(tmp.path(), "s3://b/p").unwrap().dir;
+        let old = std::time::SystemTime::now() - 2 * STALE_AFTER;
+        for name in ["s-000000.tar.partial-1-ThreadId(2)", "s-000001.tar"] {
+            let file = File::create(dir.join(name)).unwrap();
+            file.set_modified(old).unwrap();
+        }
+        File::create(dir.join("s-000002.tar.partial-1-ThreadId(3)")).unwrap();
+        ShardCache::new(tmp.path(), "s3://b/p").unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["s-000001.tar", "s-000002.tar.partial-1-ThreadId(3)"]);
     }
 
     #[test]
