@@ -54,7 +54,7 @@ impl ShardCache {
         // Unique to this process and thread: the ranks of a node may share a cache folder,
         // and thread ids repeat across processes.
         let tmp = self.dir.join(format!(
-            "{}.partial-{}-{:?}",
+            "{}{PARTIAL}{}-{:?}",
             shard.name,
             std::process::id(),
             std::thread::current().id()
@@ -74,6 +74,9 @@ impl ShardCache {
     }
 }
 
+/// What follows a shard's name in the name of its copy being filled.
+const PARTIAL: &str = ".partial-";
+
 /// How long a copy being filled may go unwritten before it counts as left behind.
 const STALE_AFTER: Duration = Duration::from_secs(3600);
 
@@ -86,12 +89,14 @@ fn remove_stale_partials(dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let partial = entry.file_name().to_string_lossy().contains(".partial-");
+        if !entry.file_name().to_string_lossy().contains(PARTIAL) {
+            continue; // complete copies: no metadata read for them
+        }
         let stale = entry
             .metadata()
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_AFTER));
-        if partial && stale {
+        if stale {
             let _ = std::fs::remove_file(entry.path());
         }
     }
