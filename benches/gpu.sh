@@ -28,6 +28,9 @@
 #                    encoded for the GPU (`[data] device_decode`: nvJPEG's hardware decoder;
 #                    needs libnvjpeg.so.13 on LD_LIBRARY_PATH, e.g. from PyPI's
 #                    nvidia-nvjpeg 13.0); the loader's share of the work on all cores.
+#   feed, feed-device-decode   `mimco bench feed`: those shards' batches uploaded to the
+#                    GPU (and decoded there) with no step, on all cores: the rate the data
+#                    path fills a GPU at.
 #   train-s16        `mimco train` on those shards: 6 steps, checkpoints, --resume to 12.
 #   torch-s16-compile   the PyTorch baseline under torch.compile.
 set -uo pipefail # a timeout's failure, not tee's success, decides a step's status
@@ -123,7 +126,7 @@ for path in flash blocks-node stem residual epilogue copy-stream; do
 done
 
 if wanted s16-bf16-fused-shards || wanted train-s16 || wanted loader-1 || wanted loader-8 ||
-    wanted "loader-$(nproc)" || wanted s16-bf16-device-decode-shards; then
+    wanted "loader-$(nproc)" || wanted s16-bf16-device-decode-shards || wanted feed; then
     echo "== generating shards (t=${SECONDS}s)"
     work=$(mktemp -d "${TMPDIR:-/tmp}/gpubench.XXXXXX")
     if timeout 120 "$bin/shardtool" synth "$work/imagenet" --classes 10 --per-class 1500 --val-per-class 0 \
@@ -133,6 +136,15 @@ if wanted s16-bf16-fused-shards || wanted train-s16 || wanted loader-1 || wanted
         sed '/^\[data\]$/a device_decode = true' "$s16" > "$work/s16_device_decode.toml"
         bench s16-bf16-device-decode-shards --config "$work/s16_device_decode.toml" --batch 256 \
             --precision bf16 --data "$work/shards/train"
+        for feed in feed feed-device-decode; do
+            wanted "$feed" || continue
+            echo "== $feed (t=${SECONDS}s)"
+            cfg=$s16
+            [ "$feed" = feed-device-decode ] && cfg=$work/s16_device_decode.toml
+            timeout 120 "$bin/mimco" bench feed --device cuda --config "$cfg" \
+                --data "$work/shards/train" --batches 150 2>> "$results/steps.log" |
+                tee -a "$results/loader.md" || fail "$feed"
+        done
         if wanted train-s16; then
             # The real training command on those shards: 6 optimiser steps of 2,048 images
             # (8 micro-batches each), a checkpoint every 3, then --resume to step 12 (across

@@ -1,5 +1,7 @@
 //! `mimco bench train`: optimiser steps of a config at full speed, on synthetic uint8
-//! batches or on the pipeline's real batches, timed and counted.
+//! batches or on the pipeline's real batches, timed and counted. `mimco bench feed`: the
+//! pipeline's batches uploaded (and decoded on the GPU with `[data] device_decode`) with
+//! no step, the most a step can be fed.
 //!
 //! Every step is the trainer's own (`Trainer::upload` of the next batch, then
 //! `Trainer::feed_staged`: normalise, teacher forward, student forward and backward,
@@ -95,16 +97,15 @@ pub fn step_flops_per_image(config: &Config) -> anyhow::Result<f64> {
     })
 }
 
-/// Runs `opts.warmup + opts.steps` optimiser steps of `config` (one micro-batch each, of
-/// `config.data.batch_size` images) and reports the timed ones.
-pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+/// `config` with one micro-batch per optimiser step, and its trainer (random teacher) on
+/// `opts.device`, scheduled for the steps `opts` asks for.
+fn setup(config: &Config, opts: &BenchOptions) -> anyhow::Result<(Config, Trainer)> {
     if opts.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let mut config = config.clone();
     config.optim.batch_size = config.data.batch_size;
     let size = config.data.transform.size as usize;
-    let batch = config.data.batch_size;
     let device = &opts.device;
     config.train.precision.apply_to_matmuls();
     let teacher = match config.method {
@@ -118,9 +119,18 @@ pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport
     };
     let model = method::build(&config, teacher, device)?;
     let total = (opts.warmup + 2 * opts.steps + 5) as u64;
-    let mut trainer = Trainer::new(model, total.max(2), total as f64, 1, device)?;
+    let trainer = Trainer::new(model, total.max(2), total as f64, 1, device)?;
+    Ok((config, trainer))
+}
+
+/// Runs `opts.warmup + opts.steps` optimiser steps of `config` (one micro-batch each, of
+/// `config.data.batch_size` images) and reports the timed ones.
+pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let (config, mut trainer) = setup(config, opts)?;
+    let device = &opts.device;
+    let batch = config.data.batch_size;
     let mut source = Source::new(&config, opts)?;
-    let grid = size / config.student.patch_size;
+    let grid = config.data.transform.size as usize / config.student.patch_size;
     let mut times = Vec::with_capacity(opts.steps);
     let (mut waited, mut min_free) = (Duration::ZERO, usize::MAX);
     let mut timed_from = Instant::now();
@@ -197,6 +207,50 @@ pub fn train(config: &Config, opts: &BenchOptions) -> anyhow::Result<BenchReport
     })
 }
 
+/// What `mimco bench feed` measured.
+#[derive(Clone, Debug)]
+pub struct FeedReport {
+    /// Images in the timed batches.
+    pub images: usize,
+    /// Images per second over the timed batches, each on the device when counted.
+    pub images_per_s: f64,
+    /// JPEGs left encoded for the GPU that it did not decode: decoded on the CPU instead,
+    /// and delivered black (`Trainer::gpu_decode_faults`).
+    pub gpu_decode_faults: (u64, u64),
+}
+
+/// `opts.warmup + opts.steps` batches of `opts.data` uploaded to `opts.device` (and decoded
+/// there where `[data] device_decode` left JPEGs encoded), with no training step: the rate
+/// at which the data path fills the GPU, the most a step can be fed. As in training, the
+/// next batch's upload is started before the one before it is waited for.
+pub fn feed(config: &Config, opts: &BenchOptions) -> anyhow::Result<FeedReport> {
+    if opts.data.is_none() {
+        bail!("mimco bench feed reads shards: pass --data with a folder or URL");
+    }
+    let (config, trainer) = setup(config, opts)?;
+    let mut source = Source::new(&config, opts)?;
+    let grid = config.data.transform.size as usize / config.student.patch_size;
+    let mut staged = source.upload_next(&trainer, grid)?;
+    let mut timed_from = Instant::now();
+    for batch in 0..opts.warmup + opts.steps {
+        if batch == opts.warmup {
+            timed_from = Instant::now();
+        }
+        let next = source.upload_next(&trainer, grid)?;
+        // Dropped unused, an upload waits on the host until its copy (and decode) is done.
+        drop(std::mem::replace(&mut staged, next));
+    }
+    drop(staged);
+    let wall = timed_from.elapsed().as_secs_f64();
+    // The last batch counted is the one in flight at the end, waited for just above.
+    let images = opts.steps * config.data.batch_size;
+    Ok(FeedReport {
+        images,
+        images_per_s: images as f64 / wall,
+        gpu_decode_faults: trainer.gpu_decode_faults(),
+    })
+}
+
 /// Batches for the benchmark: the loader's, or two synthetic ones in turn.
 enum Source {
     Synthetic {
@@ -212,7 +266,7 @@ struct Streamed {
     loader: Loader,
     epoch: Option<pipeline::Epoch>,
     state: LoaderState,
-    held: std::collections::VecDeque<(pipeline::Batch, Vec<u8>)>,
+    held: std::collections::VecDeque<pipeline::Batch>,
 }
 
 impl Source {
@@ -266,58 +320,51 @@ impl Source {
         })))
     }
 
-    /// The next batch, its upload to the trainer's device started.
+    /// The next batch, its upload to the trainer's device started (as `mimco train` does:
+    /// JPEGs left encoded are decoded there).
     fn upload_next(&mut self, trainer: &Trainer, grid: usize) -> anyhow::Result<Staged> {
-        let (pixels, masks) = self.next(grid)?;
-        let batch = masks.len() / (grid * grid);
-        let size = grid * trainer.model.config().student.patch_size;
-        let views = pixels.len() / (batch * 3 * size * size);
-        trainer.upload(pixels, (batch, views, 3, size, size), masks.to_vec())
-    }
-
-    /// The next batch's uint8 pixels `(B, views, 3, H, W)` and token masks `(B, N)`.
-    fn next(&mut self, grid: usize) -> anyhow::Result<(&[u8], &[u8])> {
         match self {
             Source::Synthetic { sets, next } => {
                 let (pixels, masks) = &sets[*next % sets.len()];
                 *next += 1;
-                Ok((pixels, masks))
+                let batch = masks.len() / (grid * grid);
+                let size = grid * trainer.model.config().student.patch_size;
+                let views = pixels.len() / (batch * 3 * size * size);
+                trainer.upload(pixels, (batch, views, 3, size, size), masks.clone())
             }
-            Source::Loader(streamed) => {
-                let Streamed {
-                    loader,
-                    epoch,
-                    state,
-                    held,
-                } = streamed.as_mut();
-                for _ in 0..2 {
-                    if epoch.is_none() {
-                        *epoch = Some(loader.epoch(*state)?);
+            Source::Loader(streamed) => trainer.upload_batch(streamed.next()?),
+        }
+    }
+}
+
+impl Streamed {
+    /// The loader's next batch, the next epoch's first at an epoch's end. It stays held
+    /// until two more have been taken: its step has returned by then.
+    fn next(&mut self) -> anyhow::Result<&pipeline::Batch> {
+        for _ in 0..2 {
+            if self.epoch.is_none() {
+                self.epoch = Some(self.loader.epoch(self.state)?);
+            }
+            match self.epoch.as_mut().and_then(|e| e.next()) {
+                Some(batch) => {
+                    let batch = batch?;
+                    self.state = batch.state_after;
+                    if self.held.len() == 2 {
+                        self.held.pop_front(); // fed: its step has returned
                     }
-                    match epoch.as_mut().and_then(|e| e.next()) {
-                        Some(batch) => {
-                            let batch = batch?;
-                            *state = batch.state_after;
-                            let masks = batch.token_masks(grid);
-                            if held.len() == 2 {
-                                held.pop_front(); // fed: its step has returned
-                            }
-                            held.push_back((batch, masks));
-                            let (b, m) = held.back().expect("just pushed");
-                            return Ok((b.images(), m));
-                        }
-                        None => {
-                            *epoch = None;
-                            *state = LoaderState {
-                                epoch: state.epoch + 1,
-                                ..LoaderState::default()
-                            };
-                        }
-                    }
+                    self.held.push_back(batch);
+                    return Ok(self.held.back().expect("just pushed"));
                 }
-                bail!("the data gave no batch in two epochs: too few images for one batch?")
+                None => {
+                    self.epoch = None;
+                    self.state = LoaderState {
+                        epoch: self.state.epoch + 1,
+                        ..LoaderState::default()
+                    };
+                }
             }
         }
+        bail!("the data gave no batch in two epochs: too few images for one batch?")
     }
 }
 

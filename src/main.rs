@@ -153,6 +153,29 @@ enum BenchKind {
         #[arg(long)]
         header: bool,
     },
+    /// Batches from shards uploaded to the device (and decoded there with `[data]
+    /// device_decode`) with no training step: the rate the data path fills a GPU at.
+    /// Prints one line.
+    Feed {
+        /// Training config (TOML); its [data] section is read.
+        #[arg(long)]
+        config: PathBuf,
+        /// Shards to stream batches from (folder or URL).
+        #[arg(long)]
+        data: String,
+        /// Images per batch (overrides data.batch_size).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Timed batches.
+        #[arg(long, default_value_t = 100)]
+        batches: usize,
+        /// Untimed batches first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// cpu, cuda, cuda:N, or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Check every fused CUDA kernel (forward and backward) against the composed ops in
     /// f64 on random inputs of several shapes; prints a table, fails on any miss.
     Kernels {
@@ -533,14 +556,7 @@ fn bench(kind: BenchKind) -> Result<ExitCode> {
             peak_tflops,
             header,
         } => {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let mut config =
-                Config::from_toml(&text).with_context(|| format!("config {}", path.display()))?;
-            if let Some(b) = batch {
-                config.data.batch_size = b;
-                config.optim.batch_size = b;
-            }
+            let mut config = bench_config(&path, batch)?;
             if let Some(p) = precision {
                 config.train.precision = toml::Value::String(p.clone())
                     .try_into()
@@ -598,8 +614,54 @@ fn bench(kind: BenchKind) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        BenchKind::Feed {
+            config: path,
+            data,
+            batch,
+            batches,
+            warmup,
+            device,
+        } => {
+            let config = bench_config(&path, batch)?;
+            let device = mimco::device::parse(&device)?;
+            let opts = mimco::bench::BenchOptions {
+                device: device.clone(),
+                steps: batches,
+                warmup,
+                data: Some(data),
+                store: StoreOptions::from_vars(std::env::vars()),
+                peak_tflops: 0.0,
+            };
+            let r = mimco::bench::feed(&config, &opts)?;
+            let (fallbacks, black) = r.gpu_decode_faults;
+            println!(
+                "feed: {} images in batches of {} to {} at {:.0} images/s with {} decode threads, \
+                 device_decode {} ({fallbacks} JPEGs left to the GPU decoded on the CPU \
+                 instead, {black} black)",
+                r.images,
+                config.data.batch_size,
+                mimco::device::describe(&device),
+                r.images_per_s,
+                config.data.worker_count(),
+                config.data.device_decode,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         BenchKind::Kernels { device, seed } => kernels(&device, seed),
     }
+}
+
+/// The config at `path`, with `batch` images per step if given.
+fn bench_config(path: &Path, batch: Option<usize>) -> Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config =
+        Config::from_toml(&text).with_context(|| format!("config {}", path.display()))?;
+    if let Some(b) = batch {
+        config.data.batch_size = b;
+        config.optim.batch_size = b;
+    }
+    Ok(config)
 }
 
 #[cfg(feature = "cuda")]

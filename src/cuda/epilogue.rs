@@ -9,6 +9,10 @@
 //! (benches/results/2026-11-28-h200/4-92f1832), `bias_add_*` took 3.8 ms, `column_sum_*`
 //! 2.6 and `cast_bf16_f32` 0.9, not all of the last two the linear layers'.
 //!
+//! cuBLASLt reads the bias in the output's dtype (an f32 bias with a bf16 output is
+//! refused, CUBLAS_STATUS_INVALID_VALUE on an H200): a bf16 output takes a bf16 copy of
+//! the f32 bias, as PyTorch's autocast does for its linear layers.
+//!
 //! cuBLASLt does not take every combination of types and epilogues on every GPU: a problem
 //! it finds no algorithm for is remembered and answered `false`, and the caller takes the
 //! separate passes. `--without epilogue` turns this off.
@@ -48,7 +52,7 @@ pub(super) fn on() -> bool {
 struct Problem {
     /// bf16 or f32 `A` and `B`.
     inputs: DType,
-    /// f32 or the inputs' dtype: `C` and `D` (the bias is f32).
+    /// f32 or the inputs' dtype: `C`, `D` and the bias (or bias gradient).
     out: DType,
     m: u64,
     n: u64,
@@ -180,9 +184,11 @@ fn run(dev: &CudaDevice, p: Problem, ops: Operands) -> Result<bool> {
     )?;
     set(&desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &p.epilogue)?;
     set(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ops.bias)?;
-    // Our biases (and their gradients) are f32 whatever the output's dtype.
-    let f32_type = data_type(DType::F32)?;
-    set(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &f32_type)?;
+    set(
+        &desc,
+        Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+        &data_type(p.out)?,
+    )?;
     let (a_rows, a_cols) = if p.transa { (p.k, p.m) } else { (p.m, p.k) };
     let (b_rows, b_cols) = if p.transb { (p.n, p.k) } else { (p.k, p.n) };
     let layout = |dtype, rows: u64, cols: u64| {
@@ -271,8 +277,8 @@ fn heuristic(lt: &Lt, desc: &Desc, layouts: &Layouts) -> Result<sys::cublasLtMat
 }
 
 /// `y = x W^T + bias (+ residual)` for row-major `x` `(rows, inputs)` and `w` `(outputs,
-/// inputs)` in `inputs` dtype, the f32 `bias`, and `y` (and the residual) `(rows, outputs)`
-/// in `out` (f32 or the inputs' dtype; the residual only with f32). `false`, with nothing
+/// inputs)` in `inputs` dtype, and `bias`, `y` (and the residual) `(rows, outputs)` in
+/// `out` (f32 or the inputs' dtype; the residual only with f32). `false`, with nothing
 /// launched, where cuBLASLt cannot.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear_forward(

@@ -158,13 +158,22 @@ impl CustomOp3 for Linear {
                 Some((s, l)) => Some(address(s, l.start_offset())?),
                 None => None,
             };
+            // cuBLASLt reads the bias in the output's dtype: a copy of it for bf16.
+            let bias = match self.out {
+                DType::F32 => None,
+                dt => Some(bs.to_dtype(bl, dt)?),
+            };
+            let bias = match &bias {
+                Some(b) => address(b, 0)?,
+                None => address(bs, bl.start_offset())?,
+            };
             let ran = epilogue::linear_forward(
                 dev,
                 (xs.dtype(), self.out),
                 (rows, inputs, outputs),
                 address(xs, xl.start_offset())?,
                 address(w, w_at.start_offset())?,
-                address(bs, bl.start_offset())?,
+                bias,
                 res,
                 address(&y, 0)?,
             )?;
