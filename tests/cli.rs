@@ -331,6 +331,54 @@ fn eval_knn_and_linear() {
     );
 }
 
+/// `mimco bench feed` uploads the timed batches of shards and counts their images; it needs
+/// shards, and `device_decode` needs the CUDA trainer.
+#[test]
+fn bench_feed_counts_the_images_it_uploads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::packed(dir.path(), 2, 8, false, 3);
+    let data = data.display().to_string();
+    let mut config = tiny_config(4, 1);
+    std::fs::write(
+        dir.path().join("tiny.toml"),
+        toml::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    config.data.device_decode = true;
+    std::fs::write(
+        dir.path().join("gpu.toml"),
+        toml::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let feed = |config: &str, extra: &[&str]| {
+        let args = [
+            "bench", "feed", "--config", config, "--device", "cpu", "--warmup", "1",
+        ];
+        mimco(&[&args[..], extra].concat(), dir.path())
+    };
+    let o = feed(
+        "tiny.toml",
+        &["--data", &data, "--batch", "3", "--batches", "7"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    // 7 timed batches of 3 from 16 images: across epoch ends.
+    assert!(
+        out.starts_with("feed: 21 images in batches of 3 to cpu at "),
+        "{out}"
+    );
+    let o = feed("gpu.toml", &["--data", &data]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("device_decode = true needs the CUDA trainer"),
+        "{}",
+        text(&o)
+    );
+    let o = feed("tiny.toml", &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--data"), "{}", text(&o));
+}
+
 /// `mimco bench train` runs the trainer's own steps on synthetic batches and on shards and
 /// prints one table row; what needs the `cuda` feature says so.
 #[test]
