@@ -12,8 +12,9 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg, result,
 };
 use candle_core::{CudaDevice, Result, bail};
 use pipeline::Encoded;
@@ -240,16 +241,17 @@ impl DeviceDecoder {
         parsed && supported == 0 // 0 means supported
     }
 
-    /// Decodes `encoded` into their slots of `out`, the uint8 `(B, 3, size, size)` batch
-    /// on the device, in `stream`'s order. `keys` names the batch's samples for the log.
-    /// The JPEG bytes must stay as they are until `stream` has passed this point.
+    /// Decodes `encoded` into their slots of `out`, the address of the uint8 `(B, 3, size,
+    /// size)` batch on the device, in `stream`'s order. `keys` names the batch's samples
+    /// for the log. The JPEG bytes must stay as they are, and `out` allocated, until
+    /// `stream` has passed this point.
     pub fn decode(
         &mut self,
         stream: &Arc<CudaStream>,
         encoded: &[Encoded],
         keys: &[String],
         size: u32,
-        out: &mut CudaSlice<u8>,
+        out: CUdeviceptr,
     ) -> Result<Decoded> {
         let (gpu, cpu): (Vec<&Encoded>, Vec<&Encoded>) =
             encoded.iter().partition(|e| self.takes(&e.jpeg));
@@ -275,9 +277,12 @@ impl DeviceDecoder {
             } else {
                 done.on_cpu += 1;
             }
-            let mut slot = out.slice_mut(e.slot * n..(e.slot + 1) * n);
             // From pageable memory: `chw` may be reused once the call returns.
-            stream.memcpy_htod(&chw, &mut slot).w()?;
+            // SAFETY: the slot lies inside the batch at `out` (the caller's promise).
+            unsafe {
+                result::memcpy_htod_async(out + (e.slot * n) as u64, &chw, stream.cu_stream())
+            }
+            .w()?;
         }
         Ok(done)
     }
@@ -287,7 +292,7 @@ impl DeviceDecoder {
         stream: &Arc<CudaStream>,
         jpegs: &[&Encoded],
         size: u32,
-        out: &mut CudaSlice<u8>,
+        out: CUdeviceptr,
     ) -> Result<()> {
         let plane_bytes: Vec<usize> = jpegs
             .iter()
@@ -367,7 +372,7 @@ impl DeviceDecoder {
         let f = func(&self.dev, "crop_resize_u8")?;
         let size_i = size as i32;
         let mut b = stream.launch_builder(&f);
-        b.arg(&table).arg(out).arg(&size_i);
+        b.arg(&table).arg(&out).arg(&size_i);
         let cfg = LaunchConfig {
             grid_dim: ((size * size).div_ceil(256).min(64), jobs.len() as u32, 1),
             block_dim: (256, 1, 1),
