@@ -15,7 +15,8 @@
 //! stream, by a thread of their own: nvJPEG's calls for a batch of 256 held the trainer's
 //! thread 15.6 ms per step on an H200 (a step fed that way ran at 3,205 images/s against
 //! 3,837 from the CPU's decode, benches/results/2026-11-28-h200-b/2-885a007), time in which
-//! it queues the step instead. [`Upload::ready`] joins that thread first.
+//! it queues the step instead (3,643 images/s, 3-bd349e7 there). [`Upload::ready`] joins
+//! that thread first.
 //!
 //! The buffer belongs to the compute stream, so it is freed in that stream's order, after
 //! the step that read it. The host bytes must not change until that step has finished; the
