@@ -3,8 +3,8 @@
 # speed-of-light, occupancy, launch and warp-state sections for two launches of each, from
 # the profiled step of `mimco bench train` (its last, between the profiler marks). One
 # process per kernel, so each is profiled from the same point of the step. Needs ncu;
-# builds nothing. The CSV logs go to RESULTS (gzipped, one file); `ncu_detail.py` tables
-# them.
+# builds nothing; each kernel has 60 s (the first run also compiles the kernels). The CSV
+# logs go to RESULTS (gzipped, one file); `ncu_detail.py` tables them.
 #
 #   benches/ncu_detail.sh BIN_DIR RESULTS
 set -uo pipefail
@@ -18,7 +18,7 @@ for kernel in flash_bwd_dkv flash_bwd_dq flash_fwd_bf16_64 flash_fwd_bf16_32 bia
     bias_act_bwd layer_norm_fwd layer_norm_bwd badd_f32; do
     echo "== $kernel (t=${SECONDS}s)"
     log=$results/ncu-$kernel.csv
-    timeout 30 ncu --profile-from-start off -k "regex:^$kernel" --launch-count 2 --csv \
+    timeout 60 ncu --profile-from-start off -k "regex:^$kernel" --launch-count 2 --csv \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section MemoryWorkloadAnalysis \
         --cache-control none --clock-control none --log-file "$log" \
