@@ -1,7 +1,7 @@
 //! End to end: `shardtool` packs a generated folder, the `pipeline` loader streams it.
 //! Exact sample sets per epoch, order independent of threads, resume, damaged input.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use pipeline::format::{Compression, MANIFEST_FILE, Manifest};
@@ -352,10 +352,26 @@ fn damage_at_random(dir: &Path, name: &str, kind: u32, rng: &mut impl rand::Rng)
     });
 }
 
+/// Each key's pixels at its first delivery in `batches`.
+fn first_pixels(batches: &[pipeline::Batch]) -> HashMap<String, Vec<u8>> {
+    let mut out = HashMap::new();
+    for b in batches {
+        let per = b.images().len() / b.keys.len();
+        for (i, key) in b.keys.iter().enumerate() {
+            out.entry(key.clone())
+                .or_insert_with(|| b.images()[i * per..(i + 1) * per].to_vec());
+        }
+    }
+    out
+}
+
 /// Seeded random damage to one shard at a time (48 cases): every epoch still completes
 /// with its planned batches, in time, without a panic; every sample of the other shards
-/// is delivered; only counted replacements repeat. (A JPEG that libjpeg-turbo refused
-/// once made its decompressor refuse every later image; this test found it.)
+/// is delivered; only counted replacements repeat. Bits flipped in a shard's zstd stream
+/// never change a delivered sample: each sample's zstd frame has its checksum, checked
+/// before the sample is handed on (without them, a flip inside JPEG bytes, which zstd
+/// stores as they are, decoded into other pixels). (A JPEG that libjpeg-turbo refused once
+/// made its decompressor refuse every later image; this test found it.)
 #[test]
 fn random_damage_to_a_shard_costs_only_that_shards_samples() {
     use rand::{Rng, SeedableRng};
@@ -363,6 +379,16 @@ fn random_damage_to_a_shard_costs_only_that_shards_samples() {
     let clean = packed(tmp.path());
     let shards = keys_by_shard(&clean);
     let names: Vec<&String> = shards.keys().collect();
+    let cfg = LoaderConfig {
+        drop_last: false, // every sample planned
+        ..config(2, 2)
+    };
+    let clean_batches: Vec<_> = open(&clean, Topology::default(), cfg.clone())
+        .epoch(LoaderState::default())
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let clean_pixels = first_pixels(&clean_batches);
     for case in 0..48u64 {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(case);
         let dir = tmp.path().join(format!("case{case}"));
@@ -375,11 +401,8 @@ fn random_damage_to_a_shard_costs_only_that_shards_samples() {
         let kind = (case % 3) as u32;
         damage_at_random(&dir, &victim, kind, &mut rng);
         let (tx, rx) = std::sync::mpsc::channel();
+        let cfg = cfg.clone();
         std::thread::spawn(move || {
-            let cfg = LoaderConfig {
-                drop_last: false, // every sample planned
-                ..config(2, 2)
-            };
             let loader = open(&dir, Topology::default(), cfg);
             let plan = loader.plan(0).unwrap();
             let batches: Vec<_> = loader.epoch(LoaderState::default()).unwrap().collect();
@@ -390,10 +413,11 @@ fn random_damage_to_a_shard_costs_only_that_shards_samples() {
             .recv_timeout(std::time::Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("{what}: no epoch after 60 s ({e})"));
         assert_eq!(batches.len(), planned, "{what}");
-        let keys: Vec<String> = batches
+        let batches: Vec<_> = batches
             .into_iter()
-            .flat_map(|b| b.unwrap_or_else(|e| panic!("{what}: {e}")).keys.clone())
+            .map(|b| b.unwrap_or_else(|e| panic!("{what}: {e}")))
             .collect();
+        let keys: Vec<String> = batches.iter().flat_map(|b| b.keys.clone()).collect();
         let unique: HashSet<&String> = keys.iter().collect();
         assert_eq!(
             unique.len() as u64 + m.repeated_samples,
@@ -408,6 +432,11 @@ fn random_damage_to_a_shard_costs_only_that_shards_samples() {
                         "{what}: {key} of {name} is lost ({m:?})"
                     );
                 }
+            }
+        }
+        if kind == 0 {
+            for (key, pixels) in first_pixels(&batches) {
+                assert!(pixels == clean_pixels[&key], "{what}: {key} delivered damaged");
             }
         }
         if kind == 2 {

@@ -371,27 +371,68 @@ impl<R: io::Read> io::Read for HashingReader<R> {
 
 enum Encoder<W: Write> {
     Plain(W),
-    Zstd(zstd::Encoder<'static, W>),
+    Zstd(Frames<W>),
+}
+
+/// A zstd stream of one frame per sample, each with zstd's content checksum: a reader
+/// crosses into the next frame, and so checks this one, when it reads the next sample's
+/// first header, before it hands this sample on (`ShardReader` looks ahead that far).
+/// The bytes written since the last [`Frames::end_frame`] are held until it.
+struct Frames<W: Write> {
+    inner: W,
+    compressor: zstd::bulk::Compressor<'static>,
+    frame: Vec<u8>,
+    compressed: Vec<u8>,
+}
+
+impl<W: Write> Frames<W> {
+    fn new(inner: W, level: i32) -> io::Result<Self> {
+        let mut compressor = zstd::bulk::Compressor::new(level)?;
+        compressor.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+        Ok(Frames {
+            inner,
+            compressor,
+            frame: Vec::new(),
+            compressed: Vec::new(),
+        })
+    }
+
+    /// Writes the bytes since the last call as one frame (none if there are none).
+    fn end_frame(&mut self) -> io::Result<()> {
+        if self.frame.is_empty() {
+            return Ok(());
+        }
+        self.compressed.clear();
+        self.compressed
+            .reserve(zstd::zstd_safe::compress_bound(self.frame.len()));
+        self.compressor
+            .compress_to_buffer(&self.frame, &mut self.compressed)?;
+        self.frame.clear();
+        self.inner.write_all(&self.compressed)
+    }
 }
 
 impl<W: Write> Write for Encoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Encoder::Plain(w) => w.write(buf),
-            Encoder::Zstd(w) => w.write(buf),
+            Encoder::Zstd(z) => {
+                z.frame.extend_from_slice(buf);
+                Ok(buf.len())
+            }
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Encoder::Plain(w) => w.flush(),
-            Encoder::Zstd(w) => w.flush(),
+            Encoder::Zstd(z) => z.inner.flush(), // a frame is written whole, at its end
         }
     }
 }
 
 /// Writes samples into one shard: a deterministic tar stream (mtime 0, uid/gid 0, mode
-/// 0644, ustar headers), compressed as a whole when asked.
+/// 0644, ustar headers), compressed when asked in one checksummed zstd frame per sample.
 pub struct ShardWriter<W: Write> {
     tar: tar::Builder<Encoder<W>>,
 }
@@ -401,7 +442,7 @@ impl<W: Write> ShardWriter<W> {
     pub fn new(inner: W, compression: Compression, level: i32) -> io::Result<Self> {
         let encoder = match compression {
             Compression::None => Encoder::Plain(inner),
-            Compression::Zstd => Encoder::Zstd(zstd::Encoder::new(inner, level)?),
+            Compression::Zstd => Encoder::Zstd(Frames::new(inner, level)?),
         };
         let mut tar = tar::Builder::new(encoder);
         tar.mode(tar::HeaderMode::Deterministic);
@@ -421,7 +462,10 @@ impl<W: Write> ShardWriter<W> {
         if let Some(json) = &sample.json {
             self.append(&sample.key, META_EXT, json)?;
         }
-        Ok(())
+        match self.tar.get_mut() {
+            Encoder::Zstd(z) => z.end_frame(),
+            Encoder::Plain(_) => Ok(()),
+        }
     }
 
     fn append(&mut self, key: &str, ext: &str, data: &[u8]) -> io::Result<()> {
@@ -434,11 +478,14 @@ impl<W: Write> ShardWriter<W> {
             .append_data(&mut header, format!("{key}.{ext}"), data)
     }
 
-    /// Ends the tar stream and the compression frame; returns the inner writer.
+    /// Ends the tar stream (its end blocks in a last frame); returns the inner writer.
     pub fn finish(self) -> io::Result<W> {
         match self.tar.into_inner()? {
             Encoder::Plain(w) => Ok(w),
-            Encoder::Zstd(w) => w.finish(),
+            Encoder::Zstd(mut z) => {
+                z.end_frame()?;
+                Ok(z.inner)
+            }
         }
     }
 }

@@ -233,6 +233,49 @@ mod tests {
         assert!(err.to_string().starts_with("shard cut:"), "{err}");
     }
 
+    /// zstd stores incompressible bytes (JPEG data) as they are, so a flipped bit there
+    /// decodes without error; each sample's frame checksum catches it before the damaged
+    /// sample is handed on.
+    #[test]
+    fn a_damaged_sample_is_caught_by_its_frame_checksum_before_it_is_handed_on() {
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let samples: Vec<Sample> = (0..4)
+            .map(|i| {
+                let mut image = vec![0u8; 5000];
+                rng.fill_bytes(&mut image);
+                Sample {
+                    key: format!("k{i}"),
+                    image,
+                    cls: i,
+                    json: None,
+                }
+            })
+            .collect();
+        let mut writer = ShardWriter::new(Vec::new(), Compression::Zstd, 3).unwrap();
+        for s in &samples {
+            writer.write_sample(s).unwrap();
+        }
+        let mut bytes = writer.finish().unwrap();
+        let read = |bytes: &[u8]| {
+            let mut reader = ShardReader::new("d", bytes, Compression::Zstd).unwrap();
+            reader.samples().unwrap().collect::<Vec<_>>()
+        };
+        assert_eq!(read(&bytes).len(), 4);
+        // Sample 2's image bytes stand in the compressed stream as they are.
+        let window = &samples[2].image[2000..2032];
+        let at = bytes.windows(32).position(|w| w == window).unwrap() + 16;
+        bytes[at] ^= 0x10;
+        let results = read(&bytes);
+        let delivered: Vec<&str> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|s| s.key.as_str()))
+            .collect();
+        assert_eq!(delivered, ["k0", "k1"]);
+        let err = results.last().unwrap().as_ref().unwrap_err().to_string();
+        assert!(err.starts_with("shard d:") && err.contains("checksum"), "{err}");
+    }
+
     #[test]
     fn sample_without_class_is_rejected() {
         let mut tar = tar::Builder::new(Vec::new());
