@@ -436,7 +436,10 @@ fn random_damage_to_a_shard_costs_only_that_shards_samples() {
         }
         if kind == 0 {
             for (key, pixels) in first_pixels(&batches) {
-                assert!(pixels == clean_pixels[&key], "{what}: {key} delivered damaged");
+                assert!(
+                    pixels == clean_pixels[&key],
+                    "{what}: {key} delivered damaged"
+                );
             }
         }
         if kind == 2 {

@@ -207,6 +207,22 @@ mod tests {
         round_trip(Compression::Zstd);
     }
 
+    /// Shards written before the per-sample frames (the whole tar one zstd frame, no
+    /// checksum) read the same samples.
+    #[test]
+    fn a_single_frame_shard_reads_the_same() {
+        let samples = vec![sample("a", 0, true), sample("b", 1, false)];
+        let mut writer = ShardWriter::new(Vec::new(), Compression::None, 0).unwrap();
+        for s in &samples {
+            writer.write_sample(s).unwrap();
+        }
+        let tar = writer.finish().unwrap();
+        let one_frame = zstd::encode_all(tar.as_slice(), 1).unwrap();
+        let mut reader = ShardReader::new("old", one_frame.as_slice(), Compression::Zstd).unwrap();
+        let read: Vec<Sample> = reader.samples().unwrap().map(Result::unwrap).collect();
+        assert_eq!(read, samples);
+    }
+
     #[test]
     fn writer_output_is_deterministic() {
         let write = || {
@@ -273,7 +289,10 @@ mod tests {
             .collect();
         assert_eq!(delivered, ["k0", "k1"]);
         let err = results.last().unwrap().as_ref().unwrap_err().to_string();
-        assert!(err.starts_with("shard d:") && err.contains("checksum"), "{err}");
+        assert!(
+            err.starts_with("shard d:") && err.contains("checksum"),
+            "{err}"
+        );
     }
 
     #[test]
