@@ -3,7 +3,8 @@
 //! pipeline's batches uploaded (and decoded on the GPU with `[data] device_decode`) with
 //! no step, the most a step can be fed.
 //!
-//! Every step is the trainer's own (`Trainer::upload` of the next batch, then
+//! Every step is the trainer's own (`Trainer::upload` of the next synthetic batch, or
+//! `Trainer::upload_batch` of the loader's, then
 //! `Trainer::feed_staged`: normalise, teacher forward, student forward and backward,
 //! heads, losses, clipping, AdamW, EMA), as `mimco train` runs them; each ends with the
 //! loss read back, so the host clock measures finished GPU work. FLOPs count the

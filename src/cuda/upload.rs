@@ -106,7 +106,9 @@ impl Uploader {
 
     /// Starts copying `bytes` into a new uint8 tensor of `shape` on the device (with
     /// `decode`, only its `decoded` ranges), then decoding the JPEGs of `decode` into
-    /// their slots (`nvjpeg.rs`), on the copy stream.
+    /// their slots (`nvjpeg.rs`, from a thread of its own), on the copy stream. `bytes` and
+    /// `decode`'s JPEGs and keys are read after this returns: keep them until the
+    /// returned [`Upload`] is ready or dropped.
     pub fn start(
         &self,
         bytes: &[u8],
@@ -201,8 +203,9 @@ impl Upload {
     /// Makes the compute stream wait for the copy (and decode): work queued from now on
     /// sees the images. A decode that failed is the error.
     pub fn ready(mut self) -> Result<()> {
-        self.waited = true;
+        // On an error the drop still waits for whatever the copy stream was given.
         let copied = self.copied()?;
+        self.waited = true;
         self.compute.wait(&copied).w()
     }
 
