@@ -328,10 +328,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for w in &without {
                 mimco::functional::disable(w.path());
             }
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
-            let config =
-                Config::from_toml(&text).with_context(|| format!("config {}", config.display()))?;
+            let config = read_config(&config)?;
             let teacher = match (teacher, random_teacher) {
                 (Some(path), _) => Some(TeacherSource::File(path)),
                 (None, true) => Some(TeacherSource::Random),
@@ -651,12 +648,16 @@ fn bench(kind: BenchKind) -> Result<ExitCode> {
     }
 }
 
-/// The config at `path`, with `batch` images per step if given.
-fn bench_config(path: &Path, batch: Option<usize>) -> Result<Config> {
+/// The config at `path`.
+fn read_config(path: &Path) -> Result<Config> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut config =
-        Config::from_toml(&text).with_context(|| format!("config {}", path.display()))?;
+    Config::from_toml(&text).with_context(|| format!("config {}", path.display()))
+}
+
+/// The config at `path`, with `batch` images per step if given.
+fn bench_config(path: &Path, batch: Option<usize>) -> Result<Config> {
+    let mut config = read_config(path)?;
     if let Some(b) = batch {
         config.data.batch_size = b;
         config.optim.batch_size = b;
@@ -709,11 +710,7 @@ fn evaluate(kind: EvalKind) -> Result<ExitCode> {
         EvalKind::Knn { common, .. } | EvalKind::Linear { common, .. } => common,
     };
     let config = match &common.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Some(Config::from_toml(&text).with_context(|| format!("config {}", path.display()))?)
-        }
+        Some(path) => Some(read_config(path)?),
         None => None,
     };
     let subject = eval::load_subject(common.weights.as_deref(), config)?;
